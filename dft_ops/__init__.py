@@ -1,0 +1,17 @@
+"""dft-ops: fused linear + cross-entropy / Dynamic Fine-Tuning losses that never materialize logits.
+
+    loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, objective="dft", shift=True)
+
+Data path: functional API -> autograd Function -> backend (Triton kernels in
+``dft_ops.kernels``, or the chunked PyTorch backend) -> kernel; objectives are
+rows of one table (:mod:`dft_ops.objectives`) used by both backends.
+"""
+
+from . import naive, objectives, torch_backend
+from .functional import TokenStats, linear_cross_entropy
+from .module import LinearCrossEntropy
+
+__version__ = "0.1.0"
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "TokenStats", "objectives", "naive", "torch_backend",
+           "__version__"]

@@ -1,0 +1,284 @@
+"""The public functional API: ``dft_ops.linear_cross_entropy``.
+
+Validates inputs (a clear TypeError/ValueError naming the argument, never a
+kernel reading out of bounds), applies the causal shift on the labels (the
+hidden states are never copied or sliced), drops ignored tokens from the work,
+runs the autograd Function on the chosen backend, and reduces.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import objectives as _objectives
+from . import torch_backend
+from .autograd import LinearCrossEntropyFunction
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REDUCTIONS = ("mean", "sum", "none")
+_BACKENDS = ("auto", "triton", "torch")
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics computed in the same pass as the loss, without logits.
+
+    Each has the shape of the loss positions (labels, or labels[..., 1:] with
+    shift), is 0 / False at ignored positions and carries no gradient.
+    ``stats["entropy"]`` works as well as ``stats.entropy``.
+
+    Attributes:
+        logprob: float32, log-probability of the label.
+        entropy: float32, entropy (nats) of the predicted distribution.
+        is_top1: bool, the label has the largest logit (ties count as a hit).
+    """
+
+    logprob: Tensor
+    entropy: Tensor
+    is_top1: Tensor
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+    def keys(self):
+        return self._fields
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    objective: str | _objectives.Objective = "dft",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    softcap: float | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
+    backend: str = "auto",
+    filter_eps: float | None = None,
+):
+    """Loss of ``softmax(hidden @ weight.T + bias)`` against ``labels``, without materializing logits.
+
+    Args:
+        hidden: (..., D) float32 / bfloat16 / float16 final hidden states.
+        weight: (V, D) output head, same dtype as hidden.
+        labels: (...) integer labels, the leading shape of hidden;
+            ``ignore_index`` marks positions that contribute nothing.
+        bias: (V,) head bias, same dtype as weight, or None.
+        objective: "dft" (``-sg(p) log p``), "ce" (``-log p``), or an
+            instance from :mod:`dft_ops.objectives`.
+        ignore_index: label value to ignore.
+        reduction: "mean" (sum over non-ignored tokens divided by their count,
+            or by ``num_items_in_batch``), "sum", or "none" (one value per
+            loss position, 0 where ignored).
+        num_items_in_batch: positive int or 0-d tensor: the "mean" divisor
+            (gradient accumulation: the token count of the whole batch).
+        softcap: positive float: logits <- softcap * tanh(logits / softcap).
+        shift: position t predicts labels[..., t+1] (Hugging Face causal
+            shift); needs labels with a sequence dimension (ndim >= 2).
+        return_stats: also return :class:`TokenStats`.
+        backend: "triton" (CUDA), "torch" (chunked PyTorch, any device) or
+            "auto" (triton on CUDA, torch elsewhere).
+        filter_eps: gradient filtering for the Triton backward: skip a
+            (tokens x vocabulary) tile when every gradient entry in it is below
+            ``filter_eps * max|upstream x weight|``. None (default) is exact.
+
+    Returns:
+        loss: float32 scalar, or (...) per position with reduction="none";
+        ``(loss, stats)`` when ``return_stats``.
+
+    Raises:
+        TypeError / ValueError naming the offending argument.
+    """
+    obj = _objectives.resolve(objective)
+    _check_tensors(hidden, weight, labels, bias)
+    _check_options(reduction=reduction, softcap=softcap, num_items_in_batch=num_items_in_batch,
+                   ignore_index=ignore_index, backend=backend, return_stats=return_stats,
+                   filter_eps=filter_eps)
+    if shift and labels.ndim < 2:
+        raise ValueError(
+            f"shift: needs labels with a sequence dimension, shape (batch, seq) or (..., seq); got shape "
+            f"{tuple(labels.shape)}. Flattened tokens of several sequences cannot be shifted safely: "
+            "shift them yourself or pass 2-D labels."
+        )
+    impl = _backend_module(backend, hidden.device)
+
+    D, V = hidden.shape[-1], weight.shape[0]
+    labels = labels.long()
+    if shift:
+        # position t predicts labels[t + 1]; the last position predicts nothing
+        pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
+        targets = torch.cat([labels[..., 1:], pad], dim=-1)
+    else:
+        targets = labels
+    loss_shape = (*labels.shape[:-1], labels.shape[-1] - 1) if shift else tuple(labels.shape)
+
+    flat = targets.reshape(-1)
+    n_tokens = flat.numel()
+    valid = flat != ignore_index
+    n_bad, n_valid = _label_counts(flat, valid, V)
+    if n_bad:
+        raise ValueError(
+            f"labels: {n_bad} value(s) outside [0, {V}) (vocabulary size from weight) that are not "
+            f"ignore_index={ignore_index}"
+        )
+    _check_positive_items(num_items_in_batch)
+
+    rows = None if n_valid == n_tokens else valid.nonzero().squeeze(1)
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    inputs = {name: pick(_align_token_input(obj, name, t, loss_shape, shift, hidden.device))
+              for name, t in obj.token_tensors().items()}
+    segments = pick(_row_segments(targets)) if obj.needs_segments else None
+
+    value, logprob, entropy, is_top1 = LinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, D), weight, bias, pick(flat), rows, n_tokens, obj, inputs, segments,
+        impl, None if softcap is None else float(softcap), return_stats, filter_eps,
+    )
+
+    if reduction == "none":
+        loss = _loss_positions(value, targets.shape, shift)
+    elif reduction == "sum":
+        loss = value.sum()
+    else:
+        if num_items_in_batch is None:
+            loss = value.sum() / max(n_valid, 1)
+        else:
+            loss = value.sum() / torch.as_tensor(num_items_in_batch, device=value.device).to(torch.float32)
+    if not return_stats:
+        return loss
+    stats = TokenStats(*(_loss_positions(t, targets.shape, shift) for t in (logprob, entropy, is_top1)))
+    return loss, stats
+
+
+def _loss_positions(values: Tensor, targets_shape, shift: bool) -> Tensor:
+    values = values.reshape(targets_shape)
+    return values[..., :-1] if shift else values
+
+
+def _row_segments(targets: Tensor) -> Tensor:
+    """(N,) int64 sequence id of each flattened position: the rows of the labels."""
+    seq = targets.shape[-1] if targets.ndim >= 2 else max(targets.numel(), 1)
+    return torch.arange(targets.numel(), device=targets.device) // max(seq, 1)
+
+
+def _align_token_input(obj, name: str, t, loss_shape, shift: bool, device) -> Tensor:
+    """An objective's per-token tensor (loss-position shape) -> (N,) float32 in the internal layout."""
+    where = f"objective: {type(obj).__name__}.{name}"
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(loss_shape):
+        raise ValueError(f"{where} has shape {tuple(t.shape)}; expected the loss positions' shape {tuple(loss_shape)}"
+                         + (" (labels[..., 1:] with shift=True)" if shift else ""))
+    if t.device != device:
+        raise ValueError(f"{where} is on {t.device} but hidden is on {device}")
+    t = t.detach().to(torch.float32)
+    if shift:
+        t = torch.cat([t, t.new_zeros((*t.shape[:-1], 1))], dim=-1)
+    return t.reshape(-1)
+
+
+def _label_counts(flat: Tensor, valid: Tensor, vocab: int) -> tuple[int, int]:
+    """(labels out of range, labels not ignored), in one device sync."""
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    return int(n_bad), int(n_valid)
+
+
+def _backend_module(backend: str, device: torch.device):
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return torch_backend
+    from . import kernels  # imports triton: only when asked for
+
+    if device.type != "cuda" and not kernels.interpreting():
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+            f"interpreter); hidden is on {device}. Use backend='torch' or 'auto'."
+        )
+    return kernels
+
+
+def _check_tensors(hidden, weight, labels, bias) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden: dtype {hidden.dtype} is not supported; use float32, bfloat16 or float16")
+    if hidden.ndim < 2:
+        raise ValueError(f"hidden: expected shape (..., D) with at least one token dimension, got {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError("hidden: hidden size D (last dimension) is 0")
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected shape (V, D), got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size D={hidden.shape[-1]}; "
+                         "expected (V, D)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight: vocabulary size V (first dimension) is 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}; cast one of them")
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"labels: expected an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V,), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}; put all inputs on one device")
+
+
+def _check_options(*, reduction, softcap, num_items_in_batch, ignore_index, backend, return_stats, filter_eps) -> None:
+    """Checks that need no tensor data (shared with the nn.Module constructor)."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats: expected a bool, got {type(return_stats).__name__}")
+    if softcap is not None:
+        if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool):
+            raise TypeError(f"softcap: expected a positive float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap: must be a positive finite number, got {softcap}")
+    if filter_eps is not None:
+        if not isinstance(filter_eps, numbers.Real) or isinstance(filter_eps, bool):
+            raise TypeError(f"filter_eps: expected a float in (0, 1) or None, got {type(filter_eps).__name__}")
+        if not 0 < filter_eps < 1:
+            raise ValueError(f"filter_eps: must be in (0, 1), got {filter_eps}")
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, bool):
+            raise TypeError("num_items_in_batch: expected a positive int or a 0-d tensor, got bool")
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch: expected a single number, got a tensor of shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+        elif not isinstance(num_items_in_batch, numbers.Real):
+            raise TypeError(f"num_items_in_batch: expected a positive int or a 0-d tensor, got "
+                            f"{type(num_items_in_batch).__name__}")
+
+
+def _check_positive_items(num_items_in_batch) -> None:
+    if num_items_in_batch is None:
+        return
+    n = num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch
+    if not n > 0:
+        raise ValueError(f"num_items_in_batch: must be positive, got {n}")

@@ -1,0 +1,113 @@
+"""Launch plumbing shared by the kernels: tile configurations and a small tuner.
+
+A :class:`Launch` is everything needed to run (or only compile) one kernel:
+the @triton.jit function, its arguments and the constexpr flags that do not
+depend on the tile configuration. Keeping it as data lets the compile checks
+in tests/ build exactly the launch the library would run, for a GPU target,
+on a machine without one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tile configuration: block sizes (constexprs) plus warps and pipeline stages."""
+
+    blocks: dict[str, int]
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict[str, int]:
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __str__(self) -> str:
+        b = ",".join(f"{k}={v}" for k, v in self.blocks.items())
+        return f"{b},w{self.num_warps},s{self.num_stages}"
+
+
+@dataclass
+class Launch:
+    """A kernel with its runtime arguments; ``grid(config)`` gives the launch grid."""
+
+    kernel: Any
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    grid: Callable[[Config], tuple[int, ...]]
+    # constexprs that depend on the tile sizes (e.g. EVEN_D = D % BLOCK_D == 0)
+    per_config: Callable[[Config], dict[str, Any]] = lambda config: {}
+    # tensors the kernel adds into: restored after tuning trials
+    accumulators: list[torch.Tensor] = field(default_factory=list)
+
+    def kwargs(self, config: Config) -> dict[str, Any]:
+        """Every keyword argument of the kernel call for ``config``."""
+        return {**self.args, **self.constexprs, **self.per_config(config), **config.kwargs()}
+
+    def run(self, config: Config) -> None:
+        self.kernel[self.grid(config)](**self.kwargs(config))
+
+
+class Tuner:
+    """Picks the fastest configuration per key by timing each once on the GPU.
+
+    Kernels that accumulate with atomics (the backward) cannot be re-run on
+    their real buffers: Triton's autotuner would leave trial results behind.
+    This tuner snapshots the launch's accumulators before timing and restores
+    them afterwards, so the real run adds to exactly what was there. Under the
+    interpreter it always returns ``interpret_config``.
+    """
+
+    def __init__(self, configs: list[Config], interpret_config: Config):
+        self.configs = configs
+        self.interpret_config = interpret_config
+        self.best: dict[tuple, Config] = {}
+
+    def pick(self, launch: Launch, key: tuple) -> Config:
+        if interpreting():
+            return self.interpret_config
+        forced = os.environ.get("DFT_OPS_CONFIG")
+        if forced is not None:
+            # bench/ and debugging: "i" picks self.configs[i] for every launch
+            return self.configs[int(forced) % len(self.configs)]
+        if key not in self.best:
+            if len(self.configs) == 1:
+                self.best[key] = self.configs[0]
+            else:
+                saved = [t.clone() for t in launch.accumulators]
+                self.best[key] = min(self.configs, key=lambda c: self._time(launch, c))
+                for t, s in zip(launch.accumulators, saved):
+                    t.copy_(s)
+        return self.best[key]
+
+    def run(self, launch: Launch, key: tuple) -> None:
+        launch.run(self.pick(launch, key))
+
+    @staticmethod
+    def _time(launch: Launch, config: Config) -> float:
+        from triton.testing import do_bench
+
+        try:
+            return do_bench(lambda: launch.run(config), warmup=5, rep=20, return_mode="median")
+        except triton.runtime.errors.OutOfResources:
+            return float("inf")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def bucket(n: int) -> int:
+    """Coarse size class for tuning keys: token counts vary every step, tiles should not retune."""
+    return min(next_power_of_2(n), 1 << 16)
