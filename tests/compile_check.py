@@ -1,0 +1,135 @@
+"""Compile every kernel configuration for real NVIDIA GPUs on a machine without one.
+
+Builds the exact launches the library makes (same arguments, same Triton
+specialization of sizes and pointer alignment, small CPU tensors standing in
+for the data), compiles them with ``triton.compile`` for a ``GPUTarget``, and
+reads the cubin with the ``cuobjdump`` / ``nvdisasm`` shipped in the Triton
+wheel: registers, stack frame and local memory (spills), shared memory, and
+whether the matrix products became HGMMA (sm_90) / HMMA (sm_80) instructions.
+
+Run as ``python tests/compile_check.py [--quick]``; prints one JSON object per
+compiled variant. Must run *without* TRITON_INTERPRET (kernels decorated
+under the interpreter cannot be compiled); tests/test_compile.py starts it in
+a clean subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+# the modules, not the launcher functions dft_ops.kernels re-exports under the same names
+fwd = importlib.import_module("dft_ops.kernels.lse_forward")
+bwd = importlib.import_module("dft_ops.kernels.grad_backward")
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _inputs(dtype, D: int, features: bool):
+    """Small CPU stand-ins: sizes chosen so Triton specializes them like real heads (not 1, multiples of 16 or not)."""
+    N, V, M = 48, 320, 40
+    hidden = torch.randn(N, D, dtype=dtype)
+    weight = torch.randn(V, D, dtype=dtype)
+    bias = torch.randn(V, dtype=dtype) if features else None
+    targets = torch.randint(0, V, (M,))
+    rows = torch.arange(M) if features else None
+    return hidden, weight, bias, targets, rows
+
+
+def _launch(kernel: str, dtype, D: int, features: bool):
+    hidden, weight, bias, targets, rows = _inputs(dtype, D, features)
+    softcap = 30.0 if features else None
+    if kernel == "lse_forward":
+        launch, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
+                                       with_stats=features, splits=4)
+        return launch, fwd.CONFIGS
+    M, N, V = targets.numel(), hidden.shape[0], weight.shape[0]
+    f32 = torch.float32
+    lse, scale = torch.randn(M), torch.randn(M)
+    launch = bwd.backward_launch(
+        hidden, weight, bias, targets, rows, lse, scale, torch.ones(1) if features else None,
+        torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
+        0, V, softcap=softcap,
+    )
+    return launch, bwd.CONFIGS
+
+
+def compile_launch(launch, config, target: GPUTarget):
+    """triton.compile the launch for ``target``, specialized as JITFunction.run would."""
+    fn = launch.kernel
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = launch.kwargs(config)
+    bound_args, specialization, _ = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, None)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([BIN / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([BIN / "nvdisasm", f.name], capture_output=True, text=True).stdout
+    line = next(ln for ln in res.splitlines() if "REG:" in ln)
+    usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+    usage["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+    usage["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+    return usage
+
+
+def check(job) -> dict:
+    kernel, dtype_name, D, features, arch, index = job
+    launch, configs = _launch(kernel, DTYPES[dtype_name], D, features)
+    config = configs[index]
+    out = {"kernel": kernel, "dtype": dtype_name, "D": D, "features": features, "arch": arch, "config": str(config)}
+    try:
+        compiled = compile_launch(launch, config, GPUTarget("cuda", arch, 32))
+        out.update(resource_usage(compiled.asm["cubin"]))
+        out["shared_meta"] = compiled.metadata.shared
+    except Exception as e:  # reported, and failed, by the test
+        out["error"] = f"{type(e).__name__}: {e}"[:2000]
+    return out
+
+
+def jobs(quick: bool):
+    for kernel, configs in (("lse_forward", fwd.CONFIGS), ("grad_backward", bwd.CONFIGS)):
+        for index in range(len(configs)):
+            for arch in (80, 90):
+                for dtype in (("bf16",) if quick else ("bf16", "fp16", "fp32")):
+                    # every feature on: the most live registers
+                    yield kernel, dtype, 256, True, arch, index
+                if not quick:
+                    # no optional inputs, and a hidden size no block divides
+                    yield kernel, "bf16", 200, False, arch, index
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    with ProcessPoolExecutor(args.workers) as pool:
+        for result in pool.map(check, list(jobs(args.quick))):
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

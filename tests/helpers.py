@@ -1,0 +1,64 @@
+"""Shared test helpers: random heads, comparison against the float64 reference."""
+
+from __future__ import annotations
+
+import torch
+
+import dft_ops
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+
+
+def make_inputs(shape, D, V, dtype, device, *, bias=False, ignore_frac=0.2, scale=1.0, ignore_index=-100):
+    """Random hidden (*shape, D), weight (V, D), labels (*shape) and optional bias; logits of order `scale`."""
+    hidden = torch.randn(*shape, D, device=device).to(dtype)
+    weight = (torch.randn(V, D, device=device) * scale / D**0.5).to(dtype)
+    labels = torch.randint(0, V, shape, device=device)
+    if ignore_frac:
+        labels[torch.rand(shape, device=device) < ignore_frac] = ignore_index
+    b = (torch.randn(V, device=device) * 0.5).to(dtype) if bias else None
+    return hidden, weight, labels, b
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def loss_and_grads(fn, hidden, weight, bias, upstream=None, **kwargs):
+    """Call fn(hidden, weight, ..., bias=...) on fresh leaves; returns (loss, [grads of hidden, weight, bias])."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    out = fn(*leaves, bias=b, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    if loss.ndim == 0:
+        loss.backward()
+    else:
+        loss.backward(upstream)
+    grads = [leaves[0].grad, leaves[1].grad] + ([b.grad] if b is not None else [])
+    return out, grads
+
+
+def check_against_reference(hidden, weight, labels, bias, *, backend, upstream=None, **opts):
+    """Our loss/grads vs the float64 reference on the same inputs; returns (ours, ref) outputs."""
+    dtype = hidden.dtype
+    ours, g = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, upstream,
+                             labels=labels, backend=backend, **opts)
+    ref, gr = loss_and_grads(dft_ops.naive.linear_cross_entropy, hidden.double(), weight.double(),
+                             bias.double() if bias is not None else None,
+                             upstream.double() if upstream is not None else None, labels=labels, **opts)
+    loss = ours[0] if isinstance(ours, tuple) else ours
+    ref_loss = ref[0] if isinstance(ref, tuple) else ref
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss).all()
+    # the loss is computed in fp32 from the given inputs: fp32-accurate whatever their dtype
+    assert rel_err(loss, ref_loss) < 1e-4 or (loss - ref_loss).abs().max() < 1e-6, (loss, ref_loss)
+    for name, a, b in zip(("hidden", "weight", "bias"), g, gr):
+        assert a is not None and a.dtype == dtype, name
+        assert torch.isfinite(a).all(), name
+        err = rel_err(a, b)
+        assert err < tol, f"grad {name}: relative error {err:.2e} > {tol}"
+    return ours, ref
