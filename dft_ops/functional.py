@@ -65,6 +65,7 @@ def linear_cross_entropy(
     return_stats: bool = False,
     backend: str = "auto",
     filter_eps: float | None = None,
+    position_ids: Tensor | None = None,
 ):
     """Loss of ``softmax(hidden @ weight.T + bias)`` against ``labels``, without materializing logits.
 
@@ -91,6 +92,10 @@ def linear_cross_entropy(
         filter_eps: gradient filtering for the Triton backward: skip a
             (tokens x vocabulary) tile when every gradient entry in it is below
             ``filter_eps * max|upstream x weight|``. None (default) is exact.
+        position_ids: (...) integer positions, the shape of labels, for packed
+            batches: a new sequence starts wherever it is 0 (and at every row).
+            Only sequence-level objectives use it; without it the sequences
+            are the rows of labels.
 
     Returns:
         loss: float32 scalar, or (...) per position with reduction="none";
@@ -110,6 +115,13 @@ def linear_cross_entropy(
             f"{tuple(labels.shape)}. Flattened tokens of several sequences cannot be shifted safely: "
             "shift them yourself or pass 2-D labels."
         )
+    if position_ids is not None:
+        if not isinstance(position_ids, Tensor) or position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise TypeError("position_ids: expected an integer tensor of the labels' shape or None")
+        if tuple(position_ids.shape) != tuple(labels.shape):
+            raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match labels' {tuple(labels.shape)}")
+        if position_ids.device != hidden.device:
+            raise ValueError(f"position_ids: on {position_ids.device} but hidden is on {hidden.device}")
     impl = _backend_module(backend, hidden.device)
 
     D, V = hidden.shape[-1], weight.shape[0]
@@ -137,7 +149,7 @@ def linear_cross_entropy(
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     inputs = {name: pick(_align_token_input(obj, name, t, loss_shape, shift, hidden.device))
               for name, t in obj.token_tensors().items()}
-    segments = pick(_row_segments(targets)) if obj.needs_segments else None
+    segments = pick(_segments(targets, position_ids)) if obj.needs_segments else None
 
     value, logprob, entropy, is_top1 = LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, D), weight, bias, pick(flat), rows, n_tokens, obj, inputs, segments,
@@ -164,10 +176,19 @@ def _loss_positions(values: Tensor, targets_shape, shift: bool) -> Tensor:
     return values[..., :-1] if shift else values
 
 
-def _row_segments(targets: Tensor) -> Tensor:
-    """(N,) int64 sequence id of each flattened position: the rows of the labels."""
-    seq = targets.shape[-1] if targets.ndim >= 2 else max(targets.numel(), 1)
-    return torch.arange(targets.numel(), device=targets.device) // max(seq, 1)
+def _segments(targets: Tensor, position_ids: Tensor | None) -> Tensor:
+    """(N,) int64 sequence id of each flattened position.
+
+    Sequences are the rows of the labels (last dimension), split further where
+    ``position_ids`` restarts at 0 (packed documents). Position t belongs to
+    the sequence of its own token, whose next token it predicts under shift.
+    """
+    starts = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
+    if targets.ndim >= 1 and targets.shape[-1] > 0:
+        starts[..., 0] = True
+    if position_ids is not None:
+        starts |= position_ids == 0
+    return torch.cumsum(starts.reshape(-1).long(), dim=0) - 1
 
 
 def _align_token_input(obj, name: str, t, loss_shape, shift: bool, device) -> Tensor:

@@ -59,6 +59,8 @@ CASES = [
     (TypeError, "ignore_index", dict(ignore_index=-100.0)),
     (TypeError, "return_stats", dict(return_stats="yes")),
     (ValueError, "filter_eps", dict(filter_eps=2.0)),
+    (ValueError, "position_ids", dict(position_ids=torch.zeros(2, 4, dtype=torch.long))),
+    (TypeError, "position_ids", dict(position_ids=torch.zeros(2, 5))),
 ]
 
 

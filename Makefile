@@ -1,0 +1,34 @@
+# Everything sets itself up: `make bench` and `make test` create .venv and install
+# what they need on a fresh machine. Torch goes in first: without a GPU we ask
+# for torch==2.13.0, which these machines serve as a local CPU wheel (any other
+# spec pulls several GB of CUDA packages).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test bench bench-gpu clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Triton kernels run on the CPU interpreter when there is no GPU (tests/conftest.py);
+# tests/test_compile.py also compiles every kernel configuration for sm_80 / sm_90.
+test: venv
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
+
+# The main job: the full benchmark on a CUDA GPU, a small CPU run otherwise.
+bench: venv
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache
