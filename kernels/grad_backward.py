@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Config, Launch, Tuner, bucket
+from .launch import Config, Launch, Tuner, bucket, family
 from .tile import dot, logit_tile
 
 
@@ -90,41 +90,76 @@ def _grad_backward_kernel(
         tl.atomic_add(db_ptr + local_cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
 
     gq = g.to(h_ptr.dtype.element_ty)
-    offs_d = tl.arange(0, BLOCK_DM)
-    # Two loops rather than one: a single loop keeps G live in both dot-operand
-    # layouts (G and G.T) at once, and that register pressure spills.
+    # Two passes over D rather than one: a single loop keeps G live in both
+    # dot-operand layouts (G and G.T) at once, and that register pressure
+    # spills. Each pass runs whole BLOCK_DM steps, then one masked ragged step.
     if GRAD_HIDDEN:
-        for d in range(0, tl.cdiv(D, BLOCK_DM)):
-            cur_d = d * BLOCK_DM + offs_d
-            if EVEN_DM:
-                w_mask = col_mask[:, None]
-                h_mask = row_mask[:, None]
-            else:
-                w_mask = col_mask[:, None] & (cur_d < D)[None, :]
-                h_mask = row_mask[:, None] & (cur_d < D)[None, :]
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + cur_d[None, :] * stride_wd, mask=w_mask, other=0.0)
-            dh = dot(gq, w, tl.zeros((BLOCK_N, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
-            tl.atomic_add(dh_ptr + rows[:, None] * stride_dhn + cur_d[None, :], dh, mask=h_mask, sem="relaxed")
+        dh_rows = rows * stride_dhn
+        w_cols = cols * stride_wv
+        for d in range(0, D // BLOCK_DM):
+            _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask,
+                             d * BLOCK_DM, D, False, BLOCK_N, BLOCK_DM, FP32_PRECISION)
+        if not EVEN_DM:
+            _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask,
+                             (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_N, BLOCK_DM, FP32_PRECISION)
     if GRAD_WEIGHT:
         gt = tl.trans(gq)
-        for d in range(0, tl.cdiv(D, BLOCK_DM)):
-            cur_d = d * BLOCK_DM + offs_d
-            if EVEN_DM:
-                w_mask = col_mask[:, None]
-                h_mask = row_mask[:, None]
-            else:
-                w_mask = col_mask[:, None] & (cur_d < D)[None, :]
-                h_mask = row_mask[:, None] & (cur_d < D)[None, :]
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + cur_d[None, :] * stride_hd, mask=h_mask, other=0.0)
-            dw = dot(gt, h, tl.zeros((BLOCK_V, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
-            tl.atomic_add(dw_ptr + local_cols[:, None] * stride_dwv + cur_d[None, :], dw, mask=w_mask, sem="relaxed")
+        h_rows = rows * stride_hn
+        dw_cols = local_cols * stride_dwv
+        for d in range(0, D // BLOCK_DM):
+            _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask,
+                             d * BLOCK_DM, D, False, BLOCK_V, BLOCK_DM, FP32_PRECISION)
+        if not EVEN_DM:
+            _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask,
+                             (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_V, BLOCK_DM, FP32_PRECISION)
 
-CONFIGS = [
-    Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
-    Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
-    Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 128, "GROUP_N": 16}, num_warps=4, num_stages=3),
-]
+
+@triton.jit
+def _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask, d0, D,
+                     MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DM: tl.constexpr,
+                     FP32_PRECISION: tl.constexpr):
+    """d_hidden[rows, d0:d0+BLOCK_DM] += G @ W[cols, d0:d0+BLOCK_DM] (fp32 atomics)."""
+    k = d0 + tl.arange(0, BLOCK_DM)
+    w_mask = col_mask[:, None]
+    h_mask = row_mask[:, None]
+    if MASK_D:
+        w_mask = w_mask & (k < D)[None, :]
+        h_mask = h_mask & (k < D)[None, :]
+    w = tl.load(w_ptr + w_cols[:, None] + k[None, :] * stride_wd, mask=w_mask, other=0.0)
+    dh = dot(gq, w, tl.zeros((BLOCK_N, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
+    tl.atomic_add(dh_ptr + dh_rows[:, None] + k[None, :], dh, mask=h_mask, sem="relaxed")
+
+
+@triton.jit
+def _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask, d0, D,
+                     MASK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DM: tl.constexpr,
+                     FP32_PRECISION: tl.constexpr):
+    """d_weight[cols, d0:d0+BLOCK_DM] += G.T @ H[rows, d0:d0+BLOCK_DM] (fp32 atomics)."""
+    k = d0 + tl.arange(0, BLOCK_DM)
+    h_mask = row_mask[:, None]
+    w_mask = col_mask[:, None]
+    if MASK_D:
+        h_mask = h_mask & (k < D)[None, :]
+        w_mask = w_mask & (k < D)[None, :]
+    h = tl.load(h_ptr + h_rows[:, None] + k[None, :] * stride_hd, mask=h_mask, other=0.0)
+    dw = dot(gt, h, tl.zeros((BLOCK_V, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
+    tl.atomic_add(dw_ptr + dw_cols[:, None] + k[None, :], dw, mask=w_mask, sem="relaxed")
+
+# Only configurations that compile for sm_80 and sm_90 without spills, with every
+# optional feature on and off (tests/test_compile.py). 128 x 128 tiles spill on
+# sm_80 here; fp32 (tf32x3) needs small tiles and narrow BLOCK_DM.
+CONFIGS = {
+    "16bit": [
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
+    ],
+    "fp32": [
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
+        Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
+        Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
+    ],
+}
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 2},
                           num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
@@ -136,6 +171,20 @@ _CHUNK_BYTES = 32 * 1024 * 1024
 def default_vocab_chunk(vocab: int, hidden_size: int) -> int:
     rows = max(1024, _CHUNK_BYTES // (4 * hidden_size))
     return min(vocab, rows)
+
+
+def _d_blocks(config: Config, D: int) -> dict:
+    """Hidden-dimension constexprs: BLOCK_DM shrinks (not below 16) until it divides D.
+
+    A ragged last step in the d(hidden) / d(weight) passes keeps G live across
+    extra code and spills on sm_80; every hidden size that is a multiple of 16
+    avoids it this way. Sizes that are not (no vectorized loads either) take the
+    masked tail step.
+    """
+    block_dm = config.blocks["BLOCK_DM"]
+    while block_dm > 16 and D % block_dm:
+        block_dm //= 2
+    return {"BLOCK_DM": block_dm, "EVEN_DM": D % block_dm == 0, "EVEN_D": D % config.blocks["BLOCK_D"] == 0}
 
 
 def backward_launch(hidden, weight, bias, targets, rows, lse, grad_scale, filter_threshold,
@@ -166,8 +215,9 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, grad_scale, filter
             FP32_PRECISION="tf32x3",
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
-        per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, "EVEN_DM": D % c.blocks["BLOCK_DM"] == 0},
+        per_config=lambda c: _d_blocks(c, D),
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
+        family=family(hidden.dtype),
     )
 
 

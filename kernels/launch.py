@@ -22,6 +22,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def family(dtype: torch.dtype) -> str:
+    """Tile-configuration family of an input dtype: fp32 dots (tf32x3) need smaller tiles."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
 @dataclass(frozen=True)
 class Config:
     """One tile configuration: block sizes (constexprs) plus warps and pipeline stages."""
@@ -46,14 +51,17 @@ class Launch:
     args: dict[str, Any]
     constexprs: dict[str, Any]
     grid: Callable[[Config], tuple[int, ...]]
-    # constexprs that depend on the tile sizes (e.g. EVEN_D = D % BLOCK_D == 0)
+    # constexprs that depend on the tile sizes (e.g. EVEN_D = D % BLOCK_D == 0); may
+    # also adjust a block size of the config to the problem
     per_config: Callable[[Config], dict[str, Any]] = lambda config: {}
     # tensors the kernel adds into: restored after tuning trials
     accumulators: list[torch.Tensor] = field(default_factory=list)
+    # which list of tile configurations applies: "16bit" (bf16/fp16) or "fp32"
+    family: str = "16bit"
 
     def kwargs(self, config: Config) -> dict[str, Any]:
         """Every keyword argument of the kernel call for ``config``."""
-        return {**self.args, **self.constexprs, **self.per_config(config), **config.kwargs()}
+        return {**self.args, **self.constexprs, **config.kwargs(), **self.per_config(config)}
 
     def run(self, config: Config) -> None:
         self.kernel[self.grid(config)](**self.kwargs(config))
@@ -69,7 +77,7 @@ class Tuner:
     interpreter it always returns ``interpret_config``.
     """
 
-    def __init__(self, configs: list[Config], interpret_config: Config):
+    def __init__(self, configs: dict[str, list[Config]], interpret_config: Config):
         self.configs = configs
         self.interpret_config = interpret_config
         self.best: dict[tuple, Config] = {}
@@ -77,16 +85,18 @@ class Tuner:
     def pick(self, launch: Launch, key: tuple) -> Config:
         if interpreting():
             return self.interpret_config
+        configs = self.configs[launch.family]
         forced = os.environ.get("DFT_OPS_CONFIG")
         if forced is not None:
-            # bench/ and debugging: "i" picks self.configs[i] for every launch
-            return self.configs[int(forced) % len(self.configs)]
+            # bench/ and debugging: "i" picks configs[i] for every launch
+            return configs[int(forced) % len(configs)]
+        key = (launch.family, *key)
         if key not in self.best:
-            if len(self.configs) == 1:
-                self.best[key] = self.configs[0]
+            if len(configs) == 1:
+                self.best[key] = configs[0]
             else:
                 saved = [t.clone() for t in launch.accumulators]
-                self.best[key] = min(self.configs, key=lambda c: self._time(launch, c))
+                self.best[key] = min(configs, key=lambda c: self._time(launch, c))
                 for t, s in zip(launch.accumulators, saved):
                     t.copy_(s)
         return self.best[key]

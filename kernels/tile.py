@@ -57,16 +57,20 @@ def logit_tile(
     offs_d = tl.arange(0, BLOCK_D)
     w_cols = cols * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d in range(0, tl.cdiv(D, BLOCK_D)):
+    # Whole BLOCK_D steps carry only row/column masks; the ragged end of D gets
+    # one peeled, fully masked step. Per-element D masks inside the pipelined
+    # loop spill registers.
+    for d in range(0, D // BLOCK_D):
         k = d * BLOCK_D + offs_d
-        h_ptrs = h_ptr + h_rows[:, None] + k[None, :] * stride_hd
-        w_ptrs = w_ptr + w_cols[None, :] + k[:, None] * stride_wd
-        if EVEN_D:
-            h = tl.load(h_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
-        else:
-            h = tl.load(h_ptrs, mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & (k < D)[:, None], other=0.0)
+        h = tl.load(h_ptr + h_rows[:, None] + k[None, :] * stride_hd, mask=row_mask[:, None], other=0.0)
+        w = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wd, mask=col_mask[None, :], other=0.0)
+        acc = dot(h, w, acc, FP32_PRECISION)
+    if not EVEN_D:
+        k = (D // BLOCK_D) * BLOCK_D + offs_d
+        h = tl.load(h_ptr + h_rows[:, None] + k[None, :] * stride_hd,
+                    mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
+        w = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wd,
+                    mask=col_mask[None, :] & (k < D)[:, None], other=0.0)
         acc = dot(h, w, acc, FP32_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
