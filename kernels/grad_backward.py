@@ -94,56 +94,47 @@ def _grad_backward_kernel(
     # dot-operand layouts (G and G.T) at once, and that register pressure
     # spills. Each pass runs whole BLOCK_DM steps, then one masked ragged step.
     if GRAD_HIDDEN:
-        dh_rows = rows * stride_dhn
-        w_cols = cols * stride_wv
-        for d in range(0, D // BLOCK_DM):
-            _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask,
-                             d * BLOCK_DM, D, False, BLOCK_N, BLOCK_DM, FP32_PRECISION)
-        if not EVEN_DM:
-            _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask,
-                             (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_N, BLOCK_DM, FP32_PRECISION)
+        # d_hidden[rows] += G @ W[cols]
+        _add_product(gq, w_ptr, cols * stride_wv, col_mask, stride_wd, dh_ptr, rows * stride_dhn, row_mask,
+                     D, EVEN_DM, BLOCK_N, BLOCK_DM, FP32_PRECISION)
     if GRAD_WEIGHT:
-        gt = tl.trans(gq)
-        h_rows = rows * stride_hn
-        dw_cols = local_cols * stride_dwv
-        for d in range(0, D // BLOCK_DM):
-            _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask,
-                             d * BLOCK_DM, D, False, BLOCK_V, BLOCK_DM, FP32_PRECISION)
-        if not EVEN_DM:
-            _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask,
-                             (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_V, BLOCK_DM, FP32_PRECISION)
+        # d_weight[cols] += G.T @ H[rows]
+        _add_product(tl.trans(gq), h_ptr, rows * stride_hn, row_mask, stride_hd, dw_ptr, local_cols * stride_dwv,
+                     col_mask, D, EVEN_DM, BLOCK_V, BLOCK_DM, FP32_PRECISION)
 
 
 @triton.jit
-def _add_grad_hidden(gq, w_ptr, w_cols, col_mask, stride_wd, dh_ptr, dh_rows, row_mask, d0, D,
-                     MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DM: tl.constexpr,
-                     FP32_PRECISION: tl.constexpr):
-    """d_hidden[rows, d0:d0+BLOCK_DM] += G @ W[cols, d0:d0+BLOCK_DM] (fp32 atomics)."""
-    k = d0 + tl.arange(0, BLOCK_DM)
-    w_mask = col_mask[:, None]
-    h_mask = row_mask[:, None]
-    if MASK_D:
-        w_mask = w_mask & (k < D)[None, :]
-        h_mask = h_mask & (k < D)[None, :]
-    w = tl.load(w_ptr + w_cols[:, None] + k[None, :] * stride_wd, mask=w_mask, other=0.0)
-    dh = dot(gq, w, tl.zeros((BLOCK_N, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
-    tl.atomic_add(dh_ptr + dh_rows[:, None] + k[None, :], dh, mask=h_mask, sem="relaxed")
+def _add_product(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, D,
+                 EVEN_DM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
+                 FP32_PRECISION: tl.constexpr):
+    """dst[dst_rows, :D] += a @ src[src_rows, :D], BLOCK_DM columns at a time, fp32 atomics.
+
+    a: (BLOCK_M, K) gradient tile; src_rows: (K,) int64 element offsets of the
+    source rows; dst_rows: (BLOCK_M,) int64 offsets into the fp32 buffer (unit
+    stride along D). Whole steps carry only row masks; a ragged end of D gets one
+    peeled masked step.
+    """
+    for d in range(0, D // BLOCK_DM):
+        _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
+                          d * BLOCK_DM, D, False, BLOCK_M, BLOCK_DM, FP32_PRECISION)
+    if not EVEN_DM:
+        _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
+                          (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_M, BLOCK_DM, FP32_PRECISION)
 
 
 @triton.jit
-def _add_grad_weight(gt, h_ptr, h_rows, row_mask, stride_hd, dw_ptr, dw_cols, col_mask, d0, D,
-                     MASK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DM: tl.constexpr,
-                     FP32_PRECISION: tl.constexpr):
-    """d_weight[cols, d0:d0+BLOCK_DM] += G.T @ H[rows, d0:d0+BLOCK_DM] (fp32 atomics)."""
+def _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, d0, D,
+                      MASK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
+                      FP32_PRECISION: tl.constexpr):
     k = d0 + tl.arange(0, BLOCK_DM)
-    h_mask = row_mask[:, None]
-    w_mask = col_mask[:, None]
+    src_m = src_mask[:, None]
+    dst_m = dst_mask[:, None]
     if MASK_D:
-        h_mask = h_mask & (k < D)[None, :]
-        w_mask = w_mask & (k < D)[None, :]
-    h = tl.load(h_ptr + h_rows[:, None] + k[None, :] * stride_hd, mask=h_mask, other=0.0)
-    dw = dot(gt, h, tl.zeros((BLOCK_V, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
-    tl.atomic_add(dw_ptr + dw_cols[:, None] + k[None, :], dw, mask=w_mask, sem="relaxed")
+        src_m = src_m & (k < D)[None, :]
+        dst_m = dst_m & (k < D)[None, :]
+    src = tl.load(src_ptr + src_rows[:, None] + k[None, :] * stride_src_d, mask=src_m, other=0.0)
+    prod = dot(a, src, tl.zeros((BLOCK_M, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
+    tl.atomic_add(dst_ptr + dst_rows[:, None] + k[None, :], prod, mask=dst_m, sem="relaxed")
 
 # Only configurations that compile for sm_80 and sm_90 without spills, with every
 # optional feature on and off (tests/test_compile.py). 128 x 128 tiles spill on
