@@ -6,6 +6,7 @@ opposite and run in a subprocess without it (test_compile.py).
 """
 
 import os
+import zlib
 
 import torch
 
@@ -23,5 +24,7 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # a different, reproducible draw for every test
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    # a different draw for every test, the same on every run (str hash() is salted per process);
+    # DFT_OPS_TEST_SEED=k shifts every draw, to run the suite on fresh inputs
+    offset = int(os.environ.get("DFT_OPS_TEST_SEED", "0"))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + offset)

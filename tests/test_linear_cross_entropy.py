@@ -88,10 +88,12 @@ def test_single_token(backend, objective, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_very_large_logits(backend, device):
-    # logits of order 1e4: the online max keeps exp() in range
+    # logits of order 1e4: exp() overflows fp32 past 88, so this checks the online max.
+    # fp32 logits that large carry ~|z| * 2**-24 * sqrt(D) ~ 1e-2 absolute error each,
+    # which bounds how well any fp32 implementation can match float64: tolerance 5e-3.
     hidden, weight, labels, bias = make_inputs((2, 9), 32, 70, torch.float32, device, scale=2e4)
     for objective in ("ce", "dft"):
-        check_against_reference(hidden, weight, labels, bias, backend=backend, objective=objective)
+        check_against_reference(hidden, weight, labels, bias, backend=backend, objective=objective, tol=5e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
