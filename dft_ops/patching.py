@@ -196,16 +196,16 @@ def _check_head(head: nn.Module) -> None:
             f"model: unknown head transform: the output head is {cls.__module__}.{cls.__name__}, not a plain "
             "torch.nn.Linear, so its output is not weight @ hidden + bias (quantized or custom heads are not supported)"
         )
+    if hasattr(head.weight, "ds_id") or hasattr(head.weight, "ds_status"):
+        raise PatchError(
+            "model: the output head is partitioned by DeepSpeed ZeRO-3, which gathers it only inside the head's own "
+            "forward and backward hooks; dft-ops does not support ZeRO-3 heads (use ZeRO-1/2 or FSDP2)"
+        )
 
 
 def _head_parameters(head: nn.Linear) -> tuple[Tensor, Tensor | None]:
     """The head's (V, D) weight and (V,) bias as regular tensors, gathered if sharded (differentiably)."""
     weight, bias = head.weight, head.bias
-    if hasattr(weight, "ds_id") or hasattr(weight, "ds_status"):
-        raise PatchError(
-            "model: the output head is partitioned by DeepSpeed ZeRO-3, which gathers it only inside the head's own "
-            "forward; dft-ops does not support ZeRO-3 heads (use ZeRO-1/2 or FSDP2)"
-        )
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # older torch

@@ -297,6 +297,13 @@ def test_refuses_a_head_that_is_not_a_plain_linear():
         dft_ops.patch(model)
 
 
+def test_refuses_a_zero3_partitioned_head():
+    model = build("llama")
+    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(PatchError, match="ZeRO-3"):
+        dft_ops.patch(model)
+
+
 def test_refuses_an_unknown_transform_after_the_head():
     model = build("llama")
     offset = torch.randn(V)
