@@ -15,5 +15,5 @@ from .patching import PatchError, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "TokenStats", "patch", "unpatch", "PatchError", "patch_sft_trainer", "objectives", "naive", "torch_backend",
-           "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "TokenStats", "objectives", "naive", "torch_backend",
+           "patch", "unpatch", "PatchError", "patch_sft_trainer", "__version__"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,7 +274,11 @@ class _PatchedForward:
         model, state, previous = self.model, self.state, self.__wrapped__
         if model.__dict__.get(_STATE_ATTR) is not state:  # unpatched, or a newer patch wraps us: stay inert
             return previous(*args, **kwargs)
-        trl_fused = state.serve_trl_fused_head and kwargs.pop("fused_lm_head", False)
+        if kwargs.get("fused_lm_head") and not state.serve_trl_fused_head:
+            warnings.warn("dft_ops.patch: a TRL fused_lm_head=True call runs TRL's own loss head, not dft-ops'; for "
+                          "SFTTrainer use dft_ops.patch_sft_trainer(trainer)", stacklevel=2)
+            return previous(*args, **kwargs)
+        trl_fused = bool(kwargs.pop("fused_lm_head", False))
         signature = self.__signature__
         bound = signature.bind_partial(*args, **kwargs).arguments
         call_kwargs = bound.get(_var_keyword(signature)) or {}
@@ -331,6 +336,8 @@ class _FusedCall:
             position_ids = None  # e.g. (1, T) broadcast or 3-D rope positions: rows are the sequences
         ignore = opts["ignore_index"] if ignore_index is None else ignore_index
         self.ignore_index = ignore
+        if position_ids is not None:
+            position_ids = position_ids.to(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             out = linear_cross_entropy(
                 hidden, weight, targets, bias=bias, objective=opts["objective"], ignore_index=ignore,
@@ -338,7 +345,7 @@ class _FusedCall:
                 num_items_in_batch=None if self.per_token else num_items_in_batch,
                 softcap=self.state.transform.softcap, shift=shift,
                 return_stats=self.per_token or opts["return_stats"], backend=opts["backend"],
-                filter_eps=opts["filter_eps"], position_ids=position_ids.to(hidden.device) if position_ids is not None else None,
+                filter_eps=opts["filter_eps"], position_ids=position_ids,
             )
         loss, self.stats = out if isinstance(out, tuple) else (out, None)
         self.state.calls += 1
@@ -346,7 +353,9 @@ class _FusedCall:
             return loss
         # TRL's fused-head protocol: per-token values plus the usual mean (over num_items_in_batch) as `loss`
         self.token_loss = loss
-        denominator = num_items_in_batch if num_items_in_batch is not None else (self.targets != ignore).sum().clamp(min=1)
+        denominator = num_items_in_batch
+        if denominator is None:
+            denominator = (self.targets != ignore).sum().clamp(min=1)
         return loss.sum() / torch.as_tensor(denominator, device=loss.device).to(torch.float32)
 
 
@@ -526,12 +535,14 @@ def probe_head_transform(causal_lm: nn.Module, n_probe_tokens: int = 7) -> HeadT
         raise
     except Exception as exc:
         raise PatchError(f"model: could not run {name}.forward with a stub backbone to read its head transform "
-                         f"({type(exc).__name__}: {exc}); the model's forward is not the usual causal-LM forward") from exc
+                         f"({type(exc).__name__}: {exc}); the model's forward is not the usual causal-LM "
+                         "forward") from exc
     finally:
         causal_lm.training = was_training
 
     if len(seen["head_inputs"]) != 1:
-        raise PatchError(f"model: {name}.forward called the output head {len(seen['head_inputs'])} times; expected once")
+        raise PatchError(f"model: {name}.forward called the output head {len(seen['head_inputs'])} times; "
+                         "expected once")
     if len(seen["loss_logits"]) != 1:
         raise PatchError(f"model: {name}.forward does not compute its loss through self.loss_function (called "
                          f"{len(seen['loss_logits'])} times), so dft-ops cannot replace it")

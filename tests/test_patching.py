@@ -231,6 +231,17 @@ def test_packed_batch_with_position_ids():
     assert_same_grads(grads_of(model, out.loss), ref_grads)
 
 
+def test_autocast_bf16_matches_unpatched():
+    """Mixed precision: hidden states and head are cast to the autocast dtype, like nn.Linear under autocast."""
+    model = build("llama")
+    input_ids, labels = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=input_ids, labels=labels).loss
+        dft_ops.patch(model, objective="ce")
+        loss = model(input_ids=input_ids, labels=labels).loss
+    assert loss.dtype == torch.float32 and rel_err(loss.detach(), reference.detach()) < 3e-2
+
+
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     model = build("llama")
     dft_ops.patch(model, objective="ce")

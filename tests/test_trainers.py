@@ -132,7 +132,8 @@ def sft_trainer(tmp_path, objective, max_steps, **config):
     model = tiny_llama(vocab=len(tokenizer))
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                          learning_rate=1e-2, max_length=48, bf16=False, **COMMON_ARGS, **config)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=word_dataset(32, n_words), processing_class=tokenizer)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=word_dataset(32, n_words),
+                             processing_class=tokenizer)
     return dft_ops.patch_sft_trainer(trainer, objective=objective), model
 
 
@@ -195,3 +196,15 @@ def test_patch_sft_trainer_without_trl(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
     with pytest.raises(ImportError, match="needs TRL"):
         dft_ops.patch_sft_trainer(object())
+
+
+def test_a_plain_patch_passes_trl_fused_calls_through_with_a_warning(tmp_path):
+    """Patched after SFTTrainer was built but without patch_sft_trainer: TRL's head runs, and we say so."""
+    trainer, model = sft_trainer(tmp_path, "dft", max_steps=1)
+    dft_ops.unpatch(model)
+    dft_ops.patch(model, objective="dft")
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    with pytest.warns(UserWarning, match="patch_sft_trainer"):
+        trainer.compute_loss(model, dict(inputs))
+    assert patch_state(model).calls == 0
