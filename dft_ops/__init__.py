@@ -10,8 +10,10 @@ rows of one table (:mod:`dft_ops.objectives`) used by both backends.
 from . import naive, objectives, torch_backend
 from .functional import TokenStats, linear_cross_entropy
 from .module import LinearCrossEntropy
+from .integrations.trl import patch_sft_trainer
+from .patching import PatchError, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "TokenStats", "objectives", "naive", "torch_backend",
-           "__version__"]
+           "patch", "unpatch", "PatchError", "patch_sft_trainer", "__version__"]

@@ -1,0 +1,69 @@
+"""TRL ``SFTTrainer``: have dft-ops compute the training loss, keeping TRL's metrics.
+
+From TRL 1.15, ``SFTTrainer`` installs its own fused LM head and computes the
+loss as ``model(**inputs, fused_lm_head=True)``, which bypasses a patched
+``forward``'s ordinary training path. :func:`patch_sft_trainer` patches the
+trainer's model so that the fused-head call itself is answered by dft-ops
+(TRL's ``FusedCausalLMOutput`` protocol):
+
+- ``log_probs`` = ``-(per-token loss of the objective)``, with its gradient:
+  ``SFTTrainer.compute_loss`` with ``loss_type="nll"`` reduces it as
+  ``sum(-log_probs) / num_tokens`` (``num_items_in_batch`` under gradient
+  accumulation), which is exactly dft-ops' loss; for objective "ce" these are
+  the true log-probabilities;
+- ``entropy``, ``is_top1``, ``label_mask`` from dft-ops' per-token stats feed
+  TRL's ``entropy`` and ``mean_token_accuracy`` metrics, without logits;
+- ``aux_loss`` (MoE) is the model's own, added by TRL as usual.
+
+TRL is imported only when this is called.
+"""
+
+from __future__ import annotations
+
+from .. import patching
+
+
+def patch_sft_trainer(trainer, objective="dft", **loss_options):
+    """Compute ``trainer``'s training (and eval) loss with dft-ops and ``objective``.
+
+    Call after constructing the ``trl.SFTTrainer`` (its constructor installs
+    TRL's fused head, which this one answers in its place) and before
+    ``trainer.train()``.
+
+    Args:
+        trainer: a ``trl.SFTTrainer`` (1.15+) with ``args.loss_type="nll"``
+            (the objective is chosen here, not by TRL).
+        objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
+        **loss_options: as for :func:`dft_ops.patch` (``ignore_index``,
+            ``backend``, ``filter_eps``).
+
+    Returns:
+        ``trainer``.
+
+    Raises:
+        ImportError when TRL is not installed; TypeError for a trainer that is
+        not an SFTTrainer; ValueError for SFTConfig options whose loss does not
+        go through the fused head (``loss_type="dft"``, ``compute_loss_func``,
+        label smoothing); :class:`dft_ops.PatchError` as :func:`dft_ops.patch`.
+    """
+    try:
+        from trl import SFTTrainer
+    except ImportError as exc:
+        raise ImportError("dft_ops.patch_sft_trainer needs TRL: pip install 'dft-ops[trl]' (trl>=1.15)") from exc
+    if not isinstance(trainer, SFTTrainer):
+        raise TypeError(f"trainer: expected a trl.SFTTrainer, got {type(trainer).__name__}; for transformers.Trainer "
+                        "use dft_ops.patch(model) before building the trainer")
+    args = trainer.args
+    if getattr(args, "loss_type", "nll") != "nll":
+        raise ValueError(
+            f"trainer: SFTConfig(loss_type={args.loss_type!r}) would re-weight dft-ops' per-token loss; leave "
+            "loss_type='nll' and choose the objective here (patch_sft_trainer(trainer, objective='dft'))"
+        )
+    if getattr(trainer, "compute_loss_func", None) is not None or getattr(args, "label_smoothing_factor", 0) > 0:
+        raise ValueError("trainer: compute_loss_func / label_smoothing_factor compute the loss from full logits, "
+                         "outside the fused head; remove them to have dft-ops compute the loss")
+    if loss_options.get("reduction", "mean") != "mean":
+        raise ValueError("reduction: SFTTrainer reduces the per-token loss itself (a mean over num_items_in_batch)")
+    patching.patch(trainer.model, objective, **loss_options)
+    patching.patch_state(trainer.model).serve_trl_fused_head = True
+    return trainer
