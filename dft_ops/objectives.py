@@ -82,7 +82,8 @@ class Objective:
         return {n: getattr(self, n) for n in self.token_inputs}
 
     def __repr__(self) -> str:
-        params = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        params = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
         def show(v):
             if isinstance(v, Tensor):

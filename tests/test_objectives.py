@@ -294,7 +294,7 @@ def test_objective_names_and_repr():
     assert isinstance(o.resolve("chord"), o.Chord)
     with pytest.raises(ValueError, match=r"^objective: 'power' takes parameters.*Power\(alpha\)"):
         o.resolve("power")
-    assert repr(o.Power(10)) == "Power(alpha=10.0)"
+    assert repr(o.Power(10)) == "Power(alpha=10.0)" and repr(o.CE()) == "CE()" and repr(o.Chord()) == "Chord()"
     assert repr(o.Threshold("dft", min_p=0.2)) == "Threshold(base='dft', min_p=0.2, max_p=None)"
     assert "old_logprobs=Tensor(shape=(2, 3)" in repr(o.PSFT(torch.zeros(2, 3)))
 
