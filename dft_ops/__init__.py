@@ -7,7 +7,8 @@ Data path: functional API -> autograd Function -> backend (Triton kernels in
 rows of one table (:mod:`dft_ops.objectives`) used by both backends.
 """
 
-from . import naive, objectives, torch_backend
+from . import callbacks, naive, objectives, torch_backend
+from .callbacks import TokenStatsRecorder
 from .functional import TokenStats, linear_cross_entropy
 from .module import LinearCrossEntropy
 from .integrations.trl import patch_sft_trainer
@@ -16,4 +17,12 @@ from .patching import PatchError, patch, unpatch
 __version__ = "0.1.0"
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "TokenStats", "objectives", "naive", "torch_backend",
-           "patch", "unpatch", "PatchError", "patch_sft_trainer", "__version__"]
+           "patch", "unpatch", "PatchError", "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
+
+
+def __getattr__(name):
+    # TokenStatsCallback is a transformers.TrainerCallback: transformers is imported only when it is
+    # asked for (so it is not in __all__ either: `from dft_ops import *` must work without transformers)
+    if name == "TokenStatsCallback":
+        return callbacks.TokenStatsCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -149,7 +149,7 @@ def linear_cross_entropy(
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     inputs = {name: pick(_align_token_input(obj, name, t, loss_shape, shift, hidden.device))
               for name, t in obj.token_tensors().items()}
-    segments = pick(_segments(targets, position_ids)) if obj.needs_segments else None
+    segments = _renumber(pick(_segments(targets, position_ids))) if obj.needs_segments else None
 
     value, logprob, entropy, is_top1 = LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, D), weight, bias, pick(flat), rows, n_tokens, obj, inputs, segments,
@@ -189,6 +189,20 @@ def _segments(targets: Tensor, position_ids: Tensor | None) -> Tensor:
     if position_ids is not None:
         starts |= position_ids == 0
     return torch.cumsum(starts.reshape(-1).long(), dim=0) - 1
+
+
+def _renumber(segments: Tensor) -> Tensor:
+    """Non-decreasing sequence ids -> 0, 1, 2, ... in order (TokenBatch.segments' contract).
+
+    Dropping ignored tokens leaves gaps (a fully ignored sequence, or ids up to
+    N for M < N tokens); consecutive ids keep per-sequence sums in an (M,)
+    buffer without asking the device how many sequences there are.
+    """
+    if segments.numel() == 0:
+        return segments
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[1:] = segments[1:] != segments[:-1]
+    return torch.cumsum(starts.long(), dim=0) - 1
 
 
 def _align_token_input(obj, name: str, t, loss_shape, shift: bool, device) -> Tensor:

@@ -19,7 +19,84 @@ from torch import Tensor
 REFERENCE_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
     "ce": lambda logp: -logp,
     "dft": lambda logp: -logp.exp().detach() * logp,
+    # CHORD's phi(p) = p (1 - p)
+    "chord": lambda logp: -(logp.exp() * (1 - logp.exp())).detach() * logp,
 }
+
+
+def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The float64 per-token loss ``fn(logp, valid, sequence)`` of an objective name or instance.
+
+    ``logp``: (...) float64 label log-probs at the loss positions (with
+    autograd); ``valid``: (...) bool, False at ignored positions (whose logp
+    is meaningless); ``sequence``: (...) int64 sequence id of each position.
+    The formulas read the instance's parameters, never its ``value`` / ``weight``.
+    """
+    from . import objectives as o
+
+    if isinstance(objective, str):
+        return lambda logp, valid, sequence: REFERENCE_LOSSES[objective](logp)
+    if type(objective) in (o.CE, o.DFT, o.Chord):
+        return reference_loss(objective.name)
+    if isinstance(objective, o.Power):
+        a = objective.alpha
+        return lambda logp, valid, sequence: (1 - logp.exp() ** a) / a
+    if isinstance(objective, o.Focal):
+        g = objective.gamma
+        return lambda logp, valid, sequence: -((1 - logp.exp()) ** g) * logp
+    if isinstance(objective, o.Threshold):
+        base = REFERENCE_LOSSES[objective.base.name]
+        lo = 0.0 if objective.min_p is None else objective.min_p
+        hi = 1.0 if objective.max_p is None else objective.max_p
+
+        def threshold(logp, valid, sequence):
+            p = logp.exp().detach()
+            return torch.where((p >= lo) & (p <= hi), base(logp), torch.zeros_like(logp))
+
+        return threshold
+    if isinstance(objective, o.PSFT):
+        eps_low, eps_high = objective.clip_low, objective.clip_high
+
+        def psft(logp, valid, sequence):
+            # PPO's clipped surrogate with advantage 1 (the ratio's gradient flows through p)
+            p_old = torch.where(valid, objective.old_logprobs.double(), 0.0).exp()
+            r = logp.exp() / p_old
+            return -torch.min(r, r.clamp(1 - eps_low, 1 + eps_high))
+
+        return psft
+    if isinstance(objective, o.ImportanceWeighted):
+        lo, hi = objective.clamp
+
+        def importance_weighted(logp, valid, sequence):
+            p_ref = torch.where(valid, objective.ref_logprobs.double(), 0.0).exp()
+            return -(logp.exp() / p_ref).clamp(lo, hi).detach() * logp
+
+        return importance_weighted
+    if isinstance(objective, o.SequenceDFT):
+        geometric = objective.mode == "geometric"
+
+        def sequence_dft(logp, valid, sequence):
+            # (T, T) membership of the flattened positions: a dense sum, independent of index_add
+            lp, ok, seq = logp.reshape(-1), valid.reshape(-1), sequence.reshape(-1)
+            same = (seq[:, None] == seq[None, :]) & ok[None, :]
+            seq_logp = torch.where(same, lp[None, :], 0.0).sum(1)
+            if geometric:
+                seq_logp = seq_logp / same.sum(1).clamp(min=1)
+            return -(seq_logp.exp().detach() * lp).reshape(logp.shape)
+
+        return sequence_dft
+    raise TypeError(f"objective: no float64 reference for {objective!r}")
+
+
+def sequence_ids(labels_shape, position_ids: Tensor | None = None, device=None) -> Tensor:
+    """(labels_shape) int64 sequence id of each position: per row, a new one wherever position_ids is 0."""
+    S = labels_shape[-1]
+    starts = torch.zeros(labels_shape, dtype=torch.bool, device=device)
+    starts[..., 0] = True
+    if position_ids is not None:
+        starts |= position_ids == 0
+    row = torch.arange(starts.numel() // max(S, 1), device=device).reshape(labels_shape[:-1])
+    return row[..., None] * (S + 1) + starts.long().cumsum(-1)
 
 
 def logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: float | None = None) -> Tensor:
@@ -38,27 +115,34 @@ def linear_cross_entropy(
     labels: Tensor,
     *,
     bias: Tensor | None = None,
-    objective: str | Callable[[Tensor], Tensor] = "dft",
+    objective=None,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
     softcap: float | None = None,
     shift: bool = False,
     return_stats: bool = False,
+    position_ids: Tensor | None = None,
 ):
     """Reference for :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
 
-    ``objective`` is a name of :data:`REFERENCE_LOSSES` or a callable mapping
-    the (...,) float64 label log-probabilities to per-token losses.
+    ``objective`` is "dft" (default), a name of :data:`REFERENCE_LOSSES`, an
+    instance from :mod:`dft_ops.objectives` (see :func:`reference_loss`), or a
+    callable mapping the (...,) float64 label log-probabilities to per-token
+    losses. ``position_ids`` splits rows into sequences (for SequenceDFT).
     """
     z = logits(hidden, weight, bias, softcap)
+    sequence = sequence_ids(labels.shape, position_ids, labels.device)
     if shift:
-        z, labels = z[..., :-1, :], labels[..., 1:]
+        z, labels, sequence = z[..., :-1, :], labels[..., 1:], sequence[..., :-1]
     valid = labels != ignore_index
     logp_all = F.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    loss_fn = REFERENCE_LOSSES[objective] if isinstance(objective, str) else objective
-    per_token = torch.where(valid, loss_fn(logp), torch.zeros_like(logp))
+    if callable(objective):  # a plain logp -> loss function
+        per_token = objective(logp)
+    else:
+        per_token = reference_loss("dft" if objective is None else objective)(logp, valid, sequence)
+    per_token = torch.where(valid, per_token, torch.zeros_like(logp))
     if reduction == "none":
         loss = per_token
     elif reduction == "sum":

@@ -1,8 +1,9 @@
 """The objective table: every loss dft-ops fuses, as a per-token value and weight.
 
 Each objective is a function of the label log-probability ``logp = log p`` of a
-token (and, for some, of a per-token input such as an old policy's log-prob).
-Its gradient w.r.t. the token's logits is always::
+token (and, for some, of a per-token input such as an old policy's log-prob,
+or of the other tokens of its sequence). Its gradient w.r.t. the token's
+logits is always::
 
     weight * (softmax - onehot(label)),   weight = -d value / d logp
 
@@ -11,11 +12,18 @@ objective: both backends compute ``logp`` in the forward, call the row's
 ``value`` (the loss per token) and ``weight`` on the (tokens,) vectors, and the
 backward only needs ``upstream_grad * weight`` per token.
 
-Adding an objective is one class below (name, value, weight) plus its tests.
+Rows: :class:`CE`, :class:`DFT`, :class:`Power` (the ``-p^a`` family),
+:class:`Chord`, :class:`Focal`, :class:`Threshold`, :class:`PSFT`,
+:class:`ImportanceWeighted` and :class:`SequenceDFT`. Adding an objective is
+one class below (name, value, weight, parameter checks) plus its tests; the
+float64 reference it is tested against lives in :mod:`dft_ops.naive`.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,7 +40,10 @@ class TokenBatch:
         inputs: per-token tensors the objective asked for (``token_inputs``),
             each (M,) float32, aligned with ``logp``.
         segments: (M,) int64 sequence id of each token (rows of the labels, or
-            packed spans), for sequence-level objectives; None otherwise.
+            packed spans), for objectives with ``needs_segments``; None
+            otherwise. Ids are non-decreasing and numbered 0, 1, ... in order
+            of appearance among the computed tokens, so they are < M and
+            per-sequence sums fit an (M,) buffer (``index_add_``, no sync).
     """
 
     logp: Tensor
@@ -50,6 +61,9 @@ class Objective:
     ``token_inputs`` names attributes holding tensors shaped like the loss
     positions (labels, or labels[..., 1:] with shift); the functional API
     aligns them with the computed tokens and passes them in ``TokenBatch.inputs``.
+    ``needs_segments`` asks for ``TokenBatch.segments`` (sequence ids).
+    Parameters are checked in ``__init__`` (ValueError / TypeError starting
+    with the parameter's name); ``repr`` shows them.
     """
 
     name: ClassVar[str]
@@ -68,7 +82,15 @@ class Objective:
         return {n: getattr(self, n) for n in self.token_inputs}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        params = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+        def show(v):
+            if isinstance(v, Tensor):
+                return f"Tensor(shape={tuple(v.shape)}, dtype={v.dtype})"
+            return repr(v)
+
+        return f"{type(self).__name__}({', '.join(f'{p}={show(getattr(self, p))}' for p in params)})"
 
 
 class CE(Objective):
@@ -95,8 +117,247 @@ class DFT(Objective):
         return t.p
 
 
-# name -> constructor, for objective="..." strings
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, DFT)}
+class Power(Objective):
+    """The ``-p^a`` family ("Beyond Log Likelihood"): value ``(1 - p^alpha) / alpha``, weight ``p^alpha``.
+
+    alpha = 1 has DFT's gradient ("-p"); large alpha ("-p^10") trains almost
+    only tokens the model already predicts well; alpha -> 0 tends to CE.
+    """
+
+    name = "power"
+
+    def __init__(self, alpha: float):
+        self.alpha = _positive("alpha", alpha)
+
+    def value(self, t):
+        # 1 - p^a = -expm1(a log p): no cancellation when p^a is close to 1
+        return -torch.expm1(self.alpha * t.logp) / self.alpha
+
+    def weight(self, t):
+        return torch.exp(self.alpha * t.logp)
+
+
+class Chord(Objective):
+    """CHORD's token weighting phi: value ``-sg(p (1 - p)) log p``, weight ``p (1 - p)``.
+
+    Down-weights both tokens the model already knows (p near 1) and tokens far
+    from its current policy (p near 0).
+    """
+
+    name = "chord"
+
+    def value(self, t):
+        return -self.weight(t) * t.logp
+
+    def weight(self, t):
+        return t.p * _one_minus_p(t.logp)
+
+
+class Focal(Objective):
+    """Focal loss, gradient not detached: value ``-(1 - p)^gamma log p``.
+
+    weight = ``(1-p)^gamma - gamma p (1-p)^(gamma-1) log p``: it up-weights
+    the tokens the model finds hard, the opposite of DFT (kept for comparison).
+    gamma = 0 is CE.
+    """
+
+    name = "focal"
+
+    def __init__(self, gamma: float):
+        self.gamma = _real("gamma", gamma, minimum=0.0)
+
+    def value(self, t):
+        return -_one_minus_p(t.logp).pow(self.gamma) * t.logp
+
+    def weight(self, t):
+        q = _one_minus_p(t.logp)
+        # gamma p (1-p)^(gamma-1) log p, written as gamma p (1-p)^gamma * (log p / (1-p)):
+        # log p / (1-p) -> -1 as p -> 1, where (1-p)^(gamma-1) alone would be inf for gamma < 1
+        log_ratio = torch.where(q > 0, t.logp / q, torch.full_like(q, -1.0))
+        return q.pow(self.gamma) - self.gamma * t.p * q.pow(self.gamma) * log_ratio
+
+
+class Threshold(Objective):
+    """``base`` ("ce" or "dft") on tokens with ``min_p <= p <= max_p`` only; other tokens contribute 0.
+
+    ``p`` is the current (detached) label probability; a missing bound is no
+    bound. "Beyond Log Likelihood"'s thresholded variants: e.g.
+    ``Threshold("ce", min_p=0.1)`` drops the tokens the model finds very
+    unlikely (noisy or off-policy supervision).
+    """
+
+    name = "threshold"
+
+    def __init__(self, base: str | Objective, min_p: float | None = None, max_p: float | None = None):
+        if isinstance(base, str) and base in ("ce", "dft"):
+            base = {"ce": CE, "dft": DFT}[base]()
+        if type(base) not in (CE, DFT):
+            raise ValueError(f"base: expected 'ce' or 'dft' (or CE() / DFT()), got {base!r}")
+        self.base = base
+        self.min_p = None if min_p is None else _real("min_p", min_p, minimum=0.0, maximum=1.0)
+        self.max_p = None if max_p is None else _real("max_p", max_p, minimum=0.0, maximum=1.0)
+        if self.min_p is not None and self.max_p is not None and self.min_p > self.max_p:
+            raise ValueError(f"min_p: {self.min_p} is greater than max_p={self.max_p}; no token could be trained")
+
+    def _inside(self, t: TokenBatch) -> Tensor:
+        p = t.p
+        keep = torch.ones_like(p, dtype=torch.bool)
+        if self.min_p is not None:
+            keep &= p >= self.min_p
+        if self.max_p is not None:
+            keep &= p <= self.max_p
+        return keep
+
+    def value(self, t):
+        return torch.where(self._inside(t), self.base.value(t), 0.0)
+
+    def weight(self, t):
+        return torch.where(self._inside(t), self.base.weight(t), 0.0)
+
+    def __repr__(self):
+        return f"Threshold(base={self.base.name!r}, min_p={self.min_p}, max_p={self.max_p})"
+
+
+class PSFT(Objective):
+    """Proximal SFT: PPO's clipped surrogate with advantage 1 against an old policy.
+
+    ``r = exp(log p - old_logprobs)``; value ``-min(r, clamp(r, 1 - clip_low, 1 + clip_high))``;
+    weight ``r * 1[r <= 1 + clip_high]`` (a token whose ratio already rose past
+    the trust region gets no gradient).
+
+    Args:
+        old_logprobs: float tensor of the loss positions' shape (labels, or
+            labels[..., 1:] with shift): the old policy's label log-probs
+            (e.g. ``stats.logprob`` of an earlier pass). Ignored positions may
+            hold anything.
+        clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]``.
+    """
+
+    name = "psft"
+    token_inputs = ("old_logprobs",)
+
+    def __init__(self, old_logprobs: Tensor, clip_low: float = 0.2, clip_high: float = 0.28):
+        self.old_logprobs = _token_tensor("old_logprobs", old_logprobs)
+        self.clip_low = _real("clip_low", clip_low, minimum=0.0, maximum=1.0, open_maximum=True)
+        self.clip_high = _real("clip_high", clip_high, minimum=0.0)
+
+    def _ratio(self, t: TokenBatch) -> Tensor:
+        return torch.exp(t.logp - t.inputs["old_logprobs"])
+
+    def value(self, t):
+        r = self._ratio(t)
+        return -torch.minimum(r, r.clamp(1.0 - self.clip_low, 1.0 + self.clip_high))
+
+    def weight(self, t):
+        r = self._ratio(t)
+        # where, not r * mask: r may overflow to inf past the trust region
+        return torch.where(r <= 1.0 + self.clip_high, r, 0.0)
+
+
+class ImportanceWeighted(Objective):
+    """Token-level importance-weighted SFT (iw-SFT): value ``-sg(clamp(p / p_ref, lo, hi)) log p``.
+
+    weight ``clamp(p / p_ref, lo, hi)`` with ``p_ref = exp(ref_logprobs)``.
+
+    Args:
+        ref_logprobs: float tensor of the loss positions' shape (labels, or
+            labels[..., 1:] with shift): a reference policy's label log-probs.
+        clamp: ``(lo, hi)`` bounds of the importance weight, ``0 <= lo <= hi``.
+    """
+
+    name = "importance_weighted"
+    token_inputs = ("ref_logprobs",)
+
+    def __init__(self, ref_logprobs: Tensor, clamp: tuple[float, float] = (0.2, 1.8)):
+        self.ref_logprobs = _token_tensor("ref_logprobs", ref_logprobs)
+        if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+            raise ValueError(f"clamp: expected a pair (lo, hi), got {clamp!r}")
+        lo = _real("clamp", clamp[0], minimum=0.0)
+        hi = _real("clamp", clamp[1], minimum=0.0)
+        if lo > hi:
+            raise ValueError(f"clamp: lower bound {lo} is greater than upper bound {hi}")
+        self.clamp = (lo, hi)
+
+    def value(self, t):
+        return -self.weight(t) * t.logp
+
+    def weight(self, t):
+        return torch.exp(t.logp - t.inputs["ref_logprobs"]).clamp(*self.clamp)
+
+
+class SequenceDFT(Objective):
+    """The DFT paper's sequence-level ablations (section 4.7): one detached weight per sequence.
+
+    Every token of a sequence gets value ``-sg(w) log p`` and weight ``w`` with
+    ``w = exp(sum of log p)`` over the sequence's non-ignored tokens (mode
+    "product": the sequence probability) or ``w = exp(mean of log p)`` (mode
+    "geometric", GSPO-style). Sequences are the rows of the labels, or the
+    packed documents starting where ``position_ids`` is 0.
+    """
+
+    name = "sequence_dft"
+    needs_segments = True
+    MODES: ClassVar[tuple[str, ...]] = ("product", "geometric")
+
+    def __init__(self, mode: str):
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def value(self, t):
+        return -self.weight(t) * t.logp
+
+    def weight(self, t):
+        seg = t.segments
+        # segment ids are < M (see TokenBatch): O(tokens) sums without a host sync
+        seq_logp = torch.zeros_like(t.logp).index_add_(0, seg, t.logp)
+        if self.mode == "geometric":
+            count = torch.zeros_like(t.logp).index_add_(0, seg, torch.ones_like(t.logp))
+            seq_logp = seq_logp / count.clamp(min=1.0)
+        return torch.exp(seq_logp)[seg]
+
+
+def _one_minus_p(logp: Tensor) -> Tensor:
+    """1 - p from log p, accurate when p is close to 1 (where 1 - exp(logp) cancels)."""
+    return -torch.expm1(logp)
+
+
+def _real(name: str, value, *, minimum: float | None = None, maximum: float | None = None,
+          open_maximum: bool = False) -> float:
+    """A finite real parameter within bounds, as float; TypeError / ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    if maximum is not None and (value >= maximum if open_maximum else value > maximum):
+        raise ValueError(f"{name}: must be {'<' if open_maximum else '<='} {maximum}, got {value}")
+    return value
+
+
+def _positive(name: str, value) -> float:
+    value = _real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}: must be > 0, got {value}")
+    return value
+
+
+def _token_tensor(name: str, value) -> Tensor:
+    """A per-token input: a floating tensor (its shape is checked against the labels at call time)."""
+    if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"{name}: expected a floating-point tensor of the loss positions' shape, got {got}")
+    return value
+
+
+# name -> constructor, for objective="..." strings (the objectives without required parameters)
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, DFT, Chord)}
+# objectives that need parameters, by name: for a helpful error on objective="power"
+_NEEDS_PARAMETERS: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Power, Focal, Threshold, PSFT, ImportanceWeighted, SequenceDFT)
+}
 
 
 def resolve(objective: str | Objective) -> Objective:
@@ -104,11 +365,16 @@ def resolve(objective: str | Objective) -> Objective:
     if isinstance(objective, Objective):
         return objective
     if isinstance(objective, str):
-        try:
+        if objective in OBJECTIVES:
             return OBJECTIVES[objective]()
-        except KeyError:
-            raise ValueError(
-                f"objective: unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} "
-                f"or pass an instance from dft_ops.objectives"
-            ) from None
+        if objective in _NEEDS_PARAMETERS:
+            cls = _NEEDS_PARAMETERS[objective]
+            params = [str(p.replace(annotation=inspect.Parameter.empty))
+                      for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+            raise ValueError(f"objective: {objective!r} takes parameters; pass an instance, "
+                             f"dft_ops.objectives.{cls.__name__}({', '.join(params)})")
+        raise ValueError(
+            f"objective: unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} "
+            f"or pass an instance from dft_ops.objectives"
+        )
     raise TypeError(f"objective: expected a name or a dft_ops.objectives.Objective, got {type(objective).__name__}")
