@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import objectives as _objectives
+from .callbacks import recorder_of
 from .functional import _check_options, linear_cross_entropy
 
 __all__ = ["patch", "unpatch", "is_patched", "PatchError"]
@@ -338,16 +339,22 @@ class _FusedCall:
         self.ignore_index = ignore
         if position_ids is not None:
             position_ids = position_ids.to(hidden.device)
+        # a TokenStatsCallback attached to the model asks for the per-token stats of training steps
+        recorder = recorder_of(self.causal_lm)
+        if recorder is not None and not recorder.enabled:
+            recorder = None
         with torch.autocast(hidden.device.type, enabled=False):
             out = linear_cross_entropy(
                 hidden, weight, targets, bias=bias, objective=opts["objective"], ignore_index=ignore,
                 reduction="none" if self.per_token else opts["reduction"],
                 num_items_in_batch=None if self.per_token else num_items_in_batch,
                 softcap=self.state.transform.softcap, shift=shift,
-                return_stats=self.per_token or opts["return_stats"], backend=opts["backend"],
-                filter_eps=opts["filter_eps"], position_ids=position_ids,
+                return_stats=self.per_token or opts["return_stats"] or recorder is not None,
+                backend=opts["backend"], filter_eps=opts["filter_eps"], position_ids=position_ids,
             )
         loss, self.stats = out if isinstance(out, tuple) else (out, None)
+        if recorder is not None:
+            recorder.record(self.stats, self.targets != ignore)
         self.state.calls += 1
         if not self.per_token:
             return loss

@@ -198,6 +198,21 @@ def test_callback_feeds_from_a_patched_forward_with_gradient_accumulation(tmp_pa
     assert recorder_of(model) is None  # detached when training ends
 
 
+def test_callback_feeds_from_dft_ops_patch(tmp_path):
+    """The real patch(): its fused loss asks for stats while a callback's recorder is attached."""
+    model = dft_ops.patch(tiny_llama(), objective="dft")
+    args = training_args(tmp_path, logging_steps=2, per_device_train_batch_size=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(16, 0))
+    dft_ops.TokenStatsCallback.add_to(trainer, bins=4)
+    trainer.train()
+    train_logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert train_logs
+    for record in train_logs:
+        assert record[TOKENS] > 0 and 0 < record["token_label_prob"] < 1
+        assert record[CE_LOSS] > 0 and len([k for k in record if k.startswith("token_label_prob_hist/")]) == 4
+    assert recorder_of(model) is None
+
+
 def test_callback_warns_when_integrations_would_miss_it(tmp_path):
     stats_callback = dft_ops.TokenStatsCallback()
     args = training_args(tmp_path)
