@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import sys
 import time
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="start no provider after this many seconds; what was measured is written")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against dft-ops")
+    p.add_argument("--check-only", action="store_true", help="only the correctness check: no timing or memory")
     p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
     p.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up time")
     p.add_argument("--rep-ms", type=float, help="time per measurement (GPU default 100 ms, CPU 500 ms)")
@@ -63,12 +65,24 @@ def parse_args(argv=None):
                    help="print the goal lines from the GPU results in --out and exit (measure them with --suite goals)")
     p.add_argument("--report", action="store_true", help="rebuild the Markdown and plots from the JSON in --out")
     p.add_argument("--list", action="store_true", help="list providers and whether they can run here")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU only: run the Triton providers (Liger, dft-ops' Triton backend) under TRITON_INTERPRET=1 "
+                        "to check them without a GPU (implies --check-only; results go to <cpu>-interpret.json)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.interpret and device.type == "cpu" and os.environ.pop("TRITON_INTERPRET", "0") == "1":
+        print("note: TRITON_INTERPRET=1 from the environment is ignored here; --interpret asks for it", flush=True)
+    if args.interpret:
+        if device.type == "cuda":
+            print("--interpret is for machines without a GPU (add --device cpu)", file=sys.stderr)
+            return 2
+        # read when @triton.jit decorates a kernel: before Liger or dft_ops.kernels are imported
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.check_only = True
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
@@ -78,7 +92,7 @@ def main(argv=None) -> int:
     if args.report:
         return _rebuild_reports(args.out, not args.no_plots)
     meter = _meter(device, args)
-    stem = slug(meter.name())
+    stem = slug(meter.name()) + ("-interpret" if args.interpret else "")
     if args.list:
         for name, p in PROVIDERS.items():
             why = p.unavailable(device)
@@ -109,31 +123,39 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print(f"  CPU run: wall/CPU time and peak RSS on {torch.get_num_threads()} threads; "
               "not the GPU kernels' performance", flush=True)
+    if args.interpret:
+        print("  Triton kernels on the interpreter: a correctness check; the times mean nothing", flush=True)
     for name in providers:
         why = PROVIDERS[name].unavailable(device)
         if why:
             print(f"  skipped {name}: {why}", flush=True)
-    gemm, gemm_note = meter.gemm_tflops(dtype)
-    print(f"  GEMM yardstick: {gemm:.2f} TFLOP/s ({gemm_note}, {args.dtype or _dtype_name(dtype)})", flush=True)
+    gemm, gemm_note = (None, "not measured (--check-only)") if args.check_only else meter.gemm_tflops(dtype)
+    if gemm is not None:
+        print(f"  GEMM yardstick: {gemm:.2f} TFLOP/s ({gemm_note}, {args.dtype or _dtype_name(dtype)})", flush=True)
 
     env = {"device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
-           "gemm_tflops": gemm, "measured_at": started}
+           "gemm_tflops": gemm, "measured_at": started, "triton_interpret": bool(args.interpret)}
     run_info = {"started": started, "argv": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
                 "suite": suite, "device": env["device"], "device_kind": meter.kind, "versions": env["versions"],
                 "commit": env["commit"], "gemm_tflops": gemm, "gemm_note": gemm_note, "gemm_dtype": _dtype_name(dtype),
                 "memory_metric": meter.memory_metric, "time_metric": meter.time_metric,
-                "threads": torch.get_num_threads(), "not_run": []}
+                "threads": torch.get_num_threads(), "triton_interpret": bool(args.interpret), "not_run": []}
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
-    session = Session(meter=meter, env=env, providers=providers, check=not args.no_check, deadline=deadline,
-                      log=lambda line: print(line, flush=True))
+    if args.check_only and args.no_check:
+        print("--check-only and --no-check leave nothing to do", file=sys.stderr)
+        return 2
+    session = Session(meter=meter, env=env, providers=providers, check=not args.no_check,
+                      check_only=args.check_only, deadline=deadline, log=lambda line: print(line, flush=True))
     json_path = args.out / f"{stem}.json"
     records = []
     t0 = time.monotonic()
     for i, case in enumerate(cases, 1):
         if session.out_of_time():
-            run_info["not_run"] = [str(c) for c in cases[i - 1:]]
-            print(f"time budget used up: {len(cases) - i + 1} case(s) not run", flush=True)
+            run_info["not_run"] = [str(c) for c in cases[i - 1:] if session.todo(c)]
+            print(f"time budget used up: {len(run_info['not_run'])} case(s) not run", flush=True)
             break
+        if not session.todo(case):
+            continue  # listed earlier in the suite with these modes and providers
         print(f"[{i}/{len(cases)}] {case}  ({time.monotonic() - t0:.0f} s)", flush=True)
         records += run_case(case, session)
         data = report.merge(json_path, records, run_info)

@@ -38,7 +38,7 @@ class GoalLine:
     verdict: str  # "met", "not met", "not measured"
 
     def __str__(self) -> str:
-        return f"{self.what:58s} {self.measured:>16s}   target {self.target:12s} {self.verdict}"
+        return f"{self.what:62s} {self.measured:>10s}   target {self.target:12s} {self.verdict}"
 
 
 def _find(records, provider, objective, shape, tokens):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,11 @@ def dft_from_token_nll(token_nll: Tensor) -> Tensor:
 
 def reduce_token_nll(token_nll: Tensor, objective: str) -> Tensor:
     return token_nll.float().mean() if objective == "ce" else dft_from_token_nll(token_nll)
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1 (``--interpret``): Triton kernels run on the CPU, for checking only."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def package_version(dist: str) -> str | None:
@@ -58,8 +64,8 @@ class Provider:
     def unavailable(self, device: torch.device) -> str | None:
         """None when the provider can run on ``device``, else the reason it is skipped."""
         reason = self.probe()
-        if reason is None and self.needs_cuda and device.type != "cuda":
-            reason = "Triton kernels that need a CUDA GPU (no CPU path)"
+        if reason is None and self.needs_cuda and device.type != "cuda" and not triton_interpreting():
+            reason = "Triton kernels that need a CUDA GPU (no CPU path; --interpret runs them on the interpreter)"
         return reason
 
     def version(self) -> str | None:
@@ -191,7 +197,7 @@ def _build_trl(objective, device):
 # --- dft-ops -----------------------------------------------------------------------------------------
 
 def dft_ops_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "torch"
+    return "triton" if device.type == "cuda" or triton_interpreting() else "torch"
 
 
 def _build_dft_ops(objective, device):

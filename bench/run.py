@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import measure
@@ -22,21 +22,39 @@ class Session:
     env: dict  # device, device_kind, versions, commit, gemm_tflops, ...
     providers: list[str]
     check: bool = True
+    check_only: bool = False  # no timing or memory: status "checked"
     deadline: float | None = None  # time.monotonic() after which no provider starts
     log: Callable[[str], None] = print
+    done: set = field(default_factory=set)  # (case.key, provider, mode) measured in this run
+
+    def todo(self, case: Case) -> dict[str, tuple[str, ...]]:
+        """provider -> the case's modes this run has not measured yet (providers with none left omitted)."""
+        out = {}
+        for name in self.providers:
+            if case.providers is None or name in case.providers:
+                modes = tuple(m for m in case.modes if (case.key, name, m) not in self.done)
+                if modes:
+                    out[name] = modes
+        return out
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
 
 def run_case(case: Case, s: Session) -> list[dict]:
+    """Records of every provider x mode of the case not measured yet in this run."""
     device = s.meter.device
-    names = [n for n in s.providers if case.providers is None or n in case.providers]
+    todo = s.todo(case)
+    if not todo:
+        return []
+    for name, modes in todo.items():
+        s.done.update((case.key, name, m) for m in modes)
     inputs, failure = attempt(lambda: make_inputs(case, device))
     if failure:
         s.meter.cleanup()
         status, reason = failure
-        return [_record(case, n, m, s, status=status, reason=f"inputs: {reason}") for n in names for m in case.modes]
+        return [_record(case, n, m, s, status=status, reason=f"inputs: {reason}")
+                for n, modes in todo.items() for m in modes]
 
     reference = reference_error = None
     if s.check:
@@ -50,8 +68,8 @@ def run_case(case: Case, s: Session) -> list[dict]:
             s.log(f"    reference (dft-ops) failed: {reference_error}; checks skipped for this case")
 
     records = []
-    for name in names:
-        records += _run_provider(case, name, inputs, reference, reference_error, s)
+    for name, modes in todo.items():
+        records += _run_provider(replace(case, modes=modes), name, inputs, reference, reference_error, s)
     del inputs, reference
     s.meter.cleanup()
     return records
@@ -94,6 +112,9 @@ def _run_provider(case: Case, name: str, inputs: Inputs, reference, reference_er
               f"d(hidden) {check['grad_hidden_rel_err']:.1e}, d(weight) {check['grad_weight_rel_err']:.1e} "
               f"(tolerances {check['loss_tol']:.0e} / {check['grad_tol']:.0e})")
 
+    if s.check_only:
+        s.log(f"    {name:13s} checked: " + _check_summary(check))
+        return every_mode(status="checked", impl=note, check=check)
     records = []
     for mode in case.modes:
         rec = _measure_mode(case, mode, fn, inputs, s)
@@ -166,10 +187,17 @@ def _finish(case: Case, provider: str, mode: str, s: Session, fields: dict) -> d
     return rec
 
 
+def _check_summary(check: dict | None) -> str:
+    if not check or "loss_rel_err" not in check:
+        return "reference" if check and check.get("reference") else "no check"
+    return (("ok" if check["ok"] else "MISMATCH") + f" (loss {check['loss_rel_err']:.1e}, d(hidden) "
+            f"{check['grad_hidden_rel_err']:.1e}, d(weight) {check['grad_weight_rel_err']:.1e})")
+
+
 def progress_line(rec: dict) -> str:
     head = f"{rec['provider']:13s} {MODE_SHORT[rec['mode']]:8s}"
     if rec["status"] != "ok":
-        return f"{head} {rec['status'].upper()}: {rec['reason']}"
+        return f"{head} {rec['status'].upper()}" + (f": {rec['reason']}" if rec.get("reason") else "")
     mem = ""
     if rec.get("peak_mb") is not None:
         mem = f"  peak {rec['peak_mb']:9.1f} MB ({rec['extra_mb']:+.1f} over bound)"
