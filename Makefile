@@ -33,7 +33,7 @@ bench: venv
 
 # One GPU window without network: carried wheels (.whl/, from bench/fetch_wheels.sh), GPU tests,
 # the benchmark within a time budget, the goal lines; everything in $(BENCH_OUT).
-BENCH_OUT ?= bench-gpu-out
+BENCH_OUT ?= /tmp/dft-ops-bench-gpu-out
 bench-gpu:
 	bash bench/gpu_run.sh $(BENCH_OUT)
 

@@ -75,7 +75,7 @@ LONG_CONTEXT = ("qwen2.5-7b", 128 * K)
 
 _GOAL_GROUPS = [
     *(Group((head,), (n,), modes=("forward+backward",)) for head, n in GOAL_TOKENS.items()),
-    Group((LONG_CONTEXT[0],), (LONG_CONTEXT[1],), ("dft",), ("forward+backward",), ("dft-ops",)),
+    Group((LONG_CONTEXT[0],), (LONG_CONTEXT[1],), ("dft",), ("forward+backward",), ("dft-ops", "dft-ops-filter")),
 ]
 _REAL_HEADS = tuple(h for h in HEADS if h != "tiny")
 

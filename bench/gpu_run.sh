@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU window, one command: check, benchmark, write everything to one folder.
 #
-#   bash bench/gpu_run.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else ./bench-gpu-out
+#   bash bench/gpu_run.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else /tmp/dft-ops-bench-gpu-out
 #
 # For a GPU machine that has python3 with torch and triton but no network: the peers come as
 # wheels in .whl/ (bench/fetch_wheels.sh makes them; carry .whl along), dft-ops is installed from
@@ -14,7 +14,7 @@
 # limit). Results merge into a copy of docs/benchmarks, so earlier GPU results are kept.
 #
 # In OUT_DIR (at most 8 files, flat): gpu_run.log, goals.txt, <gpu>.json, <gpu>.md and
-# bench-results.tar.gz (the whole docs/benchmarks copy: JSON, Markdown, PNG plots, test log).
+# bench-results.tar.gz (the GPU JSON and Markdown, their PNG plots, goals.txt, gpu-tests.log).
 # Unpack it into docs/benchmarks/ and commit:  tar xzf bench-results.tar.gz -C docs/benchmarks
 #
 # Environment: PYTHON (default python3), BENCH_BUDGET_S, BENCH_TEST_S (default 150),
@@ -25,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-out=${1:-${OUT:-bench-gpu-out}}
+out=${1:-${OUT:-/tmp/dft-ops-bench-gpu-out}}
 budget=${BENCH_BUDGET_S:-540}
 test_budget=${BENCH_TEST_S:-150}
 PY=${PYTHON:-python3}
@@ -34,17 +34,16 @@ start=$SECONDS
 mkdir -p "$out"
 rm -rf "$work" && mkdir -p "$work"
 cp -r docs/benchmarks/. "$work"/ 2>/dev/null || true
-exec > >(tee "$out/gpu_run.log") 2>&1
-
 left() { echo $((budget - (SECONDS - start))); }
 step() { echo; echo "=== $* ($((SECONDS - start)) s)"; }
 
+main() {
 step "machine"
 nvidia-smi -L || echo "nvidia-smi: none"
 "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" && [ -z "${BENCH_SUITE_ARGS:-}" ]; then
     echo "no CUDA device: this script is for a GPU machine (make bench runs the CPU benchmark)"
-    exit 2
+    return 2
 fi
 
 step "install carried wheels and dft-ops"
@@ -99,7 +98,20 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         pass
 EOF
 )
-for f in $gpu_json; do cp "$f" "${f%.json}.md" "$out/" 2>/dev/null; done
-tar czf "$out/bench-results.tar.gz" -C "$work" .
+# the archive holds what this run made or changed: the GPU result files, their plots, the logs
+files=(gpu-tests.log goals.txt)
+for f in $gpu_json; do
+    cp "$f" "${f%.json}.md" "$out/" 2>/dev/null
+    stem=$(basename "${f%.json}")
+    for g in "$work/$stem".json "$work/$stem".md "$work/$stem"-*.png; do
+        [ -e "$g" ] && files+=("$(basename "$g")")
+    done
+done
+tar czf "$out/bench-results.tar.gz" -C "$work" "${files[@]}"
+tar tzf "$out/bench-results.tar.gz"
 ls -l "$out"
 echo "done in $((SECONDS - start)) s; tests exit status $test_rc"
+}
+
+main 2>&1 | tee "$out/gpu_run.log"
+exit "${PIPESTATUS[0]}"

@@ -208,6 +208,16 @@ def _build_dft_ops(objective, device):
             f"backend={backend}")
 
 
+def _build_dft_ops_filter(objective, device):
+    import dft_ops
+
+    # Cut Cross-Entropy's default threshold ("high"): the dtype's machine epsilon / 32
+    def loss(h, w, y):
+        return dft_ops.linear_cross_entropy(h, w, y, objective=objective, backend="triton",
+                                            filter_eps=torch.finfo(h.dtype).eps / 32)
+    return loss, "backend=triton, filter_eps=finfo(dtype).eps/32"
+
+
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("torch", "plain PyTorch: materialized logits + F.cross_entropy", None, False, _build_torch,
              lambda: None),
@@ -222,6 +232,9 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("trl", "TRL fused LM head (ChunkedLogProbFunction)", "trl", False, _build_trl, _probe_trl),
     Provider("dft-ops", "dft-ops linear_cross_entropy", "dft-ops", False, _build_dft_ops,
              _importable("dft_ops", "dft-ops")),
+    # opt-in gradient filtering, at CCE's default threshold (the torch backend is always exact)
+    Provider("dft-ops-filter", "dft-ops with filter_eps (gradient filtering)", "dft-ops", True,
+             _build_dft_ops_filter, _importable("dft_ops", "dft-ops")),
 )}
 
 REFERENCE = "dft-ops"

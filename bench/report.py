@@ -11,7 +11,7 @@ from .cases import HEADS, MODES
 from .run import MODE_SHORT
 
 KEY_FIELDS = ("provider", "objective", "shape", "hidden", "vocab", "tokens", "dtype", "mode", "inputs")
-PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "trl", "dft-ops")
+PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "trl", "dft-ops", "dft-ops-filter")
 
 
 def record_key(rec: dict) -> tuple:
@@ -211,7 +211,7 @@ def write_plots(out_dir: Path, stem: str, data: dict) -> list[Path]:
                              if r["shape"] == shape and r["provider"] == provider)
                 if not pts:
                     continue
-                style = dict(marker="o", lw=2.5 if provider == "dft-ops" else 1.2, label=provider)
+                style = dict(marker="o", lw=2.5 if provider.startswith("dft-ops") else 1.2, label=provider)
                 axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], **style)
                 if all(p[2] is not None for p in pts):
                     axes[1][col].plot([p[0] for p in pts], [max(p[2], 1e-3) for p in pts], **style)

@@ -105,15 +105,15 @@ def _run_provider(case: Case, name: str, inputs: Inputs, reference, reference_er
     check, failure = attempt(check_against_reference)
     if failure:
         s.meter.cleanup()
-        s.log(f"    {name:13s} {failure[0].upper()}: {failure[1]}")
+        s.log(f"    {name:14s} {failure[0].upper()}: {failure[1]}")
         return every_mode(status=failure[0], reason=failure[1], impl=note)
     if check is not None and check.get("ok") is False:
-        s.log(f"    {name:13s} MISMATCH vs dft-ops: loss {check['loss_rel_err']:.1e}, "
+        s.log(f"    {name:14s} MISMATCH vs dft-ops: loss {check['loss_rel_err']:.1e}, "
               f"d(hidden) {check['grad_hidden_rel_err']:.1e}, d(weight) {check['grad_weight_rel_err']:.1e} "
               f"(tolerances {check['loss_tol']:.0e} / {check['grad_tol']:.0e})")
 
     if s.check_only:
-        s.log(f"    {name:13s} checked: " + _check_summary(check))
+        s.log(f"    {name:14s} checked: " + _check_summary(check))
         return every_mode(status="checked", impl=note, check=check)
     records = []
     for mode in case.modes:
@@ -195,7 +195,7 @@ def _check_summary(check: dict | None) -> str:
 
 
 def progress_line(rec: dict) -> str:
-    head = f"{rec['provider']:13s} {MODE_SHORT[rec['mode']]:8s}"
+    head = f"{rec['provider']:14s} {MODE_SHORT[rec['mode']]:8s}"
     if rec["status"] != "ok":
         return f"{head} {rec['status'].upper()}" + (f": {rec['reason']}" if rec.get("reason") else "")
     mem = ""
