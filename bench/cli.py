@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     env = {"device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
            "gemm_tflops": gemm, "measured_at": started, "triton_interpret": bool(args.interpret)}
-    run_info = {"started": started, "argv": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    run_info = {"started": started, "argv": " ".join(["python -m bench", shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
                 "suite": suite, "device": env["device"], "device_kind": meter.kind, "versions": env["versions"],
                 "commit": env["commit"], "gemm_tflops": gemm, "gemm_note": gemm_note, "gemm_dtype": _dtype_name(dtype),
                 "memory_metric": meter.memory_metric, "time_metric": meter.time_metric,

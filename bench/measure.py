@@ -192,8 +192,10 @@ class CpuMeter:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         a @ b
-        ms = statistics.median(self.time(lambda _: a @ b).ms)
-        return 2 * n**3 / (ms * 1e-3) / 1e12, f"{n}x{n}x{n} torch.matmul on {torch.get_num_threads()} threads"
+        # the best of a few runs: on a shared CPU the median measures the neighbours as much as the matmul
+        ms = min(min(self.time(lambda _: a @ b).ms) for _ in range(3))
+        return (2 * n**3 / (ms * 1e-3) / 1e12,
+                f"{n}x{n}x{n} torch.matmul on {torch.get_num_threads()} threads, best of the runs")
 
 
 def _glibc():

@@ -145,7 +145,8 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
     if cpu:
         out += ["**These are CPU numbers** (a small run on a machine without a GPU): wall-clock and process CPU "
                 "time, and the peak resident set size. They show that every provider runs and agrees with "
-                "dft-ops, not how the GPU kernels perform.", ""]
+                "dft-ops, not how the GPU kernels perform (dft-ops runs its chunked PyTorch backend here), and on a "
+                "machine shared with other jobs they can vary severalfold between runs.", ""]
     if last.get("triton_interpret"):
         out += ["**Triton kernels ran on the CPU interpreter (TRITON_INTERPRET=1)**: this run only "
                 "checks that the Triton providers agree with dft-ops (no times or memory).", ""]

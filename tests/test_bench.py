@@ -27,6 +27,7 @@ RECORD_FIELDS = {
 }
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU window runs the CLI itself (bench/gpu_run.sh)")
 def test_cli_tiny_cpu_run_writes_records(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--shapes", "64x1000", "--tokens", "32", "96",
