@@ -9,5 +9,8 @@ against dft-ops, then timed and its peak memory taken. Results go to
 Modules: :mod:`bench.cases` (heads, suites, inputs), :mod:`bench.providers`,
 :mod:`bench.measure` (timers, memory, the correctness check),
 :mod:`bench.report` (JSON, Markdown, plots), :mod:`bench.goals`,
-:mod:`bench.cli` (the command line).
+:mod:`bench.cli` (the command line). ``bench/test_kernels.py`` is a
+pytest-benchmark suite of the dft-ops passes; ``bench/gpu_run.sh`` the one
+command for a GPU window. (``python -m bench.objectives``, the label-probability
+histograms of the objectives, lives here too.)
 """
