@@ -26,9 +26,16 @@ venv: $(STAMP)
 test: venv
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
-# The main job: the full benchmark on a CUDA GPU, a small CPU run otherwise.
+# The main job: the full benchmark on a CUDA GPU, a small CPU run otherwise
+# (results, table and plots in docs/benchmarks/; see docs/benchmarks/README.md).
 bench: venv
 	$(PY) -m bench
+
+# One GPU window without network: carried wheels (.whl/, from bench/fetch_wheels.sh), GPU tests,
+# the benchmark within a time budget, the goal lines; everything in $(BENCH_OUT).
+BENCH_OUT ?= /tmp/dft-ops-bench-gpu-out
+bench-gpu:
+	bash bench/gpu_run.sh $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

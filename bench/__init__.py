@@ -1,0 +1,16 @@
+"""Benchmarks of dft-ops against standard cross-entropy and its peers (run ``python -m bench``).
+
+Every provider (plain PyTorch, torch.compile, PyTorch's chunked
+``F.linear_cross_entropy``, Liger-Kernel, Cut Cross-Entropy, TRL's fused LM
+head, dft-ops) is run on the same inputs in one process: first checked
+against dft-ops, then timed and its peak memory taken. Results go to
+``docs/benchmarks/<device>.json`` with a Markdown table and PNG plots.
+
+Modules: :mod:`bench.cases` (heads, suites, inputs), :mod:`bench.providers`,
+:mod:`bench.measure` (timers, memory, the correctness check),
+:mod:`bench.report` (JSON, Markdown, plots), :mod:`bench.goals`,
+:mod:`bench.cli` (the command line). ``bench/test_kernels.py`` is a
+pytest-benchmark suite of the dft-ops passes; ``bench/gpu_run.sh`` the one
+command for a GPU window. (``python -m bench.objectives``, the label-probability
+histograms of the objectives, lives here too.)
+"""

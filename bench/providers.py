@@ -1,0 +1,240 @@
+"""The implementations compared, each a loss function ``(hidden, weight, labels) -> mean loss``.
+
+Every provider computes the same two losses on (N, D) hidden states, a (V, D)
+head and (N,) labels (no label is ignored in the benchmark inputs):
+
+- ``ce``:  mean over tokens of ``-log p(label)``;
+- ``dft``: mean over tokens of ``-sg(p) log p`` (DFT paper, eq. 9), the mean
+  dividing by the token count, never by the sum of weights.
+
+A peer without DFT built in gets it the way its users would write it: the
+per-token losses (``reduction="none"``) times ``exp(-loss).detach()``.
+:func:`unavailable` says why a provider cannot run here (not installed,
+needs CUDA, API missing); the CLI reports that reason instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def dft_from_token_nll(token_nll: Tensor) -> Tensor:
+    """Mean DFT loss from per-token ``-log p`` (N,): each weighted by its detached ``p``."""
+    token_nll = token_nll.float()
+    return (token_nll * torch.exp(-token_nll).detach()).mean()
+
+
+def reduce_token_nll(token_nll: Tensor, objective: str) -> Tensor:
+    return token_nll.float().mean() if objective == "ce" else dft_from_token_nll(token_nll)
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1 (``--interpret``): Triton kernels run on the CPU, for checking only."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation. ``build(objective, device)`` returns its loss function and a note on how it runs."""
+
+    name: str
+    description: str
+    package: str | None  # distribution whose version is recorded
+    needs_cuda: bool
+    build: Callable[[str, torch.device], tuple[LossFn, str]]
+    probe: Callable[[], str | None]  # why it cannot run on any device, or None
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """None when the provider can run on ``device``, else the reason it is skipped."""
+        reason = self.probe()
+        if reason is None and self.needs_cuda and device.type != "cuda" and not triton_interpreting():
+            reason = "Triton kernels that need a CUDA GPU (no CPU path; --interpret runs them on the interpreter)"
+        return reason
+
+    def version(self) -> str | None:
+        return package_version(self.package) if self.package else None
+
+
+def _importable(module: str, dist: str) -> Callable[[], str | None]:
+    def probe():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            installed = package_version(dist)
+            return f"{dist} is not installed" if installed is None else f"{dist} {installed} fails to import: {e}"
+        return None
+    return probe
+
+
+# --- plain PyTorch: materialized logits --------------------------------------------------------------
+
+def materialized_loss(hidden: Tensor, weight: Tensor, labels: Tensor, objective: str) -> Tensor:
+    """What Hugging Face / TRL / LLaMA-Factory do: N x V logits in the input dtype, upcast, cross-entropy."""
+    logits = F.linear(hidden, weight).float()
+    if objective == "ce":
+        return F.cross_entropy(logits, labels)
+    return dft_from_token_nll(F.cross_entropy(logits, labels, reduction="none"))
+
+
+def _build_torch(objective, device):
+    return (lambda h, w, y: materialized_loss(h, w, y, objective)), "eager"
+
+
+def _materialized_ce(h, w, y):
+    return materialized_loss(h, w, y, "ce")
+
+
+def _materialized_dft(h, w, y):
+    return materialized_loss(h, w, y, "dft")
+
+
+def _build_torch_compile(objective, device):
+    import torch._dynamo
+
+    # one graph per objective whatever N, D, V: recompiles would otherwise hit the cache limit
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    fn = {"ce": _materialized_ce, "dft": _materialized_dft}[objective]
+    return torch.compile(fn, dynamic=True), "torch.compile(dynamic=True), default mode"
+
+
+# --- PyTorch's own fused linear + cross-entropy -------------------------------------------------------
+
+def _probe_torch_lce():
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return (f"torch {torch.__version__} has no chunked F.linear_cross_entropy "
+                "(torch.nn.LinearCrossEntropyOptions, torch >= 2.13)")
+    return None
+
+
+def _build_torch_lce(objective, device):
+    options = torch.nn.LinearCrossEntropyOptions()  # "auto" chunking and accumulation for this device
+    if objective == "ce":
+        return (lambda h, w, y: F.linear_cross_entropy(h, w, y, options=options)), "options=LinearCrossEntropyOptions()"
+
+    def dft(h, w, y):
+        return dft_from_token_nll(F.linear_cross_entropy(h, w, y, reduction="none", options=options))
+    return dft, "reduction='none' + DFT weighting, options=LinearCrossEntropyOptions()"
+
+
+# --- Liger-Kernel ------------------------------------------------------------------------------------
+
+def _build_liger(objective, device):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    # defaults as users get them (accum_dtype=None: weight gradient accumulated in the input dtype)
+    module = LigerFusedLinearCrossEntropyLoss(use_token_scaling=objective == "dft")
+    note = "LigerFusedLinearCrossEntropyLoss(" + ("use_token_scaling=True" if objective == "dft" else "") + ")"
+    return (lambda h, w, y: module(w, h, y)), note
+
+
+# --- Cut Cross-Entropy -------------------------------------------------------------------------------
+
+def _build_cce(objective, device):
+    from cut_cross_entropy import linear_cross_entropy
+
+    # the Triton kernel on CUDA; CCE's own torch.compile implementation elsewhere
+    impl = "cce" if device.type == "cuda" else "torch_compile"
+    if objective == "ce":
+        return (lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl)), f"impl={impl}"
+
+    def dft(h, w, y):
+        return dft_from_token_nll(linear_cross_entropy(h, w, y, reduction="none", impl=impl))
+    return dft, f"impl={impl}, reduction='none' + DFT weighting"
+
+
+# --- TRL's fused LM head -----------------------------------------------------------------------------
+
+TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+
+
+def _probe_trl():
+    reason = _importable("trl.kernels.chunked_logprob", "trl")()
+    if reason:
+        return reason
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    params = list(inspect.signature(ChunkedLogProbFunction.forward).parameters)[1:]
+    expected = ["hidden", "weight", "bias", "targets", "temperature", "chunk_size"]
+    if params[:6] != expected:
+        return f"trl {package_version('trl')}: ChunkedLogProbFunction.forward takes {params}, not {expected}..."
+    return None
+
+
+def _build_trl(objective, device):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # The loss SFTTrainer builds from the fused head's log-probs (sft_trainer.py, TRL 1.16):
+    # per-token -logp, times exp(logp).detach() for loss_type="dft", summed over the token count.
+    # Only the log-probs are asked for; SFTTrainer also asks for entropy and is_top1, for its metrics.
+    def loss(h, w, y):
+        logp = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ("log_probs",))[0]
+        token_loss = -logp
+        if objective == "dft":
+            token_loss = token_loss * logp.exp().detach()
+        return token_loss.sum() / y.numel()
+    return loss, f"ChunkedLogProbFunction, chunk_size={TRL_VOCAB_CHUNK}, outputs=('log_probs',)"
+
+
+# --- dft-ops -----------------------------------------------------------------------------------------
+
+def dft_ops_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" or triton_interpreting() else "torch"
+
+
+def _build_dft_ops(objective, device):
+    import dft_ops
+
+    backend = dft_ops_backend(device)
+    return ((lambda h, w, y: dft_ops.linear_cross_entropy(h, w, y, objective=objective, backend=backend)),
+            f"backend={backend}")
+
+
+def _build_dft_ops_filter(objective, device):
+    import dft_ops
+
+    # Cut Cross-Entropy's default threshold ("high"): the dtype's machine epsilon / 32
+    def loss(h, w, y):
+        return dft_ops.linear_cross_entropy(h, w, y, objective=objective, backend="triton",
+                                            filter_eps=torch.finfo(h.dtype).eps / 32)
+    return loss, "backend=triton, filter_eps=finfo(dtype).eps/32"
+
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("torch", "plain PyTorch: materialized logits + F.cross_entropy", None, False, _build_torch,
+             lambda: None),
+    Provider("torch-compile", "torch.compile of the plain PyTorch loss", None, False, _build_torch_compile,
+             lambda: None),
+    Provider("torch-lce", "PyTorch F.linear_cross_entropy, chunked", None, False, _build_torch_lce,
+             _probe_torch_lce),
+    Provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss", "liger-kernel", True, _build_liger,
+             _importable("liger_kernel.transformers", "liger-kernel")),
+    Provider("cce", "Cut Cross-Entropy linear_cross_entropy", "cut-cross-entropy", False, _build_cce,
+             _importable("cut_cross_entropy", "cut-cross-entropy")),
+    Provider("trl", "TRL fused LM head (ChunkedLogProbFunction)", "trl", False, _build_trl, _probe_trl),
+    Provider("dft-ops", "dft-ops linear_cross_entropy", "dft-ops", False, _build_dft_ops,
+             _importable("dft_ops", "dft-ops")),
+    # opt-in gradient filtering, at CCE's default threshold (the torch backend is always exact)
+    Provider("dft-ops-filter", "dft-ops with filter_eps (gradient filtering)", "dft-ops", True,
+             _build_dft_ops_filter, _importable("dft_ops", "dft-ops")),
+)}
+
+REFERENCE = "dft-ops"

@@ -1,0 +1,238 @@
+"""Results on disk: ``<device>.json`` (merged across runs), ``<device>.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .cases import HEADS, MODES
+from .run import MODE_SHORT
+
+KEY_FIELDS = ("provider", "objective", "shape", "hidden", "vocab", "tokens", "dtype", "mode", "inputs")
+PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "trl", "dft-ops", "dft-ops-filter")
+
+
+def record_key(rec: dict) -> tuple:
+    return tuple(rec[k] for k in KEY_FIELDS)
+
+
+def load(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"records": [], "runs": []}
+
+
+def merge(path: Path, records: list[dict], run_info: dict) -> dict:
+    """Add this run's records to the device's file; a record measured again replaces the old one."""
+    data = load(path)
+    by_key = {record_key(r): r for r in data["records"]}
+    for r in records:
+        by_key[record_key(r)] = r
+    data["records"] = sorted(by_key.values(), key=_sort_key)
+    runs = [r for r in data.get("runs", []) if r.get("started") != run_info.get("started")]
+    data["runs"] = runs + [run_info]
+    data["device"] = run_info["device"]
+    data["device_kind"] = run_info["device_kind"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return data
+
+
+def _sort_key(r: dict):
+    shape_rank = list(HEADS).index(r["shape"]) if r["shape"] in HEADS else len(HEADS)
+    prov_rank = PROVIDER_ORDER.index(r["provider"]) if r["provider"] in PROVIDER_ORDER else len(PROVIDER_ORDER)
+    return (shape_rank, r["shape"], r["dtype"], r["inputs"], r["objective"], MODES.index(r["mode"]), r["tokens"],
+            prov_rank)
+
+
+# --- tables -------------------------------------------------------------------------------------------
+
+def _fmt(x, spec: str, missing: str = "-") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return missing
+    return format(x, spec)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _verdict(rec: dict) -> str:
+    c = rec.get("check")
+    if not c:
+        return ""
+    if c.get("reference"):
+        return "ref"
+    if c.get("ok") is None:
+        return "unchecked"
+    return "ok" if c["ok"] else "MISMATCH"
+
+
+def result_rows(records: list[dict], cpu: bool) -> tuple[list[str], list[list[str]]]:
+    header = ["shape", "objective", "mode", "tokens", "provider", "ms median", "ms min-max"]
+    header += ["CPU ms"] if cpu else []
+    header += ["tokens/s", "TFLOP/s", "% GEMM", "peak RSS MB" if cpu else "peak MB", "extra MB", "check", "status"]
+    rows = []
+    for r in sorted(records, key=_sort_key):
+        ok = r["status"] == "ok"
+        row = [r["shape"], r["objective"], MODE_SHORT[r["mode"]], _tokens(r["tokens"]), r["provider"]]
+        if ok:
+            row += [_fmt(r["ms_median"], ".3f"), f"{r['ms_min']:.3f}-{r['ms_max']:.3f}"]
+            row += [_fmt(r.get("cpu_ms_median"), ".2f")] if cpu else []
+            frac = r.get("gemm_fraction")
+            row += [_fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tflops"], ".2f"),
+                    _fmt(None if frac is None else 100 * frac, ".1f"),
+                    _fmt(r.get("peak_mb"), ".1f"), _fmt(r.get("extra_mb"), "+.1f"), _verdict(r), "ok"]
+        else:
+            row += ["-", "-"] + (["-"] if cpu else []) + ["-"] * 5
+            row += [_verdict(r), r["status"].upper() + (f": {r['reason']}" if r.get("reason") else "")]
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return str(cell).replace("|", "\\|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]], max_status: int = 60) -> str:
+    rows = [row[:-1] + [row[-1][:max_status]] for row in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def check_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per provider x case (the check is per case, not per mode)."""
+    header = ["shape", "tokens", "objective", "dtype", "inputs", "provider", "loss rel err", "d(hidden) rel err",
+              "d(weight) rel err", "tolerance (loss / grads)", "verdict"]
+    seen, rows = set(), []
+    for r in sorted(records, key=_sort_key):
+        c = r.get("check")
+        key = (r["shape"], r["tokens"], r["objective"], r["dtype"], r["inputs"], r["provider"])
+        if not c or c.get("reference") or key in seen or "loss_rel_err" not in c:
+            continue
+        seen.add(key)
+        rows.append([r["shape"], _tokens(r["tokens"]), r["objective"], r["dtype"], r["inputs"], r["provider"],
+                     _fmt(c["loss_rel_err"], ".1e"), _fmt(c["grad_hidden_rel_err"], ".1e"),
+                     _fmt(c["grad_weight_rel_err"], ".1e"), f"{c['loss_tol']:.0e} / {c['grad_tol']:.0e}",
+                     "ok" if c["ok"] else "MISMATCH"])
+    return header, rows
+
+
+def skipped_providers(records: list[dict]) -> dict[str, str]:
+    """provider -> reason, for providers skipped everywhere (not installed, needs CUDA, ...)."""
+    reasons = defaultdict(set)
+    ran = set()
+    for r in records:
+        if r["status"] == "skipped" and "time budget" not in (r.get("reason") or ""):
+            reasons[r["provider"]].add(r["reason"])
+        else:
+            ran.add(r["provider"])
+    return {p: "; ".join(sorted(v)) for p, v in reasons.items() if p not in ran}
+
+
+def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
+    records = data["records"]
+    last = data["runs"][-1] if data.get("runs") else {}
+    cpu = data.get("device_kind") == "cpu"
+    out = [f"# dft-ops benchmarks: {data['device']}", ""]
+    if cpu:
+        out += ["**These are CPU numbers** (a small run on a machine without a GPU): wall-clock and process CPU "
+                "time, and the peak resident set size. They show that every provider runs and agrees with "
+                "dft-ops, not how the GPU kernels perform (dft-ops runs its chunked PyTorch backend here), and on a "
+                "machine shared with other jobs they can vary severalfold between runs.", ""]
+    if last.get("triton_interpret"):
+        out += ["**Triton kernels ran on the CPU interpreter (TRITON_INTERPRET=1)**: this run only "
+                "checks that the Triton providers agree with dft-ops (no times or memory).", ""]
+    out += [f"Generated by `python -m bench` (latest run: {last.get('started', '?')}, commit "
+            f"`{last.get('commit', '?')}`, command `{last.get('argv', '?')}`).", ""]
+    v = last.get("versions", {})
+    out += ["Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".", ""]
+    if last.get("gemm_tflops"):
+        out += [f"GEMM yardstick: {last['gemm_tflops']:.2f} TFLOP/s ({last.get('gemm_dtype')} "
+                f"{last.get('gemm_note')}), measured in the same run; `% GEMM` is TFLOP/s over it.", ""]
+    out += [
+        f"- Time: {last.get('time_metric')}; `ms median` over the runs. TFLOP/s counts the unavoidable "
+        "GEMM work only: 2NDV forward, 4NDV backward, 6NDV forward+backward.",
+        f"- Memory: {last.get('memory_metric')}. The lower bound is the gradient buffers "
+        "((N + V) x D in the input dtype) for modes with a backward, 0 for forward; `extra MB` = peak - bound. "
+        "MB = 2^20 bytes.",
+        "- Inputs: `peaked` = hidden states pushed along their label's weight row (the label's probability "
+        "spread over (0, 1), median near 0.9; the rest of the softmax tiny); `random` = flat softmax. "
+        "No label is ignored.",
+        "- `check`: each provider's loss and gradients against dft-ops on the same inputs, before timing "
+        "(see the correctness table).",
+        "",
+    ]
+    skipped = skipped_providers(records)
+    if skipped:
+        out += ["## Skipped providers", ""] + [f"- `{p}`: {reason}" for p, reason in skipped.items()] + [""]
+    header, rows = check_rows(records)
+    if rows:
+        out += ["## Correctness against dft-ops", "", markdown_table(header, rows), ""]
+    header, rows = result_rows([r for r in records if r["provider"] not in skipped], cpu)
+    out += ["## Results", "", markdown_table(header, rows), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if last.get("not_run"):
+        out += [f"Cases not run (time budget of the latest run): {', '.join(last['not_run'])}", ""]
+    path.write_text("\n".join(out))
+
+
+# --- plots --------------------------------------------------------------------------------------------
+
+def write_plots(out_dir: Path, stem: str, data: dict) -> list[Path]:
+    """One PNG per dtype x inputs x objective x mode: time and peak memory against tokens, one column per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    groups = defaultdict(list)
+    for r in ok:
+        groups[(r["dtype"], r["inputs"], r["objective"], r["mode"])].append(r)
+    mem_label = "peak RSS delta (MB, CPU)" if data.get("device_kind") == "cpu" else "peak memory over inputs (MB)"
+    paths = []
+    for (dtype, inputs, objective, mode), recs in sorted(groups.items()):
+        shapes = sorted({r["shape"] for r in recs}, key=lambda s: list(HEADS).index(s) if s in HEADS else 99)
+        if not any(len({r["tokens"] for r in recs if r["shape"] == s}) > 1 for s in shapes):
+            continue  # a single token count per head: the table says it all
+        fig, axes = plt.subplots(2, len(shapes), figsize=(max(7.0, 4.2 * len(shapes)), 7), squeeze=False)
+        ticks = sorted({r["tokens"] for r in recs})
+        for col, shape in enumerate(shapes):
+            for provider in PROVIDER_ORDER:
+                pts = sorted((r["tokens"], r["ms_median"], r.get("peak_mb")) for r in recs
+                             if r["shape"] == shape and r["provider"] == provider)
+                if not pts:
+                    continue
+                style = dict(marker="o", lw=2.5 if provider.startswith("dft-ops") else 1.2, label=provider)
+                axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], **style)
+                if all(p[2] is not None for p in pts):
+                    axes[1][col].plot([p[0] for p in pts], [max(p[2], 1e-3) for p in pts], **style)
+            head = next(r for r in recs if r["shape"] == shape)
+            axes[0][col].set_title(f"{shape} (D={head['hidden']}, V={head['vocab']})", fontsize=9)
+            for row, label in enumerate(("time (ms, median)", mem_label)):
+                ax = axes[row][col]
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, [_tokens(n) for n in ticks])
+                ax.minorticks_off()
+                ax.set_yscale("log")
+                ax.set_xlabel("tokens")
+                ax.grid(True, which="both", alpha=0.3)
+                if col == 0:
+                    ax.set_ylabel(label)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{data['device']}: {objective}, {mode}, {dtype}, {inputs} inputs", fontsize=11)
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{dtype}-{inputs}-{objective}-{MODE_SHORT[mode].replace('+', '-')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,127 @@
+"""Smoke test of the benchmark (bench/, run as python -m bench): the CLI end to end on a tiny head,
+the correctness check that runs before timing, and the goal lines read from GPU results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench/ is run from the repository root, not installed
+
+from bench import goals, measure  # noqa: E402
+from bench.cases import HEADS, Case, Head, lower_bound_bytes, make_inputs, useful_flops  # noqa: E402
+from bench.providers import PROVIDERS  # noqa: E402
+
+RECORD_FIELDS = {
+    "provider", "objective", "shape", "hidden", "vocab", "tokens", "dtype", "mode", "inputs", "status",
+    "ms_median", "ms_min", "ms_max", "n_runs", "cpu_ms_median", "peak_mb", "lower_bound_mb", "extra_mb",
+    "tokens_per_s", "tflops", "gemm_tflops", "gemm_fraction", "check", "impl", "device", "device_kind",
+    "versions", "commit", "measured_at",
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU window runs the CLI itself (bench/gpu_run.sh)")
+def test_cli_tiny_cpu_run_writes_records(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench", "--device", "cpu", "--shapes", "64x1000", "--tokens", "32", "96",
+           "--providers", "torch", "liger", "dft-ops", "--modes", "forward", "forward+backward",
+           "--rep-ms", "20", "--min-runs", "2", "--max-runs", "3", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped liger" in done.stdout  # never silently dropped
+
+    files = list(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["device_kind"] == "cpu"
+    recs = data["records"]
+    # 3 providers x 2 objectives x 2 token counts x 2 modes
+    assert len(recs) == 24
+    measured = [r for r in recs if r["provider"] in ("torch", "dft-ops")]
+    assert all(r["status"] == "ok" for r in measured), [r for r in measured if r["status"] != "ok"]
+    for r in measured:
+        assert RECORD_FIELDS <= r.keys(), RECORD_FIELDS - r.keys()
+        assert r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["ms_median"] / 1e3))
+        assert r["versions"]["torch"] == torch.__version__ and "triton" in r["versions"]
+        assert r["inputs"] == "peaked" and r["dtype"] == "fp32"
+    # the check ran against dft-ops before timing, and the plain PyTorch loss agrees with it
+    plain = [r for r in measured if r["provider"] == "torch"]
+    assert all(r["check"]["ok"] and r["check"]["grad_weight_rel_err"] < 1e-4 for r in plain)
+    assert all(r["check"].get("reference") for r in measured if r["provider"] == "dft-ops")
+    skipped = [r for r in recs if r["provider"] == "liger"]
+    assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in skipped)
+    # backward modes are bounded below by the gradient buffers; forward by nothing
+    fb = next(r for r in measured if r["mode"] == "forward+backward" and r["tokens"] == 96)
+    assert fb["lower_bound_mb"] == pytest.approx((96 + 1000) * 64 * 4 / 2**20)
+    assert fb["extra_mb"] == pytest.approx(fb["peak_mb"] - fb["lower_bound_mb"])
+
+    md = files[0].with_suffix(".md").read_text()
+    assert "CPU numbers" in md and "| torch |" in md and "Correctness against dft-ops" in md
+    assert list(tmp_path.glob("cpu-*-dft-fwd-bwd.png"))
+
+
+def test_check_flags_a_provider_that_computes_another_loss():
+    case = Case(Head("t", 32, 300), 40, "dft", "peaked", torch.float32, ("forward",))
+    inputs = make_inputs(case, torch.device("cpu"))
+    args = (inputs.hidden, inputs.weight, inputs.labels)
+    cpu = torch.device("cpu")
+    reference = measure.loss_and_grads(PROVIDERS["dft-ops"].build("dft", cpu)[0], *args)
+    same = measure.loss_and_grads(PROVIDERS["torch"].build("dft", cpu)[0], *args)
+    other = measure.loss_and_grads(PROVIDERS["torch"].build("ce", cpu)[0], *args)
+    assert measure.compare(same, reference, torch.float32)["ok"]
+    wrong = measure.compare(other, reference, torch.float32)
+    assert not wrong["ok"] and wrong["loss_rel_err"] > 1e-2
+
+
+def test_peaked_inputs_are_peaked_and_random_ones_flat():
+    probs = {}
+    for kind in ("peaked", "random"):
+        case = Case(Head("t", 64, 2000), 512, "ce", kind, torch.float32, ("forward",))
+        x = make_inputs(case, torch.device("cpu"))
+        probs[kind] = torch.softmax(x.hidden @ x.weight.T, dim=1).gather(1, x.labels[:, None]).median().item()
+    assert 0.6 < probs["peaked"] < 0.99
+    assert probs["random"] < 10 / 2000
+
+
+def test_yardsticks_of_a_goal_shape():
+    case = Case(HEADS["llama3-8b"], 16384, "dft", "peaked", torch.bfloat16, ("forward+backward",))
+    assert lower_bound_bytes(case, "forward+backward") == (16384 + 128256) * 4096 * 2
+    assert lower_bound_bytes(case, "forward") == 0
+    assert useful_flops(case, "forward+backward") == 6 * 16384 * 4096 * 128256
+
+
+def _goal_record(provider, objective, shape, tokens, ms, status="ok", **extra):
+    return {"provider": provider, "objective": objective, "shape": shape, "tokens": tokens, "dtype": "bf16",
+            "mode": "forward+backward", "inputs": "peaked", "status": status, "ms_median": ms, "reason": None,
+            **extra}
+
+
+def test_goal_lines_from_gpu_records(tmp_path):
+    recs = [
+        _goal_record("dft-ops", "dft", "llama3-8b", 16384, 60.0, extra_mb=3.0, gemm_fraction=0.65),
+        _goal_record("liger", "dft", "llama3-8b", 16384, 100.0),   # 0.60x <= 0.7: met
+        _goal_record("cce", "ce", "llama3-8b", 16384, 50.0),       # 1.20x > 1.0: not met
+        _goal_record("torch-compile", "dft", "llama3-8b", 16384, None, status="oom", reason="CUDA out of memory"),
+        _goal_record("dft-ops", "dft", "qwen2.5-7b", 131072, 900.0, peak_total_mb=12000.0),
+    ]
+    (tmp_path / "nvidia-h100.json").write_text(json.dumps(
+        {"device": "NVIDIA H100 80GB HBM3", "device_kind": "cuda", "records": recs}))
+    lines = {g.what: g for g in goals.evaluate(recs)}
+    assert lines["llama3-8b @ 16k: time vs Liger FLCE use_token_scaling (DFT)"].verdict == "met"
+    assert lines["llama3-8b @ 16k: time vs Cut Cross-Entropy, plain CE"].verdict == "not met"
+    assert lines["llama3-8b @ 16k: time vs torch.compile materialized CE + DFT"].verdict.startswith("met")
+    assert lines["llama3-8b @ 16k: time vs TRL fused LM head, DFT"].verdict.startswith("not measured")
+    assert lines["llama3-8b @ 16k: extra peak memory over the lower bound"].verdict == "met"
+    assert lines["gemma2-2b @ 8k: share of the measured GEMM rate (6NDV)"].verdict.startswith("not measured")
+    assert lines["qwen2.5-7b @ 128k: runs on one 80 GB GPU (peak allocated)"].verdict == "met"
+    text = goals.report(tmp_path)
+    assert "measured on NVIDIA H100 80GB HBM3" in text and text.count("\n") >= 13
+    assert "no GPU result" in goals.report(tmp_path / "empty")
