@@ -208,6 +208,9 @@ def _renumber(segments: Tensor) -> Tensor:
 def _align_token_input(obj, name: str, t, loss_shape, shift: bool, device) -> Tensor:
     """An objective's per-token tensor (loss-position shape) -> (N,) float32 in the internal layout."""
     where = f"objective: {type(obj).__name__}.{name}"
+    if t is None:
+        raise ValueError(f"{where} is None: pass this batch's tensor (objective.with_token_tensors({name}=...), "
+                         f"or the forward keyword {name}=... of a model patched with dft_ops.patch)")
     if not isinstance(t, Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(loss_shape):

@@ -21,6 +21,8 @@ float64 reference it is tested against lives in :mod:`dft_ops.naive`.
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import math
 import numbers
@@ -78,8 +80,24 @@ class Objective:
         """(M,) float32 detached weight: the logit gradient is weight * (softmax - onehot)."""
         raise NotImplementedError
 
-    def token_tensors(self) -> dict[str, Tensor]:
+    def token_tensors(self) -> dict[str, Tensor | None]:
         return {n: getattr(self, n) for n in self.token_inputs}
+
+    def with_token_tensors(self, **tensors: Tensor) -> "Objective":
+        """A copy of this objective with some per-token inputs replaced (one batch's tensors).
+
+        A patched model's forward uses this for keywords named in ``token_inputs``
+        (e.g. ``model(**batch, old_logprobs=...)``), so one objective created at
+        patch time serves every batch.
+        """
+        unknown = set(tensors) - set(self.token_inputs)
+        if unknown:
+            raise ValueError(f"objective: {type(self).__name__} has no per-token input {sorted(unknown)}; "
+                             f"it takes {list(self.token_inputs)}")
+        clone = copy.copy(self)
+        for name, value in tensors.items():
+            setattr(clone, name, _token_tensor(name, value))
+        return clone
 
     def __repr__(self) -> str:
         params = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
@@ -229,15 +247,16 @@ class PSFT(Objective):
         old_logprobs: float tensor of the loss positions' shape (labels, or
             labels[..., 1:] with shift): the old policy's label log-probs
             (e.g. ``stats.logprob`` of an earlier pass). Ignored positions may
-            hold anything.
+            hold anything. None: supplied per batch (a patched model's forward
+            keyword ``old_logprobs=``, or :meth:`Objective.with_token_tensors`).
         clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]``.
     """
 
     name = "psft"
     token_inputs = ("old_logprobs",)
 
-    def __init__(self, old_logprobs: Tensor, clip_low: float = 0.2, clip_high: float = 0.28):
-        self.old_logprobs = _token_tensor("old_logprobs", old_logprobs)
+    def __init__(self, old_logprobs: Tensor | None, clip_low: float = 0.2, clip_high: float = 0.28):
+        self.old_logprobs = _token_tensor("old_logprobs", old_logprobs, allow_none=True)
         self.clip_low = _real("clip_low", clip_low, minimum=0.0, maximum=1.0, open_maximum=True)
         self.clip_high = _real("clip_high", clip_high, minimum=0.0)
 
@@ -262,14 +281,16 @@ class ImportanceWeighted(Objective):
     Args:
         ref_logprobs: float tensor of the loss positions' shape (labels, or
             labels[..., 1:] with shift): a reference policy's label log-probs.
+            None: supplied per batch (a patched model's forward keyword
+            ``ref_logprobs=``, or :meth:`Objective.with_token_tensors`).
         clamp: ``(lo, hi)`` bounds of the importance weight, ``0 <= lo <= hi``.
     """
 
     name = "importance_weighted"
     token_inputs = ("ref_logprobs",)
 
-    def __init__(self, ref_logprobs: Tensor, clamp: tuple[float, float] = (0.2, 1.8)):
-        self.ref_logprobs = _token_tensor("ref_logprobs", ref_logprobs)
+    def __init__(self, ref_logprobs: Tensor | None, clamp: tuple[float, float] = (0.2, 1.8)):
+        self.ref_logprobs = _token_tensor("ref_logprobs", ref_logprobs, allow_none=True)
         if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
             raise ValueError(f"clamp: expected a pair (lo, hi), got {clamp!r}")
         lo = _real("clamp", clamp[0], minimum=0.0)
@@ -344,8 +365,14 @@ def _positive(name: str, value) -> float:
     return value
 
 
-def _token_tensor(name: str, value) -> Tensor:
-    """A per-token input: a floating tensor (its shape is checked against the labels at call time)."""
+def _token_tensor(name: str, value, allow_none: bool = False) -> Tensor | None:
+    """A per-token input: a floating tensor (its shape is checked against the labels at call time).
+
+    ``None`` (where allowed) means "supplied per batch", through a patched model's
+    forward keyword of the same name (see :meth:`Objective.with_token_tensors`).
+    """
+    if value is None and allow_none:
+        return None
     if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
         got = value.dtype if isinstance(value, Tensor) else type(value).__name__
         raise TypeError(f"{name}: expected a floating-point tensor of the loss positions' shape, got {got}")

@@ -280,6 +280,9 @@ class _PatchedForward:
                           "SFTTrainer use dft_ops.patch_sft_trainer(trainer)", stacklevel=2)
             return previous(*args, **kwargs)
         trl_fused = bool(kwargs.pop("fused_lm_head", False))
+        # per-token inputs of the objective (e.g. PSFT's old_logprobs) come as forward keywords,
+        # a dataset column the Trainer passes along; the model's own forward never sees them
+        token_tensors = {n: kwargs.pop(n) for n in state.options["objective"].token_inputs if n in kwargs}
         signature = self.__signature__
         bound = signature.bind_partial(*args, **kwargs).arguments
         call_kwargs = bound.get(_var_keyword(signature)) or {}
@@ -290,7 +293,8 @@ class _PatchedForward:
         if labels is None and shift_labels is None:
             raise ValueError("labels: a fused head call needs labels or shift_labels")
         position_ids = bound.get("position_ids", call_kwargs.get("position_ids"))
-        return _fused_forward(model, state, previous, args, kwargs, labels, shift_labels, position_ids, trl_fused)
+        return _fused_forward(model, state, previous, args, kwargs, labels, shift_labels, position_ids, trl_fused,
+                              token_tensors)
 
 
 def _var_keyword(signature: inspect.Signature) -> str | None:
@@ -303,8 +307,10 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
 class _FusedCall:
     """One fused forward: the head records its input, the loss function computes dft-ops' loss from it."""
 
-    def __init__(self, causal_lm, state: _PatchState, position_ids, per_token: bool):
+    def __init__(self, causal_lm, state: _PatchState, position_ids, per_token: bool, token_tensors: dict):
         self.causal_lm, self.state, self.position_ids, self.per_token = causal_lm, state, position_ids, per_token
+        objective = state.options["objective"]
+        self.objective = objective.with_token_tensors(**token_tensors) if token_tensors else objective
         self.hidden = None
         self.head_calls = self.loss_calls = 0
         self.stats = self.token_loss = self.targets = None
@@ -345,7 +351,7 @@ class _FusedCall:
             recorder = None
         with torch.autocast(hidden.device.type, enabled=False):
             out = linear_cross_entropy(
-                hidden, weight, targets, bias=bias, objective=opts["objective"], ignore_index=ignore,
+                hidden, weight, targets, bias=bias, objective=self.objective, ignore_index=ignore,
                 reduction="none" if self.per_token else opts["reduction"],
                 num_items_in_batch=None if self.per_token else num_items_in_batch,
                 softcap=self.state.transform.softcap, shift=shift,
@@ -401,14 +407,15 @@ def _fused_head(causal_lm: nn.Module, call: _FusedCall):
         yield
 
 
-def _fused_forward(causal_lm, state, previous, args, kwargs, labels, shift_labels, position_ids, trl_fused):
+def _fused_forward(causal_lm, state, previous, args, kwargs, labels, shift_labels, position_ids, trl_fused,
+                   token_tensors):
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(causal_lm.config, "return_dict", True)
     if labels is None:
         # the forward computes a loss only when `labels` is given; the loss function reads shift_labels first
         kwargs["labels"] = shift_labels
-    call = _FusedCall(causal_lm, state, position_ids, per_token=trl_fused)
+    call = _FusedCall(causal_lm, state, position_ids, per_token=trl_fused, token_tensors=token_tensors)
     with _fused_head(causal_lm, call):
         out = previous(*args, return_dict=True, **kwargs)
     if call.head_calls != 1 or call.loss_calls != 1:

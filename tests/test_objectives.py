@@ -318,7 +318,7 @@ BAD_PARAMETERS = [
     (ValueError, "clip_low", lambda: o.PSFT(T, clip_low=1.0)),
     (ValueError, "clip_low", lambda: o.PSFT(T, clip_low=-0.1)),
     (ValueError, "clip_high", lambda: o.PSFT(T, clip_high=-0.2)),
-    (TypeError, "ref_logprobs", lambda: o.ImportanceWeighted(None)),
+    (TypeError, "ref_logprobs", lambda: o.ImportanceWeighted([0.1, 0.2])),
     (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(1.5, 0.5))),
     (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(0.5,))),
     (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(-1.0, 2.0))),
@@ -341,3 +341,17 @@ def test_per_token_input_must_have_the_loss_positions_shape(make, device):
         dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(torch.zeros(2, 8, device=device)),
                                      shift=True)
     dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(torch.zeros(2, 7, device=device)), shift=True)
+
+
+def test_per_token_input_left_for_the_batch_must_arrive():
+    """None in the constructor means "per batch"; a call without it says how to pass it."""
+    hidden, weight, labels, _ = make_inputs((2, 6), 12, 30, torch.float32, "cpu")
+    obj = o.ImportanceWeighted(None)
+    with pytest.raises(ValueError, match=r"^objective: ImportanceWeighted.ref_logprobs is None"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=obj)
+    ref = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="no per-token input"):
+        obj.with_token_tensors(old_logprobs=ref)
+    got = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=obj.with_token_tensors(ref_logprobs=ref))
+    want = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted(ref))
+    assert torch.equal(got, want) and obj.ref_logprobs is None
