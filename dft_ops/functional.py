@@ -137,13 +137,14 @@ def linear_cross_entropy(
     flat = targets.reshape(-1)
     n_tokens = flat.numel()
     valid = flat != ignore_index
-    n_bad, n_valid = _label_counts(flat, valid, V)
+    n_bad, n_valid, n_items = _read_counts(flat, valid, V, num_items_in_batch)
     if n_bad:
         raise ValueError(
             f"labels: {n_bad} value(s) outside [0, {V}) (vocabulary size from weight) that are not "
             f"ignore_index={ignore_index}"
         )
-    _check_positive_items(num_items_in_batch)
+    if n_items is not None and not n_items > 0:
+        raise ValueError(f"num_items_in_batch: must be positive, got {n_items}")
 
     rows = None if n_valid == n_tokens else valid.nonzero().squeeze(1)
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
@@ -224,11 +225,19 @@ def _align_token_input(obj, name: str, t, loss_shape, shift: bool, device) -> Te
     return t.reshape(-1)
 
 
-def _label_counts(flat: Tensor, valid: Tensor, vocab: int) -> tuple[int, int]:
-    """(labels out of range, labels not ignored), in one device sync."""
+def _read_counts(flat: Tensor, valid: Tensor, vocab: int, num_items_in_batch) -> tuple[int, int, float | None]:
+    """(labels out of range, labels not ignored, num_items_in_batch's value) in one device sync.
+
+    The Trainer passes num_items_in_batch as a device tensor every step: reading it
+    with the label counts keeps validation at a single synchronisation.
+    """
     bad = valid & ((flat < 0) | (flat >= vocab))
-    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
-    return int(n_bad), int(n_valid)
+    values = [bad.sum(), valid.sum()]
+    if isinstance(num_items_in_batch, Tensor):
+        values.append(num_items_in_batch.detach().reshape(()).to(flat.device))
+    read = torch.stack([v.to(torch.float64) for v in values]).tolist()
+    n_items = read[2] if len(read) == 3 else num_items_in_batch
+    return int(read[0]), int(read[1]), n_items
 
 
 def _backend_module(backend: str, device: torch.device):
@@ -313,10 +322,3 @@ def _check_options(*, reduction, softcap, num_items_in_batch, ignore_index, back
             raise TypeError(f"num_items_in_batch: expected a positive int or a 0-d tensor, got "
                             f"{type(num_items_in_batch).__name__}")
 
-
-def _check_positive_items(num_items_in_batch) -> None:
-    if num_items_in_batch is None:
-        return
-    n = num_items_in_batch.item() if isinstance(num_items_in_batch, Tensor) else num_items_in_batch
-    if not n > 0:
-        raise ValueError(f"num_items_in_batch: must be positive, got {n}")
