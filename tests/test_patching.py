@@ -308,13 +308,6 @@ def test_refuses_a_head_that_is_not_a_plain_linear():
         dft_ops.patch(model)
 
 
-def test_refuses_a_zero3_partitioned_head():
-    model = build("llama")
-    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-    with pytest.raises(PatchError, match="ZeRO-3"):
-        dft_ops.patch(model)
-
-
 def test_refuses_an_unknown_transform_after_the_head():
     model = build("llama")
     offset = torch.randn(V)
@@ -342,11 +335,23 @@ def test_refuses_a_vocabulary_slice_or_mask(change, fragment):
         dft_ops.patch(model)
 
 
+class OwnLossLlama(transformers.LlamaForCausalLM):
+    """A causal LM computing its loss with F.cross_entropy, not self.loss_function."""
+
+    def forward(self, input_ids=None, labels=None, return_dict=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
 def test_refuses_a_forward_without_loss_function():
+    with pytest.raises(PatchError, match="loss_function"):
+        dft_ops.patch(OwnLossLlama(build("llama").config))
+    # Bart's decoder-only forward reaches into the backbone (self.model.decoder) and computes its own loss
     config = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
                                      decoder_ffn_dim=16, max_position_embeddings=32, **TOKEN_IDS)
-    with pytest.raises(PatchError, match="loss_function"):
+    with pytest.raises(PatchError, match="not the usual causal-LM forward"):
         dft_ops.patch(transformers.BartForCausalLM(config))
 
 
