@@ -21,6 +21,9 @@ class CallerProtocol:
 
     name = "caller protocol"
 
+    def __deepcopy__(self, memo):  # one registered instance: a deep-copied patched model serves the same protocol
+        return self
+
     def claims(self, kwargs: dict) -> bool:
         """Whether a forward call with these keywords is this protocol's; removes its own keywords if so."""
         raise NotImplementedError
