@@ -107,7 +107,7 @@ def test_exact_under_engine(results, case):
 
 @pytest.mark.slow
 def test_the_comparison_sees_a_wrongly_reduced_head(results):
-    """The old way (head.weight.full_tensor() after the forward) gets the head's gradient wrong: the harness can fail."""
+    """The old way (head.weight.full_tensor() after the forward) gets the head gradient wrong: the harness can fail."""
     result = _result(results, CONTROL)
     assert result["loss_err"] <= TOLERANCE
     assert result["worst"] == "lm_head.weight" and result["grad_err"] > 0.5, result
