@@ -242,11 +242,72 @@ def test_autocast_bf16_matches_unpatched():
     assert loss.dtype == torch.float32 and rel_err(loss.detach(), reference.detach()) < 3e-2
 
 
+def test_the_loss_is_computed_inside_the_heads_forward_call(head_forward_calls):
+    """What sharding engines rely on (FSDP2, ZeRO-3): the head's hooks run around the loss computation, and
+    backward reaches the head's output before the head's weight gets its gradient."""
+    model = build("qwen2")
+    input_ids, labels = make_batch()
+    head = model.get_output_embeddings()
+    events = []
+
+    def pre_hook(module, args):  # an engine gathers the weight here
+        events.append(("pre-forward", head_forward_calls.get(id(head), 0)))
+
+    def post_hook(module, args, out):  # and reshards it here, hooking the output to gather it for backward
+        events.append(("post-forward", patch_state(model).calls, tuple(out.shape), out.requires_grad))
+        out.register_hook(lambda grad: events.append(("output-grad",)))
+
+    dft_ops.patch(model, objective="dft")
+    head.register_forward_pre_hook(pre_hook)
+    head.register_forward_hook(post_hook)
+    head.weight.register_post_accumulate_grad_hook(lambda p: events.append(("weight-grad",)))
+    out = model(input_ids=input_ids, labels=labels)
+    assert events == [("pre-forward", 0), ("post-forward", 1, (*input_ids.shape, 0), True)]
+    out.loss.backward()
+    assert events[2:] == [("output-grad",), ("weight-grad",)]
+    assert head_forward_calls.get(id(head), 0) == 0  # the head's own matmul never ran: no logits
+
+
+def test_accelerate_hooks_on_the_head_keep_running():
+    """accelerate's add_hook_to_module (device_map, offload) moves the forward to _old_forward: its hook still runs."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = build("llama")
+    input_ids, labels = make_batch()
+    reference = model(input_ids=input_ids, labels=labels).loss
+
+    class Counting(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    hooks.add_hook_to_module(model.lm_head, Counting())
+    dft_ops.patch(model, objective="ce")
+    Counting.calls = 0
+    out = model(input_ids=input_ids, labels=labels)
+    assert Counting.calls == 1 and out.logits is None
+    assert rel_err(out.loss.detach(), reference.detach()) < 1e-5
+
+
+def test_patch_unwraps_a_data_parallel_wrapper():
+    model = build("llama")
+    wrapper = nn.DataParallel(model)  # CPU: calls the module directly; DDP and DeepSpeed engines alike
+    assert dft_ops.patch(wrapper, objective="ce") is wrapper
+    assert dft_ops.patching.is_patched(model) and "forward" in model.__dict__
+    input_ids, labels = make_batch()
+    assert wrapper(input_ids=input_ids, labels=labels).logits is None
+    dft_ops.unpatch(wrapper)
+    assert not dft_ops.patching.is_patched(model)
+
+
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     model = build("llama")
     dft_ops.patch(model, objective="ce")
     twin = copy.deepcopy(model)
     assert twin.forward.model is twin and dft_ops.patching.is_patched(twin)
+    guards = [h for h in twin.base_model._forward_pre_hooks.values() if type(h).__name__ == "_BypassGuard"]
+    assert len(guards) == 1 and guards[0].causal_lm is twin
     input_ids, labels = make_batch()
     assert rel_err(twin(input_ids=input_ids, labels=labels).loss.detach(),
                    model(input_ids=input_ids, labels=labels).loss.detach()) < 1e-6
@@ -308,13 +369,6 @@ def test_refuses_a_head_that_is_not_a_plain_linear():
         dft_ops.patch(model)
 
 
-def test_refuses_a_zero3_partitioned_head():
-    model = build("llama")
-    model.lm_head.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-    with pytest.raises(PatchError, match="ZeRO-3"):
-        dft_ops.patch(model)
-
-
 def test_refuses_an_unknown_transform_after_the_head():
     model = build("llama")
     offset = torch.randn(V)
@@ -342,11 +396,23 @@ def test_refuses_a_vocabulary_slice_or_mask(change, fragment):
         dft_ops.patch(model)
 
 
+class OwnLossLlama(transformers.LlamaForCausalLM):
+    """A causal LM computing its loss with F.cross_entropy, not self.loss_function."""
+
+    def forward(self, input_ids=None, labels=None, return_dict=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return transformers.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
 def test_refuses_a_forward_without_loss_function():
+    with pytest.raises(PatchError, match="loss_function"):
+        dft_ops.patch(OwnLossLlama(build("llama").config))
+    # Bart's decoder-only forward reaches into the backbone (self.model.decoder) and computes its own loss
     config = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
                                      decoder_ffn_dim=16, max_position_embeddings=32, **TOKEN_IDS)
-    with pytest.raises(PatchError, match="loss_function"):
+    with pytest.raises(PatchError, match="not the usual causal-LM forward"):
         dft_ops.patch(transformers.BartForCausalLM(config))
 
 

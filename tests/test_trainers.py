@@ -125,16 +125,29 @@ def word_dataset(n_docs, n_words, seed=0):
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def sft_trainer(tmp_path, objective, max_steps, **config):
+def sft_trainer(tmp_path, objective, max_steps, order="trainer, patch_sft_trainer", **config):
+    """A tiny SFTTrainer; ``order`` says how dft-ops is applied (comma-separated steps, in order).
+
+    Steps: "patch" (dft_ops.patch(model, objective)), "trainer" (build the SFTTrainer),
+    "patch_sft_trainer" (dft_ops.patch_sft_trainer(trainer, objective)).
+    """
     trl = pytest.importorskip("trl")
     n_words = 60
     tokenizer = word_tokenizer(n_words)
     model = tiny_llama(vocab=len(tokenizer))
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                          learning_rate=1e-2, max_length=48, bf16=False, **COMMON_ARGS, **config)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=word_dataset(32, n_words),
-                             processing_class=tokenizer)
-    return dft_ops.patch_sft_trainer(trainer, objective=objective), model
+    trainer = None
+    for step in order.split(", "):
+        if step == "patch":
+            dft_ops.patch(model, objective=objective)
+        elif step == "trainer":
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=word_dataset(32, n_words),
+                                     processing_class=tokenizer)
+        else:
+            assert step == "patch_sft_trainer", step
+            dft_ops.patch_sft_trainer(trainer, objective=objective)
+    return trainer, model
 
 
 def test_sft_trainer_packed_padding_free_trains(tmp_path):
@@ -151,9 +164,14 @@ def test_sft_trainer_packed_padding_free_trains(tmp_path):
     assert all(0.0 < entry["entropy"] <= torch.log(torch.tensor(float(V))).item() + 1e-3 for entry in logged)
 
 
-def test_sft_trainer_loss_and_metrics_match_reference(tmp_path):
-    """One packed batch: the loss SFTTrainer computes is DFT of the unpatched logits; so are its metrics."""
-    trainer, model = sft_trainer(tmp_path, "dft", max_steps=1, packing=True, padding_free=True)
+@pytest.mark.parametrize("order", ["trainer, patch_sft_trainer", "patch, trainer, patch_sft_trainer",
+                                   "trainer, patch, patch_sft_trainer"])
+def test_sft_trainer_loss_and_metrics_match_reference(tmp_path, order):
+    """One packed batch: the loss SFTTrainer computes is DFT of the unpatched logits; so are its metrics.
+
+    Whenever patch_sft_trainer comes last, whatever dft_ops.patch did before (below or above TRL's head).
+    """
+    trainer, model = sft_trainer(tmp_path, "dft", max_steps=1, order=order, packing=True, padding_free=True)
     inputs = next(iter(trainer.get_train_dataloader()))
     model.train()
     loss = trainer.compute_loss(model, dict(inputs))
@@ -198,13 +216,21 @@ def test_patch_sft_trainer_without_trl(monkeypatch):
         dft_ops.patch_sft_trainer(object())
 
 
-def test_a_plain_patch_passes_trl_fused_calls_through_with_a_warning(tmp_path):
-    """Patched after SFTTrainer was built but without patch_sft_trainer: TRL's head runs, and we say so."""
-    trainer, model = sft_trainer(tmp_path, "dft", max_steps=1)
-    dft_ops.unpatch(model)
-    dft_ops.patch(model, objective="dft")
+@pytest.mark.parametrize("order", ["patch, trainer", "trainer, patch"])
+def test_a_plain_patch_never_lets_trl_train_another_objective(tmp_path, order):
+    """dft_ops.patch without patch_sft_trainer: SFTTrainer's fused-head call raises with the fix, in either order.
+
+    Patched first, TRL's head wraps the patch and answers its calls itself (the backbone guard notices);
+    patched after, the call reaches the patch, which does not serve TRL's protocol.
+    """
+    trainer, model = sft_trainer(tmp_path, "dft", max_steps=1, order=order)
     inputs = next(iter(trainer.get_train_dataloader()))
     model.train()
-    with pytest.warns(UserWarning, match="patch_sft_trainer"):
+    with pytest.raises(dft_ops.PatchError, match="^model: TRL .*patch_sft_trainer"):
+        trainer.compute_loss(model, dict(inputs))
+    model.eval()
+    with pytest.raises(dft_ops.PatchError, match="patch_sft_trainer"), torch.no_grad():
         trainer.compute_loss(model, dict(inputs))
     assert patch_state(model).calls == 0
+    # generation and the model's ordinary calls still work through both heads
+    assert model(input_ids=inputs["input_ids"]).logits.shape[-1] == model.config.vocab_size

@@ -15,12 +15,60 @@ trainer's model so that the fused-head call itself is answered by dft-ops
   TRL's ``entropy`` and ``mean_token_accuracy`` metrics, without logits;
 - ``aux_loss`` (MoE) is the model's own, added by TRL as usual.
 
-TRL is imported only when this is called.
+A patch *not* set up this way never lets TRL's head train in its place: a
+``fused_lm_head=True`` call that reaches the patched forward (the model patched
+after the trainer was built), or TRL's head running above the patch (patched
+before), raises :class:`dft_ops.PatchError` with the fix.
+
+TRL is imported only when a fused call is answered or ``patch_sft_trainer`` is called.
 """
 
 from __future__ import annotations
 
 from .. import patching
+from ..patching import protocols
+
+_KEYWORD = "fused_lm_head"
+
+
+class FusedLMHead(protocols.CallerProtocol):
+    """TRL's fused-head protocol: ``model(**inputs, fused_lm_head=True)`` -> ``FusedCausalLMOutput``."""
+
+    name = "TRL fused_lm_head"
+
+    def claims(self, kwargs: dict) -> bool:
+        # also drops fused_lm_head=False: the model's own forward does not take it
+        return bool(kwargs.pop(_KEYWORD, False))
+
+    def output(self, model_output, call):
+        """``log_probs`` holds ``-(per-token loss of the objective)``, with its gradient.
+
+        SFTTrainer's "nll" reduction ``-sum(log_probs) / num_tokens`` is then
+        exactly dft-ops' loss. For objective "ce" these are the log-probs.
+        """
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        return FusedCausalLMOutput(
+            loss=model_output.get("loss"), log_probs=-(call.loss + call.link), entropy=call.stats.entropy,
+            is_top1=call.stats.is_top1, label_mask=call.targets != call.ignore_index,
+            aux_loss=model_output.get("aux_loss"),
+        )
+
+    def refusal(self) -> str:
+        return ("model: TRL asks this dft-ops-patched model for its per-token loss through its own fused head "
+                "(fused_lm_head=True: SFTTrainer, GRPO, DPO, ...), which dft_ops.patch alone does not answer, so TRL's "
+                "loss would train instead of the dft-ops objective. For SFTTrainer, build the trainer, then call "
+                "dft_ops.patch_sft_trainer(trainer, objective=...) (in place of or after dft_ops.patch); for trainers "
+                "that need true log-probabilities (GRPO, DPO, ...), call dft_ops.unpatch(model) first.")
+
+    def wraps_forward(self, causal_lm) -> bool:
+        # trl.trainer.utils.add_fused_lm_head installs a bound function taking `fused_lm_head`; functools.wraps
+        # copies the model's name and signature onto it, so only its code tells
+        code = getattr(getattr(causal_lm.__dict__.get("forward"), "__func__", None), "__code__", None)
+        return code is not None and _KEYWORD in code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+
+
+FUSED_LM_HEAD = protocols.register(FusedLMHead())
 
 
 def patch_sft_trainer(trainer, objective="dft", **loss_options):
@@ -65,5 +113,5 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
     if loss_options.get("reduction", "mean") != "mean":
         raise ValueError("reduction: SFTTrainer reduces the per-token loss itself (a mean over num_items_in_batch)")
     patching.patch(trainer.model, objective, **loss_options)
-    patching.patch_state(trainer.model).serve_trl_fused_head = True
+    patching.patch_state(trainer.model).protocol = FUSED_LM_HEAD
     return trainer

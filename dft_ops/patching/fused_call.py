@@ -1,0 +1,189 @@
+"""One fused training forward of a patched model: the loss is computed inside the output head's forward.
+
+The model's own forward runs, with two things swapped for the duration of the call:
+
+- the output head's ``forward`` (its ``__call__`` and every hook on it stay):
+  it receives the final hidden states, already sliced by ``logits_to_keep``,
+  computes :func:`dft_ops.linear_cross_entropy` from them and the head's
+  weight and bias *as the head sees them during its own forward*, and returns
+  an empty ``(..., 0)`` tensor tied to that loss in place of logits;
+- ``model.loss_function``: returns the loss the head computed (plus the empty
+  tensor's sum, an exact 0 that keeps the head's output on the loss's
+  autograd path), after checking it was called with the labels the loss used.
+
+Why inside the head's forward: engines that shard parameters gather the head
+in a pre-forward hook and reshard it afterwards (FSDP2 with the head in its own
+``fully_shard`` group, DeepSpeed ZeRO-3); they gather it again for backward
+from a hook on the head's *output*, and reduce its gradient from hooks on its
+parameters and inputs. Computing the loss there, and keeping the head's output
+on the loss's path, lets every such engine gather and reduce the head exactly
+as it does for any other layer. Reading ``head.weight`` outside the head's
+forward would see a shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..callbacks import recorder_of
+from ..functional import linear_cross_entropy
+from .head import check_head, forward_slot, output_head, replaced_attribute
+
+
+class FusedCall:
+    """The per-call state of one fused forward: inputs of the loss, and what the head computed.
+
+    Args:
+        causal_lm: the patched ``*ForCausalLM``.
+        state: its patch state (options, head transform).
+        labels / shift_labels / num_items_in_batch / ignore_index / position_ids:
+            as the forward was called (ignore_index None: the patch option).
+        protocol: a :class:`~dft_ops.patching.protocols.CallerProtocol` asking
+            for per-token values, or None for the usual scalar loss.
+        token_tensors: per-token inputs of the objective from the call's keywords.
+    """
+
+    def __init__(self, causal_lm: nn.Module, state, *, labels, shift_labels, num_items_in_batch, ignore_index,
+                 position_ids, protocol, token_tensors: dict):
+        self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
+        self.per_token = protocol is not None
+        objective = state.options["objective"]
+        self.objective = objective.with_token_tensors(**token_tensors) if token_tensors else objective
+        self.shift = shift_labels is None
+        self.given_labels = labels if self.shift else shift_labels
+        self.num_items_in_batch, self.position_ids = num_items_in_batch, position_ids
+        self.ignore_index = state.options["ignore_index"] if ignore_index is None else ignore_index
+        self.head = None
+        self.head_calls = self.loss_calls = 0
+        self.loss = self.stats = self.targets = self.link = None
+
+    # -------------------------------------------------------------------------------- inside the head's forward
+
+    def head_forward(self, hidden: Tensor) -> Tensor:
+        """Replaces the head's forward: computes the loss, returns an empty ``(..., 0)`` tensor tied to it."""
+        self.head_calls += 1
+        head = self.head
+        weight, bias = head.weight, head.bias
+        _refuse_sharded(weight)
+        opts, transform = self.state.options, self.state.transform
+        hidden = hidden.to(weight.device)
+        if transform.scale != 1.0:  # logits = scale * (W h + b) = W (scale h) + scale b
+            hidden = hidden * transform.scale
+            bias = None if bias is None else bias * transform.scale
+        hidden, weight, bias = _common_dtype(hidden, weight, bias)
+        targets = self.given_labels.to(hidden.device)
+        self.targets = targets[..., 1:] if self.shift else targets
+        position_ids = self.position_ids
+        if position_ids is not None and tuple(position_ids.shape) != tuple(targets.shape):
+            position_ids = None  # e.g. (1, T) broadcast or 3-D rope positions: rows are the sequences
+        if position_ids is not None:
+            position_ids = position_ids.to(hidden.device)
+        # a TokenStatsCallback attached to the model asks for the per-token stats of training steps
+        recorder = recorder_of(self.causal_lm)
+        if recorder is not None and not recorder.enabled:
+            recorder = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = linear_cross_entropy(
+                hidden, weight, targets, bias=bias, objective=self.objective, ignore_index=self.ignore_index,
+                reduction="none" if self.per_token else opts["reduction"],
+                num_items_in_batch=None if self.per_token else self.num_items_in_batch,
+                softcap=transform.softcap, shift=self.shift,
+                return_stats=self.per_token or opts["return_stats"] or recorder is not None,
+                backend=opts["backend"], filter_eps=opts["filter_eps"], position_ids=position_ids,
+            )
+        self.loss, self.stats = out if isinstance(out, tuple) else (out, None)
+        if recorder is not None:
+            recorder.record(self.stats, self.targets != self.ignore_index)
+        self.state.calls += 1
+        # not a view of the loss (FSDP2 warns that in-place ops on a view drop its pre-backward hook)
+        return self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
+
+    # ---------------------------------------------------------------------------- the model's loss_function
+
+    def loss_function(self, logits=None, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=None,
+                      shift_labels=None, **_):
+        """Replaces ``model.loss_function``: the loss the head computed, with the head's output on its path."""
+        self.loss_calls += 1
+        if self.head_calls != 1:
+            raise RuntimeError("dft_ops.patch: the loss function ran before the output head")
+        received = labels if shift_labels is None else shift_labels
+        if not (_same(received, self.given_labels) and _same(num_items_in_batch, self.num_items_in_batch)
+                and (ignore_index is None or ignore_index == self.ignore_index)):
+            raise RuntimeError("dft_ops.patch: the forward passed its loss function other labels, num_items_in_batch "
+                               "or ignore_index than it was called with; the fused loss used the call's")
+        # an exact 0 whose backward reaches the head's output, where engines re-gather the head for backward
+        self.link = logits.sum().to(torch.float32)
+        if not self.per_token:
+            return self.loss + self.link
+        # per-token values for the caller's protocol; the usual mean (over num_items_in_batch) as `loss`
+        denominator = self.num_items_in_batch
+        if denominator is None:
+            denominator = (self.targets != self.ignore_index).sum().clamp(min=1)
+        return self.loss.sum() / torch.as_tensor(denominator, device=self.loss.device).to(torch.float32) + self.link
+
+
+def run(causal_lm: nn.Module, previous, args: tuple, kwargs: dict, labels, call: FusedCall) -> Any:
+    """Run ``previous`` (the forward the patch wraps) as a fused call; returns the model's output without logits."""
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(causal_lm.config, "return_dict", True)
+    if labels is None:
+        # the forward computes a loss only when `labels` is given; the loss function reads shift_labels first
+        kwargs["labels"] = call.given_labels
+    head = output_head(causal_lm)
+    check_head(head)
+    call.head = head
+    # `loss_function` is a property reading `_loss_function` when set
+    with replaced_attribute(head, forward_slot(head), call.head_forward), \
+            replaced_attribute(causal_lm, "_loss_function", call.loss_function):
+        out = previous(*args, return_dict=True, **kwargs)
+    if call.head_calls != 1 or call.loss_calls != 1:
+        raise RuntimeError(f"dft_ops.patch: the forward called the output head {call.head_calls} time(s) and the loss "
+                           f"function {call.loss_calls} time(s); expected once each")
+    if call.protocol is not None:
+        return call.protocol.output(out, call)
+    fields = {k: v for k, v in out.items() if k != "logits"}
+    result = type(out)(**fields)  # logits=None
+    if call.state.options["return_stats"]:
+        result.token_stats = call.stats
+    return result if return_dict else result.to_tuple()
+
+
+def _same(a, b) -> bool:
+    """``a`` and ``b`` are the same labels / count: identical objects, or equal values."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and torch.equal(a.to(b.device), b)
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        t, n = (a, b) if isinstance(a, Tensor) else (b, a)
+        return n is not None and t.numel() == 1 and t.item() == n
+    return a == b
+
+
+def _refuse_sharded(weight: Tensor) -> None:
+    """The head's weight as its own forward sees it must be whole: a DTensor here is tensor parallelism."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # older torch
+        return
+    if isinstance(weight, DTensor):
+        raise NotImplementedError(
+            f"model: the output head's weight is a DTensor ({weight.placements}) inside the head's own forward: the "
+            "head is tensor/vocabulary parallel (tp_plan, ColwiseParallel), which dft_ops.patch does not support yet. "
+            "Keep lm_head out of the tensor-parallel plan (FSDP2, DDP and DeepSpeed are supported)."
+        )
+
+
+def _common_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    """Cast like nn.Linear would: the autocast dtype when autocast is on, else the weight's dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return cast(hidden), cast(weight), cast(bias)

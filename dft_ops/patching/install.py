@@ -1,0 +1,282 @@
+"""Installing and removing the patch: ``patch``, ``unpatch``, the patched ``forward`` and its options.
+
+The patched forward only decides, per call, whether the call is a fused
+training call (training mode with labels, or a caller protocol's call that
+this patch serves) and hands it to :mod:`.fused_call`; everything else runs
+the forward it wraps untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .. import objectives as _objectives
+from ..functional import _check_options
+from . import fused_call, protocols
+from .head import PatchError, check_head, output_head
+from .probe import HeadTransform, probe_head_transform
+
+STATE_ATTR = "_dft_ops_patch"
+# loss options of linear_cross_entropy a user may set; the others come from the model or the call
+_USER_OPTIONS = ("ignore_index", "reduction", "return_stats", "backend", "filter_eps")
+_MODEL_OPTIONS = ("softcap", "bias", "shift", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
+
+
+@dataclass
+class PatchState:
+    """The live patch of one causal LM (``patch_state(model)``).
+
+    Attributes:
+        options: the loss options, with ``objective`` resolved to an Objective.
+        transform: the head transform the probe measured.
+        previous_forward: the instance attribute ``forward`` the patch replaced, or None (the class's forward).
+        protocol: the caller protocol (e.g. TRL's fused head) this patch answers, or None.
+        forward: the function installed as ``model.forward``.
+        calls: fused loss computations so far.
+        active: patched forward calls in progress (the backbone running with none is a bypass).
+    """
+
+    options: dict
+    transform: HeadTransform
+    previous_forward: Any
+    protocol: protocols.CallerProtocol | None = None
+    forward: Any = None
+    calls: int = field(default=0)
+    active: int = field(default=0)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
+    """Make ``model``'s training loss dft-ops' fused linear + objective loss, in place.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` (transformers 5.x), a PEFT
+            model wrapping one (adapters anywhere but on the output head), or
+            a ``DistributedDataParallel`` / DeepSpeed engine wrapping either
+            (its ``.module`` is patched).
+        objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
+        **loss_options: ``ignore_index``, ``reduction`` ("mean" | "sum"),
+            ``return_stats`` (attach :class:`dft_ops.TokenStats` to the output
+            as ``output.token_stats``), ``backend``, ``filter_eps`` - as in
+            :func:`dft_ops.linear_cross_entropy`. The soft-cap, logit scale,
+            bias, shift, ``num_items_in_batch`` and ``position_ids`` come from
+            the model and the call.
+
+    Returns:
+        ``model`` itself. Patching again replaces the options (it never stacks).
+
+    Raises:
+        PatchError (a ValueError) naming the reason when the loss cannot be
+        computed exactly: adapters or a non-``nn.Linear`` output head, a
+        vocabulary slice / mask or unknown transform of the logits, a forward
+        that does not compute its loss through ``self.loss_function``.
+        TypeError / ValueError naming a bad option.
+    """
+    options = _validate_options(objective, loss_options)
+    causal_lm = causal_lm_of(model)
+    existing = causal_lm.__dict__.get(STATE_ATTR)
+    if existing is not None and causal_lm.__dict__.get("forward") is existing.forward:
+        existing.options = options
+        return model
+    check_head(output_head(causal_lm))
+    # an older patch that something else wrapped (e.g. TRL) must be inert while probing and after
+    causal_lm.__dict__.pop(STATE_ATTR, None)
+    try:
+        transform = probe_head_transform(causal_lm)
+    except BaseException:
+        if existing is not None:
+            causal_lm.__dict__[STATE_ATTR] = existing
+        raise
+    state = PatchState(options=options, transform=transform, previous_forward=causal_lm.__dict__.get("forward"))
+    state.forward = _PatchedForward(causal_lm, state)
+    causal_lm.__dict__[STATE_ATTR] = state
+    causal_lm.forward = state.forward
+    _BypassGuard.install(causal_lm)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the forward that :func:`patch` replaced. A model that is not patched is returned as is."""
+    causal_lm = causal_lm_of(model)
+    state = causal_lm.__dict__.pop(STATE_ATTR, None)
+    if state is None:
+        return model
+    _BypassGuard.remove(causal_lm)
+    if causal_lm.__dict__.get("forward") is state.forward:
+        if state.previous_forward is None:
+            del causal_lm.forward
+        else:
+            causal_lm.forward = state.previous_forward
+    # else someone wrapped our forward after patching (e.g. TRL): it stays in their chain but is inert now
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch` is in effect on ``model`` (or the causal LM a wrapper holds)."""
+    return STATE_ATTR in causal_lm_of(model).__dict__
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The live patch state (options, measured head transform, call count), or None."""
+    return causal_lm_of(model).__dict__.get(STATE_ATTR)
+
+
+# ------------------------------------------------------------------------------------------ locating the model
+
+
+def _is_engine_wrapper(model: nn.Module) -> bool:
+    """DDP / DataParallel, FSDP1 and DeepSpeed engines: ``.module`` is the model whose forward they call."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        return True
+    cls = type(model)
+    return isinstance(getattr(model, "module", None), nn.Module) and (
+        cls.__module__.startswith("deepspeed") or cls.__name__ == "FullyShardedDataParallel")
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` module whose forward is patched (unwrapping engine wrappers and a PEFT model)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
+    while _is_engine_wrapper(model):
+        model = model.module
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model) and type(model).__module__.startswith("peft"):
+        model = get_base_model()
+    for attr in ("get_output_embeddings", "base_model", "config"):
+        if not hasattr(model, attr):
+            raise TypeError(
+                f"model: {type(model).__name__} has no `{attr}`; expected a Hugging Face *ForCausalLM "
+                "(transformers PreTrainedModel), a PEFT model wrapping one, or a DDP / DeepSpeed wrapper of either"
+            )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+
+def _validate_options(objective, loss_options: dict) -> dict:
+    for name in loss_options:
+        if name in _MODEL_OPTIONS:
+            raise ValueError(
+                f"{name}: is not a patch option; dft-ops reads it from the model or the forward call "
+                "(soft-cap and logit scale from the model, labels / shift_labels / num_items_in_batch / position_ids "
+                "from the call)"
+            )
+        if name not in _USER_OPTIONS:
+            raise TypeError(f"{name}: unknown loss option for dft_ops.patch; expected one of {_USER_OPTIONS}")
+    options = {"ignore_index": -100, "reduction": "mean", "return_stats": False, "backend": "auto",
+               "filter_eps": None, **loss_options}
+    _check_options(softcap=None, num_items_in_batch=None, **options)
+    if options["reduction"] not in ("mean", "sum"):
+        raise ValueError(f"reduction: a patched model returns a scalar loss; use 'mean' or 'sum', got "
+                         f"{options['reduction']!r}")
+    options["objective"] = _objectives.resolve(objective)
+    return options
+
+
+# ----------------------------------------------------------------------------------------- the forward
+
+
+class _PatchedForward:
+    """The patched ``forward``: an object (not a closure) so that ``copy.deepcopy(model)`` rebinds it to the copy.
+
+    It wraps the forward found at patch time (the class's bound forward, or an
+    instance attribute set by accelerate hooks, TRL or an older patch) and
+    keeps its name, docstring and signature: ``generate()`` and ``Trainer``
+    inspect them.
+    """
+
+    def __init__(self, causal_lm: nn.Module, state: PatchState):
+        previous = causal_lm.forward
+        self.model, self.state = causal_lm, state
+        self.__wrapped__ = previous
+        self.__signature__ = inspect.signature(previous)
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            value = getattr(previous, attr, None)
+            if value is not None:
+                setattr(self, attr, value)
+
+    def __call__(self, *args, **kwargs):
+        model, state, previous = self.model, self.state, self.__wrapped__
+        if model.__dict__.get(STATE_ATTR) is not state:  # unpatched, or a newer patch wraps us: stay inert
+            return previous(*args, **kwargs)
+        state.active += 1
+        try:
+            return self._dispatch(model, state, previous, args, kwargs)
+        finally:
+            state.active -= 1
+
+    def _dispatch(self, model, state: PatchState, previous, args, kwargs):
+        protocol = next((p for p in protocols.registered() if p.claims(kwargs)), None)
+        if protocol is not None and protocol is not state.protocol:
+            raise PatchError(protocol.refusal())
+        # per-token inputs of the objective (e.g. PSFT's old_logprobs) come as forward keywords,
+        # a dataset column the Trainer passes along; the model's own forward never sees them
+        token_tensors = {n: kwargs.pop(n) for n in state.options["objective"].token_inputs if n in kwargs}
+        signature = self.__signature__
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        call_kwargs = bound.get(_var_keyword(signature)) or {}
+
+        def argument(name):
+            return bound.get(name, call_kwargs.get(name))
+
+        labels, shift_labels = bound.get("labels"), argument("shift_labels")
+        if protocol is None and not (model.training and (labels is not None or shift_labels is not None)):
+            return previous(*args, **kwargs)
+        if labels is None and shift_labels is None:
+            raise ValueError("labels: a fused head call needs labels or shift_labels")
+        call = fused_call.FusedCall(
+            model, state, labels=labels, shift_labels=shift_labels, num_items_in_batch=argument("num_items_in_batch"),
+            ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
+            token_tensors=token_tensors)
+        return fused_call.run(model, previous, args, kwargs, labels, call)
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return p.name
+    return None
+
+
+class _BypassGuard:
+    """A pre-forward hook on the backbone: refuses a caller protocol's head that wraps the patched forward.
+
+    A trainer that installs its own fused head *after* the patch (TRL's
+    ``SFTTrainer`` built on a patched model) answers its calls without ever
+    reaching the patched forward, so the model would silently train the
+    trainer's objective. The backbone still runs; when it runs outside the
+    patched forward while such a head is the model's outermost forward, this
+    raises with the fix. An object, not a closure, so that deepcopy rebinds it.
+    """
+
+    def __init__(self, causal_lm: nn.Module):
+        self.causal_lm = causal_lm
+
+    def __call__(self, module, args):
+        state = self.causal_lm.__dict__.get(STATE_ATTR)
+        if state is None or state.active:
+            return None
+        for protocol in protocols.registered():
+            if protocol.wraps_forward(self.causal_lm):
+                raise PatchError(protocol.refusal())
+        return None
+
+    @classmethod
+    def install(cls, causal_lm: nn.Module) -> None:
+        cls.remove(causal_lm)
+        causal_lm.base_model.register_forward_pre_hook(cls(causal_lm))
+
+    @classmethod
+    def remove(cls, causal_lm: nn.Module) -> None:
+        hooks = causal_lm.base_model._forward_pre_hooks
+        for hook_id in [k for k, hook in hooks.items() if isinstance(hook, cls)]:
+            del hooks[hook_id]

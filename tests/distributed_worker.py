@@ -1,0 +1,341 @@
+"""One rank of the distributed tests (spawned by tests/test_distributed.py, gloo on CPU, world size 2).
+
+Usage: python distributed_worker.py OUT.json CASE [CASE ...], with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT set. Every case builds the same tiny Qwen2
+(a config built in code, no download) on every rank, runs it under one engine with
+each rank holding half of a global batch, and compares the loss and every gathered
+parameter gradient with a single-process run of the patched model on the whole batch.
+Rank 0 writes {case: {"loss_err", "grad_err", "worst", "n_grads"} or {"error"}} to OUT.json.
+
+The per-rank loss is the one transformers.Trainer computes: the sum over the rank's
+tokens divided by the token count of the whole batch (num_items_in_batch), times the
+world size, because DDP / FSDP / DeepSpeed average gradients across ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import dft_ops
+from helpers import rel_err  # tests/ is this script's directory, so first on sys.path
+
+V, SEQ, BATCH = 131, 13, 4  # vocabulary and sequence length: not multiples of any block size
+OBJECTIVE = "dft"
+
+
+def tiny_qwen2(tied: bool = False):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # O(1) logits, so that DFT's weight p is not ~1/V everywhere
+        model.lm_head.weight.normal_(0.0, 3.0 / model.lm_head.weight.shape[1] ** 0.5)
+    return model.train()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, V, (BATCH, SEQ), generator=g)
+    labels = input_ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[1, :9] = -100  # a long prompt: ranks hold very different token counts
+    labels[-1, -3:] = -100  # padding
+    return input_ids, labels
+
+
+def n_items(labels) -> torch.Tensor:
+    return (labels[:, 1:] != -100).sum()
+
+
+def local_batch(rank: int, world: int):
+    input_ids, labels = global_batch()
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    return input_ids[rows], labels[rows], n_items(labels)
+
+
+def reference(tied: bool = False):
+    """The patched model in one process on the whole batch: (loss, {name: grad})."""
+    model = dft_ops.patch(tiny_qwen2(tied), objective=OBJECTIVE)
+    input_ids, labels = global_batch()
+    loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=n_items(labels)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def step(model, rank, world, backward=None):
+    """Forward and backward of the rank's half of the batch; returns the loss averaged over ranks."""
+    input_ids, labels, items = local_batch(rank, world)
+    loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=items).loss * world
+    (backward or torch.Tensor.backward)(loss)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / world
+
+
+def full(grad):
+    from torch.distributed.tensor import DTensor
+
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad
+
+
+# --------------------------------------------------------------------------------------------------- engines
+
+
+def fsdp2(head="root", reshard=True, patch="before", tied=False):
+    """FSDP2: every decoder layer in its own group; the head in the root's group, in its own
+    ("own"), or with the embedding it is tied to ("with-embedding"); patched before or after fully_shard."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = tiny_qwen2(tied)
+        if patch == "before":
+            dft_ops.patch(model, objective=OBJECTIVE)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        if head == "own":
+            fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=reshard)
+        elif head == "with-embedding":
+            fully_shard([model.model.embed_tokens, model.lm_head], mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        if patch == "after":
+            dft_ops.patch(model, objective=OBJECTIVE)
+        loss = step(model, rank, world)
+        return loss, {n: full(p.grad) for n, p in model.named_parameters()}
+
+    run.tied = tied
+    return run
+
+
+def fsdp2_full_tensor_outside_the_head():
+    """A negative control, not dft-ops' patch: the loss computed after the forward from ``lm_head.weight.full_tensor()``
+    (how the patch read a sharded head before it computed the loss inside the head's forward). full_tensor()'s
+    backward keeps only the local slice of the head's gradient, nothing is summed across ranks: the comparison
+    must see the head's gradient wrong."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = tiny_qwen2()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.lm_head, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh)
+        input_ids, labels, items = local_batch(rank, world)
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+        loss = dft_ops.linear_cross_entropy(hidden, model.lm_head.weight.full_tensor(), labels, objective=OBJECTIVE,
+                                            shift=True, num_items_in_batch=items) * world
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return total / world, {n: full(p.grad) for n, p in model.named_parameters()}
+
+    return run
+
+
+def ddp(patch="after"):
+    """DDP; "after": dft_ops.patch(ddp_model) patches the module it wraps."""
+
+    def run(rank, world):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = tiny_qwen2()
+        if patch == "before":
+            dft_ops.patch(model, objective=OBJECTIVE)
+        wrapped = DistributedDataParallel(model)
+        if patch == "after":
+            assert dft_ops.patch(wrapped, objective=OBJECTIVE) is wrapped
+        loss = step(wrapped, rank, world)
+        return loss, {n: p.grad for n, p in model.named_parameters()}
+
+    return run
+
+
+def deepspeed_zero(stage, patch="before", tied=False):
+    """DeepSpeed ZeRO-1/2/3 (fp32, a plain SGD optimizer); "after": dft_ops.patch(engine)."""
+
+    def run(rank, world):
+        import deepspeed
+        from deepspeed.utils import safe_get_full_grad
+
+        model = tiny_qwen2(tied)
+        if patch == "before":
+            dft_ops.patch(model, objective=OBJECTIVE)
+        config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "gradient_clipping": 0.0, "steps_per_print": 10**9}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if patch == "after":
+            dft_ops.patch(engine, objective=OBJECTIVE)
+        loss = step(engine, rank, world, backward=engine.backward)
+        grads = {}
+        for name, p in engine.module.named_parameters():
+            grad = safe_get_full_grad(p)  # a collective under ZeRO-3: every rank calls it
+            grads[name] = None if grad is None else grad.detach().clone().reshape(
+                getattr(p, "ds_shape", None) or p.shape)
+        return loss, grads
+
+    run.tied = tied
+    return run
+
+
+def tensor_parallel_head():
+    """A ColwiseParallel (vocabulary-sharded) head: not supported yet, so the patched model must refuse it clearly."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        model = tiny_qwen2()
+        parallelize_module(model, init_device_mesh("cpu", (world,)),
+                           {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        dft_ops.patch(model, objective=OBJECTIVE)
+        input_ids, labels = global_batch()
+        model(input_ids=input_ids, labels=labels)
+
+    run.expect_error = (NotImplementedError, "^model: the output head's weight is a DTensor")
+    return run
+
+
+def accelerate_ddp():
+    """accelerate: the patched model through Accelerator.prepare (DDP on CPU) and accelerator.backward."""
+
+    def run(rank, world):
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        model = dft_ops.patch(tiny_qwen2(), objective=OBJECTIVE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        loss = step(prepared, rank, world, backward=accelerator.backward)
+        return loss, {n: p.grad for n, p in accelerator.unwrap_model(prepared).named_parameters()}
+
+    return run
+
+
+def trainer_ddp():
+    """transformers.Trainer, one optimizer step (lr 0) of the whole batch over two processes."""
+
+    def run(rank, world):
+        import transformers
+
+        input_ids, labels = global_batch()
+
+        class Rows(torch.utils.data.Dataset):
+            def __len__(self):
+                return BATCH
+
+            def __getitem__(self, i):
+                return {"input_ids": input_ids[i], "labels": labels[i]}
+
+        grads = {}
+
+        class Snapshot(transformers.TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+        model = dft_ops.patch(tiny_qwen2(), objective=OBJECTIVE)
+        with tempfile.TemporaryDirectory() as out:
+            args = transformers.TrainingArguments(
+                output_dir=out, max_steps=1, per_device_train_batch_size=BATCH // world, optim="sgd",
+                learning_rate=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no", use_cpu=True,
+                logging_steps=1, disable_tqdm=True, seed=0, ddp_backend="gloo")
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Snapshot()])
+            trainer.train()
+        assert dft_ops.patching.patch_state(model).calls == 1
+        # Trainer logs the loss rounded; the gradients are the exact check
+        logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        return torch.tensor(logged), grads
+
+    return run
+
+
+CASES = {
+    "fsdp2-root": fsdp2(head="root"),
+    "fsdp2-root-patch-after": fsdp2(head="root", patch="after"),
+    "fsdp2-root-no-reshard": fsdp2(head="root", reshard=False),
+    "fsdp2-own-group": fsdp2(head="own"),
+    "fsdp2-own-group-patch-after": fsdp2(head="own", patch="after"),
+    "fsdp2-own-group-no-reshard": fsdp2(head="own", reshard=False),
+    "fsdp2-own-group-no-reshard-patch-after": fsdp2(head="own", reshard=False, patch="after"),
+    "fsdp2-tied-root": fsdp2(head="root", tied=True),
+    "fsdp2-tied-with-embedding": fsdp2(head="with-embedding", tied=True),
+    "fsdp2-tied-with-embedding-patch-after": fsdp2(head="with-embedding", tied=True, patch="after"),
+    "control-fsdp2-full-tensor-outside-the-head": fsdp2_full_tensor_outside_the_head(),
+    "ddp-patch-wrapper": ddp(patch="after"),
+    "ddp-patch-before": ddp(patch="before"),
+    "zero1": deepspeed_zero(1),
+    "zero2": deepspeed_zero(2),
+    "zero3": deepspeed_zero(3),
+    "zero3-patch-engine": deepspeed_zero(3, patch="after"),
+    "zero3-tied": deepspeed_zero(3, tied=True),
+    "tensor-parallel-head-refused": tensor_parallel_head(),
+    "accelerate-ddp": accelerate_ddp(),
+    "trainer-ddp": trainer_ddp(),
+}
+
+
+def compare(run, loss, grads) -> dict:
+    tied = getattr(run, "tied", False)
+    ref_loss, ref_grads = reference(tied)
+    missing = sorted(set(ref_grads) - {n for n, g in grads.items() if g is not None})
+    if missing:
+        return {"error": f"no gradient for {missing}"}
+    errors = {n: rel_err(full(grads[n]), ref_grads[n]) for n in ref_grads}
+    worst = max(errors, key=errors.get)
+    return {"loss_err": rel_err(loss, ref_loss), "grad_err": errors[worst], "worst": worst,
+            "n_grads": len(errors)}
+
+
+def main(out_path: str, names: list[str]) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # a rank that fails inside a collective must not leave the other waiting forever
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    results = {}
+    for name in names:
+        run = CASES[name]
+        expected, pattern = getattr(run, "expect_error", (None, None))
+        try:
+            outcome = run(rank, world)
+            if expected is None:
+                results[name] = compare(run, *outcome)
+            else:
+                results[name] = {"error": f"rank {rank}: expected {expected.__name__} matching {pattern!r}, "
+                                          "nothing raised"}
+        except Exception as exc:
+            if expected is not None and isinstance(exc, expected) and re.search(pattern, str(exc)):
+                results[name] = {"raised": f"{type(exc).__name__}: {exc}"}
+            else:  # reported per case by the test; the next case still runs
+                results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
+        dist.barrier()
+    errors = [None] * world
+    dist.all_gather_object(errors, {n: r["error"] for n, r in results.items() if "error" in r})
+    if rank == 0:
+        for other in errors:  # an error on any rank fails the case
+            for name, message in other.items():
+                results[name] = {"error": message}
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
