@@ -13,11 +13,16 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test bench bench-gpu clean
 
-$(STAMP): pyproject.toml Makefile
+# Set-up prints each step and pip's own progress: a first run takes a few minutes.
+$(STAMP): pyproject.toml setup.py Makefile
+	@echo "==> [1/3] creating the virtual environment $(VENV) ($(PYTHON))"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	@echo "==> [2/3] installing $(TORCH_SPEC) (the largest download; a minute or more)"
+	$(PY) -m pip install --progress-bar on "$(TORCH_SPEC)"
+	@echo "==> [3/3] installing dft-ops (editable) with its test and bench extras: transformers, trl, liger-kernel, ..."
+	$(PY) -m pip install --progress-bar on -e ".[test,bench]"
 	touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 venv: $(STAMP)
 
