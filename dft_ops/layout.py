@@ -24,9 +24,6 @@ from torch import Tensor
 from .objectives import Objective
 from .options import LossOptions
 
-_UNSIGNED_WRAPPING = tuple(d for d in (getattr(torch, "uint64", None),) if d is not None)
-
-
 def check_dense(name: str, t: Tensor) -> None:
     """A clear error for tensors that carry no data (meta) or are not strided (sparse, nested)."""
     if t.layout != torch.strided:
@@ -95,7 +92,7 @@ class TokenLayout:
             raise TypeError(f"labels: expected an integer tensor (int64), got {labels.dtype}")
         if labels.ndim == 0:
             raise ValueError("labels: expected at least one dimension (the positions), got a 0-d tensor")
-        if labels.dtype in _UNSIGNED_WRAPPING:
+        if labels.dtype == torch.uint64:
             raise TypeError(f"labels: {labels.dtype} is not supported (values past 2**63 would wrap to negative ids, "
                             "e.g. into ignore_index); use int64")
         if self.shift and labels.ndim < 2:
