@@ -8,6 +8,7 @@ outputs, double backward, and mixed dtypes (as autocast produces them).
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import dft_ops
 from dft_ops import objectives as o
@@ -180,10 +181,18 @@ def test_double_backward_raises_clearly(backend, device):
         torch.autograd.grad(loss, h, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         loss.backward(create_graph=True)
-    # the ordinary backward still works
+    # the ordinary backward still works, also inside enable_grad and activation checkpointing (whose backward
+    # runs a nested backward), which must not be mistaken for a double backward
     loss = dft_ops.linear_cross_entropy(h, w, labels, bias=bias, backend=backend)
     (g,) = torch.autograd.grad(loss, h)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
+    for reentrant in (True, False):
+        h.grad = None
+        with torch.enable_grad():
+            torch.utils.checkpoint.checkpoint(
+                lambda x: dft_ops.linear_cross_entropy(x, w, labels, bias=bias, backend=backend), h,
+                use_reentrant=reentrant).backward()
+        assert torch.allclose(h.grad, g, rtol=1e-6, atol=1e-8)
 
 
 MIXED = [  # (hidden, weight, bias): autocast-style mixtures, computed in the 16-bit dtype
