@@ -13,17 +13,30 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test bench bench-gpu clean
 
-$(STAMP): pyproject.toml Makefile
+# Set-up prints each step and pip's own progress: a first run takes a few minutes.
+$(STAMP): pyproject.toml setup.py Makefile
+	@echo "==> [1/3] creating the virtual environment $(VENV) ($(PYTHON))"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	@echo "==> [2/3] installing $(TORCH_SPEC) (the largest download; a minute or more)"
+	$(PY) -m pip install --progress-bar on "$(TORCH_SPEC)"
+	@echo "==> [3/3] installing dft-ops (editable) with its test and bench extras: transformers, trl, liger-kernel, ..."
+	$(PY) -m pip install --progress-bar on -e ".[test,bench]"
 	touch $(STAMP)
+	@echo "==> $(VENV) is ready"
 
 venv: $(STAMP)
 
+# DeepSpeed for the ZeRO-1/2/3 tests (tests/test_distributed.py): a source distribution whose setup
+# imports torch, so no build isolation, and DS_BUILD_OPS=0 compiles none of its CUDA/C++ ops.
+DS_STAMP := $(VENV)/.deepspeed
+$(DS_STAMP): $(STAMP)
+	@echo "==> installing DeepSpeed for the ZeRO tests (no compiled ops)"
+	DS_BUILD_OPS=0 $(PY) -m pip install --progress-bar on --no-build-isolation "deepspeed>=0.16"
+	touch $(DS_STAMP)
+
 # Triton kernels run on the CPU interpreter when there is no GPU (tests/conftest.py);
 # tests/test_compile.py also compiles every kernel configuration for sm_80 / sm_90.
-test: venv
+test: venv $(DS_STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
 # The main job: the full benchmark on a CUDA GPU, a small CPU run otherwise

@@ -9,65 +9,135 @@ Saved for backward: the inputs themselves (no copies) and O(tokens) floats
 
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from . import torch_backend
+from .layout import TokenLayout
 from .objectives import Objective, TokenBatch
+from .options import LossOptions
 
 
-def _scatter(values: Tensor, rows: Tensor | None, n_tokens: int) -> Tensor:
-    """(M,) values of the computed rows -> (n_tokens,), zero elsewhere."""
-    if rows is None:
-        return values
-    return values.new_zeros(n_tokens).index_copy_(0, rows, values)
+class HeadGrads(NamedTuple):
+    """What backward returns for the differentiable inputs of the Function (None where not needed)."""
+
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+# the Function's inputs after the three tensors (layout, options): never differentiable
+_NOT_DIFFERENTIABLE = (None, None)
+
+
+def backend_module(backend: str, device: torch.device):
+    """The module implementing ``lse_forward`` / ``grad_backward`` for a backend name and the inputs' device."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return torch_backend
+    from . import kernels  # imports triton: only when asked for
+
+    if device.type != "cuda" and not kernels.interpreting():
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+            f"interpreter); hidden is on {device}. Use backend='torch' or 'auto'."
+        )
+    return kernels
+
+
+def _no_autocast(device: torch.device):
+    """The backends choose their own precisions: autocast must not recast their matmuls (forward or backward)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _per_token(objective: Objective, what: str, batch: TokenBatch) -> Tensor:
+    """objective.value / .weight of the batch, checked: (M,) real tensor on logp's device -> float32."""
+    out = getattr(objective, what)(batch)
+    where = f"objective: {type(objective).__name__}.{what}"
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{where} returned {type(out).__name__}; expected a (M,) float tensor, one per computed token")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"{where} returned dtype {out.dtype}; expected a floating-point tensor")
+    if tuple(out.shape) != tuple(batch.logp.shape):
+        raise ValueError(f"{where} returned shape {tuple(out.shape)}; expected {tuple(batch.logp.shape)}, one value "
+                         "per computed token (the shape of TokenBatch.logp)")
+    if out.device != batch.logp.device:
+        raise ValueError(f"{where} returned a tensor on {out.device}; expected {batch.logp.device}")
+    return out.to(torch.float32).contiguous()
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-token objective values of ``hidden @ weight.T + bias`` for the given targets.
+    """Per-token objective values of ``hidden @ weight.T + bias`` at the positions of a TokenLayout.
 
-    Inputs: hidden (N, D), weight (V, D), bias (V,) | None, targets (M,) int64
-    in [0, V), rows (M,) int64 | None (which rows of hidden are computed; None:
-    all, M == N), n_tokens = N, an Objective, its aligned per-token inputs and
-    segments, a backend module, softcap, with_stats, filter_eps.
+    ``apply(hidden, weight, bias, layout, options)``:
+        hidden (N, D), weight (V, D), bias (V,) | None, all of one float dtype;
+        layout: a :class:`~dft_ops.layout.TokenLayout` of N positions, already
+        compacted (its rows and targets, in [0, V), are what the kernels compute);
+        options: :class:`~dft_ops.LossOptions` (objective, softcap, return_stats,
+        backend, filter_eps are read here; the reduction is the caller's).
 
-    Outputs, all (N,) and zero at rows not computed: value (float32, the only
-    differentiable output), logprob (float32), entropy (float32 | None),
-    is_top1 (bool | None).
+    Outputs, all (N,) and zero at positions not computed: value (float32, the
+    only differentiable output), logprob (float32), entropy (float32 | None),
+    is_top1 (bool | None); entropy and is_top1 only with ``options.return_stats``.
+
+    Not twice differentiable: asking for a graph through the gradient
+    (``create_graph=True``) raises a RuntimeError.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, n_tokens: int, objective: Objective,
-                inputs: dict, segments, backend, softcap, with_stats: bool, filter_eps):
-        lse, target_logit, entropy, max_logit = backend.lse_forward(
-            hidden, weight, bias, targets, rows, softcap=softcap, with_stats=with_stats
-        )
+    def forward(ctx, hidden, weight, bias, layout: TokenLayout, options: LossOptions):
+        backend = backend_module(options.backend, hidden.device)
+        objective = options.objective
+        # every check of the objective's inputs happens here, before any kernel runs
+        inputs = layout.objective_inputs(objective)
+        segments = layout.segments() if objective.needs_segments else None
+        with _no_autocast(hidden.device):
+            lse, target_logit, entropy, max_logit = backend.lse_forward(
+                hidden, weight, bias, layout.row_targets, layout.rows,
+                softcap=options.softcap, with_stats=options.return_stats,
+            )
         logp = target_logit - lse
         batch = TokenBatch(logp=logp, inputs=inputs, segments=segments)
-        value = objective.value(batch).to(torch.float32)
-        token_weight = objective.weight(batch).to(torch.float32)
+        value = _per_token(objective, "value", batch)
+        token_weight = _per_token(objective, "weight", batch)
 
-        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, token_weight)
-        ctx.backend, ctx.softcap, ctx.filter_eps = backend, softcap, filter_eps
+        ctx.save_for_backward(hidden, weight, bias, lse, token_weight)
+        ctx.backend, ctx.layout, ctx.options = backend, layout, options
 
-        out_logp = _scatter(logp, rows, n_tokens)
+        out_logp = layout.scatter(logp)
         out_entropy = out_top1 = None
-        if with_stats:
-            out_entropy = _scatter(entropy, rows, n_tokens)
-            out_top1 = _scatter(target_logit >= max_logit, rows, n_tokens)
+        if options.return_stats:
+            out_entropy = layout.scatter(entropy)
+            out_top1 = layout.scatter(target_logit >= max_logit)
         ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy, out_top1) if t is not None])
-        return _scatter(value, rows, n_tokens), out_logp, out_entropy, out_top1
+        return layout.scatter(value), out_logp, out_entropy, out_top1
 
     @staticmethod
     def backward(ctx, grad_value, *_):
-        hidden, weight, bias, targets, rows, lse, token_weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # the engine enables grad mode in backward exactly when create_graph=True
+            raise RuntimeError(
+                "dft_ops.linear_cross_entropy: double backward is not supported: the fused backward's gradients are "
+                "not differentiable, so a loss built from them (e.g. a gradient penalty through "
+                "autograd.grad(..., create_graph=True)) would silently miss its second-order terms"
+            )
+        hidden, weight, bias, lse, token_weight = ctx.saved_tensors
+        layout, options = ctx.layout, ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
-            return (None,) * 13
-        upstream = grad_value if rows is None else grad_value[rows]
-        grad_scale = (upstream.to(torch.float32) * token_weight).contiguous()
-        d_hidden, d_weight, d_bias = ctx.backend.grad_backward(
-            hidden, weight, bias, targets, rows, lse, grad_scale,
-            softcap=ctx.softcap, need_hidden=need_hidden, need_weight=need_weight,
-            need_bias=bias is not None and need_bias, filter_eps=ctx.filter_eps,
-        )
-        return (d_hidden, d_weight, d_bias) + (None,) * 10
+            return (*HeadGrads(None, None, None), *_NOT_DIFFERENTIABLE)
+        grad_scale = (layout.pick(grad_value).to(torch.float32) * token_weight).contiguous()
+        with _no_autocast(hidden.device):
+            d_hidden, d_weight, d_bias = ctx.backend.grad_backward(
+                hidden, weight, bias, layout.row_targets, layout.rows, lse, grad_scale,
+                softcap=options.softcap, need_hidden=need_hidden, need_weight=need_weight,
+                need_bias=bias is not None and need_bias, filter_eps=options.filter_eps,
+            )
+        return (*HeadGrads(d_hidden, d_weight, d_bias), *_NOT_DIFFERENTIABLE)

@@ -3,7 +3,7 @@
 How the numbers travel (no logits, no extra pass, no host sync per step)::
 
     loss, stats = dft_ops.linear_cross_entropy(..., return_stats=True)   # TokenStats, loss positions
-    recorder.record(stats, mask)       # on-device sums + a label-probability histogram
+    recorder.record(stats)             # on-device sums + a label-probability histogram (over stats.mask)
     ...                                # more micro-batches / steps
     recorder.collect()                 # at logging time: one sync, a dict of floats, reset
 
@@ -16,7 +16,7 @@ the console, ``trainer.state.log_history`` and the reporting integrations
 
 Two ways to feed the recorder:
 
-- your own ``compute_loss`` calls ``callback.record(stats, mask)``;
+- your own ``compute_loss`` calls ``callback.record(stats)``;
 - a model patched by dft-ops finds the recorder with :func:`recorder_of` (the
   callback attaches it to the model when training begins) and records the
   stats of every training forward itself.
@@ -68,15 +68,16 @@ class TokenStatsRecorder:
         e = self.edges
         return [f"{HIST_PREFIX}{e[i]:g}-{e[i + 1]:g}" for i in range(self.bins)]
 
-    def record(self, stats, mask: Tensor) -> None:
+    def record(self, stats, mask: Tensor | None = None) -> None:
         """Adds one batch of tokens.
 
         Args:
             stats: the :class:`~dft_ops.TokenStats` of ``linear_cross_entropy(...,
                 return_stats=True)`` (anything with ``logprob``, ``entropy`` and
                 ``is_top1`` tensors of the loss positions' shape).
-            mask: bool tensor of the same shape, True at tokens that count:
-                ``labels != ignore_index`` (``labels[..., 1:]`` with shift).
+            mask: bool tensor of the same shape, True at tokens that count;
+                None (default): ``stats.mask``, the loss computation's own
+                (:attr:`dft_ops.TokenLayout.mask`: the label is not ignored).
 
         Does nothing while :attr:`enabled` is False (the callback disables it
         outside training steps, so evaluation batches are not counted).
@@ -84,6 +85,10 @@ class TokenStatsRecorder:
         if not self.enabled:
             return
         logprob, entropy, is_top1 = stats.logprob, stats.entropy, stats.is_top1
+        if mask is None:
+            mask = getattr(stats, "mask", None)
+            if mask is None:
+                raise ValueError("mask: these stats carry no mask (TokenStats.mask is None); pass mask=")
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.shape != logprob.shape:
@@ -199,7 +204,7 @@ class _TokenStatsCallbackMixin:
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
-    def record(self, stats, mask: Tensor) -> None:
+    def record(self, stats, mask: Tensor | None = None) -> None:
         """Records one batch's :class:`~dft_ops.TokenStats` (see :meth:`TokenStatsRecorder.record`)."""
         self.recorder.record(stats, mask)
 
@@ -229,8 +234,8 @@ class _TokenStatsCallbackMixin:
         if summary is None:
             if not self._warned_empty:
                 self._warned_empty = True
-                warnings.warn("TokenStatsCallback: no token statistics were recorded; call callback.record(stats, "
-                              "mask) in compute_loss or train a model patched by dft-ops.", stacklevel=2)
+                warnings.warn("TokenStatsCallback: no token statistics were recorded; call callback.record(stats) "
+                              "in compute_loss or train a model patched by dft-ops.", stacklevel=2)
             return
         logs.update(summary)
         # Trainer.log stored a copy of this record before calling the callbacks

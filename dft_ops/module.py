@@ -1,44 +1,40 @@
-"""``dft_ops.LinearCrossEntropy``: the functional API as an nn.Module holding the options."""
+"""``dft_ops.LinearCrossEntropy``: the functional API as an nn.Module holding one LossOptions."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import objectives as _objectives
-from .functional import _check_options, linear_cross_entropy
+from .functional import linear_cross_entropy
+from .options import UNSET, LossOptions, resolve_options
 
 
 class LinearCrossEntropy(nn.Module):
-    """Fused linear + objective loss; options fixed at construction.
+    """Fused linear + objective loss; options fixed (and checked) at construction.
+
+    ``LinearCrossEntropy("dft", shift=True)`` or ``LinearCrossEntropy(options=LossOptions(...))``
+    (keywords given explicitly override the fields of ``options``); the
+    result is :attr:`options`.
 
     ``forward(hidden (..., D), weight (V, D), labels (...), bias=None,
-    num_items_in_batch=None)`` returns what :func:`dft_ops.linear_cross_entropy`
-    returns with this module's options. The module holds no parameters: the
-    head's weight is passed in, so it can be the model's own ``lm_head.weight``.
+    num_items_in_batch=None, position_ids=None)`` returns what
+    :func:`dft_ops.linear_cross_entropy` returns with these options. The
+    module holds no parameters: the head's weight is passed in, so it can be
+    the model's own ``lm_head.weight``.
     """
 
-    def __init__(self, objective="dft", *, ignore_index=-100, reduction="mean", softcap=None,
-                 shift=False, return_stats=False, backend="auto", filter_eps=None):
+    def __init__(self, objective=UNSET["objective"], *, ignore_index=UNSET["ignore_index"],
+                 reduction=UNSET["reduction"], softcap=UNSET["softcap"], shift=UNSET["shift"],
+                 return_stats=UNSET["return_stats"], backend=UNSET["backend"], filter_eps=UNSET["filter_eps"],
+                 options: LossOptions | None = None):
         super().__init__()
-        _check_options(reduction=reduction, softcap=softcap, num_items_in_batch=None, ignore_index=ignore_index,
-                       backend=backend, return_stats=return_stats, filter_eps=filter_eps)
-        self.objective = _objectives.resolve(objective)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.softcap = softcap
-        self.shift = shift
-        self.return_stats = return_stats
-        self.backend = backend
-        self.filter_eps = filter_eps
+        self.options = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
+                                       softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
+                                       filter_eps=filter_eps)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-                num_items_in_batch=None):
-        return linear_cross_entropy(
-            hidden, weight, labels, bias=bias, objective=self.objective, ignore_index=self.ignore_index,
-            reduction=self.reduction, num_items_in_batch=num_items_in_batch, softcap=self.softcap,
-            shift=self.shift, return_stats=self.return_stats, backend=self.backend, filter_eps=self.filter_eps,
-        )
+                num_items_in_batch=None, position_ids: Tensor | None = None):
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
+                                    position_ids=position_ids, options=self.options)
 
     def extra_repr(self) -> str:
-        return (f"objective={self.objective!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"softcap={self.softcap}, shift={self.shift}, backend={self.backend!r}")
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())

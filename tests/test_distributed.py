@@ -89,7 +89,7 @@ def results(tmp_path_factory):
 def _result(results, case):
     package = _missing_package(case)
     if package is not None:
-        pytest.skip(f"{package} is not installed; .ci/run installs it (deepspeed: DS_BUILD_OPS=0 pip install "
+        pytest.skip(f"{package} is not installed; `make test` installs it (deepspeed: DS_BUILD_OPS=0 pip install "
                     "--no-build-isolation deepspeed)")
     result = results[case]
     assert "error" not in result, result["error"]

@@ -1,0 +1,202 @@
+"""``dft_ops.LossOptions``: every loss option in one frozen object, validated once.
+
+The functional API builds one from its keywords (or takes ``options=``),
+:class:`dft_ops.LinearCrossEntropy` holds one, ``dft_ops.patch`` builds one
+from its options dict (:meth:`LossOptions.from_dict`), and the autograd
+Function receives it as a single argument. Per-call data (labels, bias,
+``num_items_in_batch``, ``position_ids``) are not options.
+
+Adding an option is one field below, declared with :func:`_option` and the
+function that checks and normalizes its value (a TypeError / ValueError whose
+message starts with the field's name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+from . import objectives as _objectives
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _option(default, check: Callable[[str, Any], Any]):
+    """A field of LossOptions: its default and the function ``check(name, value) -> normalized value``."""
+    return field(default=default, metadata={"check": check})
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def _objective(name, value):
+    return _objectives.resolve(value)
+
+
+def _int64(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name}: {value} does not fit in int64, the labels' dtype; no label can equal it")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(name, value) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+        return value
+
+    return check
+
+
+def _bool(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _shift(name, value) -> int:
+    # Cut Cross-Entropy's convention: position t predicts labels[..., t + shift]; True is 1 (Hugging Face)
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a bool or a non-negative int (position t predicts labels[..., t + shift]), "
+                        f"got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: must be >= 0 (position t predicts labels[..., t + shift]), got {value}")
+    return int(value)
+
+
+def _real(name, value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    return float(value)
+
+
+def _positive_finite(name, value) -> float | None:
+    if value is None:
+        return None
+    value = _real(name, value, "a positive float or None")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a positive finite number, got {value}")
+    return value
+
+
+def _open_unit_interval(name, value) -> float | None:
+    if value is None:
+        return None
+    value = _real(name, value, "a float in (0, 1) or None")
+    if not 0 < value < 1:
+        raise ValueError(f"{name}: must be in (0, 1), got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- the options
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossOptions:
+    """The options of a fused linear + objective loss (see docs/api.md for each one's formula).
+
+    Attributes:
+        objective: an :class:`dft_ops.objectives.Objective`; a name ("dft",
+            "ce", "chord") is resolved to one on construction.
+        ignore_index: label value that contributes nothing (an int64).
+        reduction: "mean", "sum" or "none".
+        softcap: ``logits <- softcap * tanh(logits / softcap)``, or None.
+        shift: position t predicts ``labels[..., t + shift]``; a non-negative
+            int (True is 1, the Hugging Face causal shift; False is 0).
+        return_stats: also return :class:`dft_ops.TokenStats`.
+        backend: "auto", "triton" or "torch".
+        filter_eps: gradient filtering threshold in (0, 1) of the Triton
+            backward, or None (exact).
+
+    Every field is checked and normalized by the constructor (TypeError /
+    ValueError starting with the field's name); instances are immutable:
+    :meth:`replace` returns a checked copy with some fields changed.
+    """
+
+    objective: _objectives.Objective = _option("dft", _objective)
+    ignore_index: int = _option(-100, _int64)
+    reduction: str = _option("mean", _one_of(REDUCTIONS))
+    softcap: float | None = _option(None, _positive_finite)
+    shift: int = _option(False, _shift)
+    return_stats: bool = _option(False, _bool)
+    backend: str = _option("auto", _one_of(BACKENDS))
+    filter_eps: float | None = _option(None, _open_unit_interval)
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def check(cls, name: str, value):
+        """One option's value, checked and normalized as the constructor does (for code holding a single option)."""
+        cls._check_names({name: value})
+        return next(f for f in fields(cls) if f.name == name).metadata["check"](name, value)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "LossOptions":
+        """LossOptions from a mapping of option names (e.g. ``dft_ops.patch``'s keywords).
+
+        Raises TypeError naming a key that is not an option.
+        """
+        cls._check_names(options)
+        return cls(**options)
+
+    def replace(self, **changes) -> "LossOptions":
+        """A copy with ``changes`` applied, checked like the constructor."""
+        self._check_names(changes)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as a dict (the objective stays an instance)."""
+        return {name: getattr(self, name) for name in self.names()}
+
+    @classmethod
+    def _check_names(cls, options: Mapping[str, Any]) -> None:
+        for name in options:
+            if name not in cls.names():
+                raise TypeError(f"{name}: not a loss option; expected one of {cls.names()}")
+
+
+class _Unset:
+    """Default of an option keyword in a signature: prints as the option's default, and tells "not given" apart."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+UNSET: dict[str, _Unset] = {f.name: _Unset(f.default) for f in fields(LossOptions)}
+"""Per option, the default to put in a keyword signature (functional API, module) instead of the literal."""
+
+
+def resolve_options(options: LossOptions | None, **keywords) -> LossOptions:
+    """The options of one call: ``options`` (or the defaults) with the keywords actually given applied.
+
+    ``keywords`` are the option keywords of a signature whose defaults are
+    :data:`UNSET`: an explicit keyword overrides the field of ``options``.
+    """
+    given = {k: v for k, v in keywords.items() if not isinstance(v, _Unset)}
+    if options is None:
+        return LossOptions(**given)
+    if not isinstance(options, LossOptions):
+        raise TypeError(f"options: expected a dft_ops.LossOptions or None, got {type(options).__name__}")
+    return options.replace(**given)
