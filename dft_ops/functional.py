@@ -243,9 +243,3 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}; put all inputs on one device")
     compute_dtype(hidden, weight, bias)
-
-
-def _check_options(*, num_items_in_batch=None, **options) -> None:
-    """Checks that need no tensor data. Kept for ``dft_ops.patch`` until it builds LossOptions itself."""
-    LossOptions(**options)
-    _check_num_items(num_items_in_batch)

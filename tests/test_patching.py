@@ -176,7 +176,7 @@ def test_patch_is_idempotent_and_options_change():
     dft_ops.patch(model, objective="ce")
     forward = model.forward
     dft_ops.patch(model, objective="ce", reduction="sum")
-    assert model.forward is forward and patch_state(model).options["reduction"] == "sum"
+    assert model.forward is forward and patch_state(model).options.reduction == "sum"
     summed = model(input_ids=input_ids, labels=labels).loss
     n_valid = (labels[:, 1:] != -100).sum()
     dft_ops.patch(model, objective="ce")

@@ -50,7 +50,7 @@ class FusedLMHead(protocols.CallerProtocol):
 
         return FusedCausalLMOutput(
             loss=model_output.get("loss"), log_probs=-(call.loss + call.link), entropy=call.stats.entropy,
-            is_top1=call.stats.is_top1, label_mask=call.targets != call.ignore_index,
+            is_top1=call.stats.is_top1, label_mask=call.stats.mask,
             aux_loss=model_output.get("aux_loss"),
         )
 

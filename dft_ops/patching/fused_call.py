@@ -50,15 +50,15 @@ class FusedCall:
                  position_ids, protocol, token_tensors: dict):
         self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
         self.per_token = protocol is not None
-        objective = state.options["objective"]
+        objective = state.options.objective
         self.objective = objective.with_token_tensors(**token_tensors) if token_tensors else objective
         self.shift = shift_labels is None
         self.given_labels = labels if self.shift else shift_labels
         self.num_items_in_batch, self.position_ids = num_items_in_batch, position_ids
-        self.ignore_index = state.options["ignore_index"] if ignore_index is None else ignore_index
+        self.ignore_index = state.options.ignore_index if ignore_index is None else ignore_index
         self.head = None
         self.head_calls = self.loss_calls = 0
-        self.loss = self.stats = self.targets = self.link = None
+        self.loss = self.stats = self.link = None
 
     # -------------------------------------------------------------------------------- inside the head's forward
 
@@ -68,14 +68,12 @@ class FusedCall:
         head = self.head
         weight, bias = head.weight, head.bias
         _refuse_sharded(weight)
-        opts, transform = self.state.options, self.state.transform
+        transform = self.state.transform
         hidden = hidden.to(weight.device)
         if transform.scale != 1.0:  # logits = scale * (W h + b) = W (scale h) + scale b
             hidden = hidden * transform.scale
             bias = None if bias is None else bias * transform.scale
-        hidden, weight, bias = _common_dtype(hidden, weight, bias)
         targets = self.given_labels.to(hidden.device)
-        self.targets = targets[..., 1:] if self.shift else targets
         position_ids = self.position_ids
         if position_ids is not None and tuple(position_ids.shape) != tuple(targets.shape):
             position_ids = None  # e.g. (1, T) broadcast or 3-D rope positions: rows are the sequences
@@ -85,18 +83,17 @@ class FusedCall:
         recorder = recorder_of(self.causal_lm)
         if recorder is not None and not recorder.enabled:
             recorder = None
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = linear_cross_entropy(
-                hidden, weight, targets, bias=bias, objective=self.objective, ignore_index=self.ignore_index,
-                reduction="none" if self.per_token else opts["reduction"],
-                num_items_in_batch=None if self.per_token else self.num_items_in_batch,
-                softcap=transform.softcap, shift=self.shift,
-                return_stats=self.per_token or opts["return_stats"] or recorder is not None,
-                backend=opts["backend"], filter_eps=opts["filter_eps"], position_ids=position_ids,
-            )
+        patch_options = self.state.options
+        options = patch_options.replace(
+            objective=self.objective, ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
+            reduction="none" if self.per_token else patch_options.reduction,
+            return_stats=self.per_token or patch_options.return_stats or recorder is not None)
+        # dtypes as nn.Linear would compute (the autocast dtype under autocast): linear_cross_entropy's rule
+        out = linear_cross_entropy(hidden, weight, targets, bias=bias, options=options, position_ids=position_ids,
+                                   num_items_in_batch=None if self.per_token else self.num_items_in_batch)
         self.loss, self.stats = out if isinstance(out, tuple) else (out, None)
         if recorder is not None:
-            recorder.record(self.stats, self.targets != self.ignore_index)
+            recorder.record(self.stats)
         self.state.calls += 1
         # not a view of the loss (FSDP2 warns that in-place ops on a view drop its pre-backward hook)
         return self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
@@ -121,7 +118,7 @@ class FusedCall:
         # per-token values for the caller's protocol; the usual mean (over num_items_in_batch) as `loss`
         denominator = self.num_items_in_batch
         if denominator is None:
-            denominator = (self.targets != self.ignore_index).sum().clamp(min=1)
+            denominator = self.stats.mask.sum().clamp(min=1)
         return self.loss.sum() / torch.as_tensor(denominator, device=self.loss.device).to(torch.float32) + self.link
 
 
@@ -147,7 +144,7 @@ def run(causal_lm: nn.Module, previous, args: tuple, kwargs: dict, labels, call:
         return call.protocol.output(out, call)
     fields = {k: v for k, v in out.items() if k != "logits"}
     result = type(out)(**fields)  # logits=None
-    if call.state.options["return_stats"]:
+    if call.state.options.return_stats:
         result.token_stats = call.stats
     return result if return_dict else result.to_tuple()
 
@@ -176,14 +173,3 @@ def _refuse_sharded(weight: Tensor) -> None:
             "head is tensor/vocabulary parallel (tp_plan, ColwiseParallel), which dft_ops.patch does not support yet. "
             "Keep lm_head out of the tensor-parallel plan (FSDP2, DDP and DeepSpeed are supported)."
         )
-
-
-def _common_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None):
-    """Cast like nn.Linear would: the autocast dtype when autocast is on, else the weight's dtype."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-    return cast(hidden), cast(weight), cast(bias)

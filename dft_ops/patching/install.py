@@ -14,16 +14,15 @@ from typing import Any
 
 from torch import nn
 
-from .. import objectives as _objectives
-from ..functional import _check_options
+from ..options import LossOptions
 from . import fused_call, protocols
 from .head import PatchError, check_head, output_head
 from .probe import HeadTransform, probe_head_transform
 
 STATE_ATTR = "_dft_ops_patch"
-# loss options of linear_cross_entropy a user may set; the others come from the model or the call
-_USER_OPTIONS = ("ignore_index", "reduction", "return_stats", "backend", "filter_eps")
-_MODEL_OPTIONS = ("softcap", "bias", "shift", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
+# what the model or each forward call decides: never a patch option (every other LossOptions field is one)
+_MODEL_OPTIONS = ("softcap", "shift")
+_CALL_INPUTS = ("bias", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
 
 
 @dataclass
@@ -31,7 +30,7 @@ class PatchState:
     """The live patch of one causal LM (``patch_state(model)``).
 
     Attributes:
-        options: the loss options, with ``objective`` resolved to an Objective.
+        options: the :class:`dft_ops.LossOptions` of the patch (``softcap`` and ``shift`` are set per call).
         transform: the head transform the probe measured.
         previous_forward: the instance attribute ``forward`` the patch replaced, or None (the class's forward).
         protocol: the caller protocol (e.g. TRL's fused head) this patch answers, or None.
@@ -40,7 +39,7 @@ class PatchState:
         active: patched forward calls in progress (the backbone running with none is a bypass).
     """
 
-    options: dict
+    options: LossOptions
     transform: HeadTransform
     previous_forward: Any
     protocol: protocols.CallerProtocol | None = None
@@ -162,23 +161,23 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------- options
 
 
-def _validate_options(objective, loss_options: dict) -> dict:
+def _validate_options(objective, loss_options: dict) -> LossOptions:
+    """The patch's LossOptions: every option but those the model and each call decide."""
     for name in loss_options:
-        if name in _MODEL_OPTIONS:
+        if name in _MODEL_OPTIONS or name in _CALL_INPUTS:
             raise ValueError(
                 f"{name}: is not a patch option; dft-ops reads it from the model or the forward call "
                 "(soft-cap and logit scale from the model, labels / shift_labels / num_items_in_batch / position_ids "
                 "from the call)"
             )
-        if name not in _USER_OPTIONS:
-            raise TypeError(f"{name}: unknown loss option for dft_ops.patch; expected one of {_USER_OPTIONS}")
-    options = {"ignore_index": -100, "reduction": "mean", "return_stats": False, "backend": "auto",
-               "filter_eps": None, **loss_options}
-    _check_options(softcap=None, num_items_in_batch=None, **options)
-    if options["reduction"] not in ("mean", "sum"):
+    user_options = tuple(n for n in LossOptions.names() if n not in _MODEL_OPTIONS and n != "objective")
+    for name in loss_options:
+        if name not in user_options:
+            raise TypeError(f"{name}: unknown loss option for dft_ops.patch; expected one of {user_options}")
+    options = LossOptions.from_dict({"objective": objective, **loss_options})
+    if options.reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: a patched model returns a scalar loss; use 'mean' or 'sum', got "
-                         f"{options['reduction']!r}")
-    options["objective"] = _objectives.resolve(objective)
+                         f"{options.reduction!r}")
     return options
 
 
@@ -220,7 +219,7 @@ class _PatchedForward:
             raise PatchError(protocol.refusal())
         # per-token inputs of the objective (e.g. PSFT's old_logprobs) come as forward keywords,
         # a dataset column the Trainer passes along; the model's own forward never sees them
-        token_tensors = {n: kwargs.pop(n) for n in state.options["objective"].token_inputs if n in kwargs}
+        token_tensors = {n: kwargs.pop(n) for n in state.options.objective.token_inputs if n in kwargs}
         signature = self.__signature__
         bound = signature.bind_partial(*args, **kwargs).arguments
         call_kwargs = bound.get(_var_keyword(signature)) or {}
