@@ -1,10 +1,10 @@
 """The autograd Function joining the objective table to a backend's two passes.
 
-forward: backend.lse_forward -> label log-probs -> objective.value / weight.
-backward: upstream gradient x weight per token -> backend.grad_backward.
+forward: backend.lse_forward -> loss_terms.token_loss (objective value, gradient coefficients).
+backward: upstream gradient x coefficients per token -> backend.grad_backward.
 
 Saved for backward: the inputs themselves (no copies) and O(tokens) floats
-(log-sum-exp, weights) - never logits.
+(log-sum-exp, gradient coefficients) - never logits.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .objectives import Objective, TokenBatch
+from .backend_contract import GradCoefficients
+from .loss_terms import token_loss
+from .objectives import Objective
 
 
 def _scatter(values: Tensor, rows: Tensor | None, n_tokens: int) -> Tensor:
@@ -38,15 +40,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, n_tokens: int, objective: Objective,
                 inputs: dict, segments, backend, softcap, with_stats: bool, filter_eps):
-        lse, target_logit, entropy, max_logit = backend.lse_forward(
-            hidden, weight, bias, targets, rows, softcap=softcap, with_stats=with_stats
-        )
-        logp = target_logit - lse
-        batch = TokenBatch(logp=logp, inputs=inputs, segments=segments)
-        value = objective.value(batch).to(torch.float32)
-        token_weight = objective.weight(batch).to(torch.float32)
+        stats = backend.lse_forward(hidden, weight, bias, targets, rows, softcap=softcap, with_stats=with_stats)
+        terms = token_loss(stats, targets, objective, vocab_size=weight.shape[0], inputs=inputs, segments=segments)
+        value, logp = terms.value, terms.logp
+        target_logit, entropy, max_logit = stats.target_logit, stats.entropy, stats.max_logit
 
-        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, token_weight)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, stats.lse, *terms.coef)
         ctx.backend, ctx.softcap, ctx.filter_eps = backend, softcap, filter_eps
 
         out_logp = _scatter(logp, rows, n_tokens)
@@ -59,14 +58,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *_):
-        hidden, weight, bias, targets, rows, lse, token_weight = ctx.saved_tensors
+        hidden, weight, bias, targets, rows, lse, *coef = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
             return (None,) * 13
-        upstream = grad_value if rows is None else grad_value[rows]
-        grad_scale = (upstream.to(torch.float32) * token_weight).contiguous()
+        upstream = (grad_value if rows is None else grad_value[rows]).to(torch.float32)
+        coef = GradCoefficients(*(upstream * c if c is not None else None for c in coef))
         d_hidden, d_weight, d_bias = ctx.backend.grad_backward(
-            hidden, weight, bias, targets, rows, lse, grad_scale,
+            hidden, weight, bias, targets, rows, lse, coef,
             softcap=ctx.softcap, need_hidden=need_hidden, need_weight=need_weight,
             need_bias=bias is not None and need_bias, filter_eps=ctx.filter_eps,
         )
