@@ -124,10 +124,19 @@ def token_loss(stats: ForwardStats, targets: Tensor, objective: Objective, *, vo
     return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, coef=coef)
 
 
-def _per_token(objective: Objective, name: str, t, logp: Tensor) -> Tensor:
-    """An objective's (M,) output as float32; a wrong shape would index the backward out of bounds."""
-    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(logp.shape):
-        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"objective: {type(objective).__name__}.{name} returned {got}; expected one value per "
-                         f"token, shape {tuple(logp.shape)}")
-    return t.to(torch.float32)
+def _per_token(objective: Objective, name: str, out, logp: Tensor) -> Tensor:
+    """objective.value / .weight checked: (M,) real tensor on logp's device -> float32.
+
+    A wrong shape would index the backward out of bounds; this names the culprit instead.
+    """
+    where = f"objective: {type(objective).__name__}.{name}"
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{where} returned {type(out).__name__}; expected a (M,) float tensor, one per computed token")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"{where} returned dtype {out.dtype}; expected a floating-point tensor")
+    if tuple(out.shape) != tuple(logp.shape):
+        raise ValueError(f"{where} returned shape {tuple(out.shape)}; expected {tuple(logp.shape)}, one value "
+                         "per computed token (the shape of TokenBatch.logp)")
+    if out.device != logp.device:
+        raise ValueError(f"{where} returned a tensor on {out.device}; expected {logp.device}")
+    return out.to(torch.float32).contiguous()

@@ -136,7 +136,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
     softcap: float | None = None,
-    shift: bool = False,
+    shift: bool | int = False,
     return_stats: bool = False,
     position_ids: Tensor | None = None,
     temperature: float | None = None,
@@ -160,8 +160,9 @@ def linear_cross_entropy(
     """
     z = logits(hidden, weight, bias, softcap, temperature)
     sequence = sequence_ids(labels.shape, position_ids, labels.device)
-    if shift:
-        z, labels, sequence = z[..., :-1, :], labels[..., 1:], sequence[..., :-1]
+    if shift:  # position t predicts labels[..., t + shift]; True is 1
+        kept = max(labels.shape[-1] - int(shift), 0)
+        z, labels, sequence = z[..., :kept, :], labels[..., int(shift):], sequence[..., :kept]
     V = z.shape[-1]
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
