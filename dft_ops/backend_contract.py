@@ -4,10 +4,11 @@ A backend is a module with two functions (``dft_ops.kernels`` for Triton,
 ``dft_ops.torch_backend`` for chunked PyTorch)::
 
     lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None,
-                with_stats=False, smoothing=False, class_weight=None) -> ForwardStats
+                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None) -> ForwardStats
     grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *,
                   softcap=None, temperature=None, class_weight=None, need_hidden=True,
-                  need_weight=True, need_bias=False, filter_eps=None, precise=False)
+                  need_weight=True, need_bias=False, filter_eps=None, precise=False,
+                  compute_dtype=None)
         -> (d_hidden, d_weight, d_bias)
 
 Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
@@ -22,9 +23,10 @@ tokens, or labels owned by another vocabulary shard) have no label logit (0)
 and no one-hot term.
 
 Mixed dtypes: hidden and weight may differ (autocast gives bf16 hidden states
-with an fp32 head). Both are rounded to :func:`compute_dtype` of the pair for
-the products; accumulation is fp32 and each gradient comes back in its own
-input's dtype.
+with an fp32 head). Both are rounded to :func:`product_dtype` of the pair (or to
+``compute_dtype`` when given: autocast's dtype for two fp32 inputs) in
+registers, never copied; accumulation is fp32 and each gradient comes back in
+its own input's dtype.
 """
 
 from __future__ import annotations
@@ -73,11 +75,14 @@ class GradCoefficients(NamedTuple):
     uniform: Tensor | None = None
 
 
-def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the products run in: fp32 only if both are; a 16-bit one otherwise.
+def product_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
+                  requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the products run in: ``requested`` if given; else fp32 only if both are, a 16-bit one otherwise.
 
     bf16 wins over fp16 (mixing the two): it keeps fp16's range safe to cast into.
     """
+    if requested is not None:
+        return requested
     if hidden_dtype == weight_dtype:
         return hidden_dtype
     if torch.float32 in (hidden_dtype, weight_dtype):
@@ -106,7 +111,7 @@ def _check_positive(name: str, value) -> None:
 
 
 def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, temperature=None,
-                       class_weight=None) -> int:
+                       class_weight=None, compute_dtype=None) -> int:
     """Validate a backend call's shapes (ValueError / TypeError naming the argument); returns M.
 
     Only shapes, dtypes and devices: nothing that needs a device sync. Values of
@@ -140,14 +145,17 @@ def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, tem
         _check_vector("class_weight", class_weight, V, "V, vocabulary size from weight", device=hidden.device)
     _check_positive("softcap", softcap)
     _check_positive("temperature", temperature)
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, "
+                        f"got {compute_dtype!r}")
     return M
 
 
 def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softcap=None, temperature=None,
-                        class_weight=None) -> int:
+                        class_weight=None, compute_dtype=None) -> int:
     """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M."""
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight)
+                           class_weight=class_weight, compute_dtype=compute_dtype)
     _check_vector("lse", lse, M, "one per target", device=hidden.device)
     if not isinstance(coef, GradCoefficients):
         raise TypeError(f"coef: expected a GradCoefficients, got {type(coef).__name__}")

@@ -3,7 +3,7 @@
 Runs anywhere PyTorch does (CPU, CUDA). Memory stays bounded by one
 (token_chunk x vocab_chunk) fp32 block of logits, never tokens x vocabulary.
 Products run in fp32 on chunks of the inputs rounded to the compute dtype
-(:func:`~dft_ops.backend_contract.compute_dtype`), and G is never rounded, so
+(:func:`~dft_ops.backend_contract.product_dtype`), and G is never rounded, so
 this backend is also the accurate oracle the kernels are tested against (next
 to naive.py's float64 reference).
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .backend_contract import (ForwardStats, GradCoefficients, check_backward_args, check_forward_args,
-                               combine_partials, compute_dtype, logit_scales)
+                               combine_partials, logit_scales, product_dtype)
 
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
@@ -56,7 +56,8 @@ def _label_columns(y: Tensor, v_lo: int, v_hi: int) -> tuple[Tensor, Tensor]:
 
 
 def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
-                smoothing=False, class_weight=None, token_chunk=None, vocab_chunk=None, **_) -> ForwardStats:
+                smoothing=False, class_weight=None, compute_dtype=None, token_chunk=None, vocab_chunk=None,
+                **_) -> ForwardStats:
     """Per-token :class:`~dft_ops.backend_contract.ForwardStats` (see ``dft_ops.kernels.lse_forward``).
 
     Each vocabulary chunk yields online-softmax partials (max, sum-exp,
@@ -65,10 +66,10 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
     module's TOKEN_CHUNK / VOCAB_CHUNK (read at call time).
     """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight)
+                           class_weight=class_weight, compute_dtype=compute_dtype)
     token_chunk, vocab_chunk = token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
     V = weight.shape[0]
-    compute = compute_dtype(hidden.dtype, weight.dtype)
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     zy = torch.zeros(M, **f32)
     lse = torch.empty(M, **f32)
@@ -105,19 +106,19 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
 
 def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  filter_eps=None, precise=False, token_chunk=None, vocab_chunk=None, **_):
+                  filter_eps=None, precise=False, compute_dtype=None, token_chunk=None, vocab_chunk=None, **_):
     """(d_hidden, d_weight, d_bias) for ``G = (a softmax - b onehot - c u) dz/du`` (see kernels.grad_backward).
 
     ``filter_eps`` and ``precise`` are accepted for interface parity and have
     no effect: this backend keeps G in fp32 and never skips a block.
     """
     M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight)
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
     token_chunk, vocab_chunk = token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
     N, D = hidden.shape
     V = weight.shape[0]
     need_bias = need_bias and bias is not None
-    compute = compute_dtype(hidden.dtype, weight.dtype)
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(N, D, **f32) if need_hidden else None
     d_weight = torch.zeros(V, D, **f32) if need_weight else None

@@ -24,7 +24,7 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import GradCoefficients, check_backward_args, compute_dtype, logit_scales
+from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
 from .launch import Config, Launch, Tuner, bucket, family, torch_to_tl, unit_stride_inputs
 from .tile import cap_and_temper, cap_and_temper_slope, class_weights, dot, logit_tile, round_to
 
@@ -205,7 +205,7 @@ def _d_blocks(config: Config, D: int, narrow: bool) -> dict:
 
 def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight,
                     filter_threshold, d_hidden, d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, softcap, temperature,
-                    precise):
+                    precise, compute_dtype=None):
     """The launch for vocabulary rows [v_lo, v_hi); d_weight_chunk/d_bias_chunk start at row v_lo.
 
     The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
@@ -214,9 +214,9 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
     M = targets.numel()
     D = hidden.shape[1]
     any_buf = lse  # stands in for pointers a flag switches off
-    compute = compute_dtype(hidden.dtype, weight.dtype)
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     precise = bool(precise) and compute != torch.float32
-    narrow = precise or hidden.dtype != weight.dtype
+    narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
     inv_softcap, inv_temperature = logit_scales(softcap, temperature)
     return Launch(
         kernel=_grad_backward_kernel,
@@ -254,7 +254,7 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
 
 def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  filter_eps=None, precise=False, vocab_chunk=None):
+                  filter_eps=None, precise=False, compute_dtype=None, vocab_chunk=None):
     """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
 
     ``G[t, j] = (a_t softmax_tj - b_t 1[j == y_t] - c_t u_j) dz_tj/du_tj`` with
@@ -274,7 +274,8 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             rank one); with a softcap it is not, and filtering is off (exact).
         precise: G goes into the products as two 16-bit parts (high + low) instead
             of one, for elementwise-accurate gradients where terms cancel
-            (twice the product work; no effect when both inputs are fp32).
+            (twice the product work; no effect when the products run in fp32).
+        compute_dtype: as in :func:`lse_forward`.
         vocab_chunk: vocabulary rows per launch (bounds the fp32 d(weight) buffer).
 
     Returns:
@@ -282,7 +283,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
     """
     M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight)
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
     N, D = hidden.shape
     V = weight.shape[0]
     need_bias = need_bias and bias is not None
@@ -306,7 +307,8 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             threshold = (size * (filter_eps * inv_temperature)).reshape(1)
             # the kernel's skip test would drop the small, dense c_t u_j entries of every tile:
             # add that rank-one term exactly outside instead
-            uniform = _RankOneUniform.build(hidden, weight, rows, coef.uniform, class_weight, inv_temperature)
+            uniform = _RankOneUniform.build(hidden, weight, rows, coef.uniform, class_weight, inv_temperature,
+                                            product_dtype(hidden.dtype, weight.dtype, compute_dtype))
             coef = coef._replace(uniform=None)
         fp32_weight = weight.dtype == torch.float32
         chunk = V if fp32_weight else (vocab_chunk or default_vocab_chunk(V, D))
@@ -320,8 +322,9 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             launch = backward_launch(
                 hidden, weight, bias, targets, rows, lse, coef, class_weight, threshold,
                 d_hidden, dw, db, v_lo, v_hi, softcap=softcap, temperature=temperature, precise=precise,
+                compute_dtype=compute_dtype,
             )
-            key = (D, hidden.dtype, weight.dtype, bucket(M), bias is not None, softcap is not None,
+            key = (D, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None, softcap is not None,
                    coef.uniform is not None, class_weight is not None, need_hidden, need_weight, need_bias,
                    filter_eps is not None, precise)
             TUNER.run(launch, key)
@@ -357,10 +360,9 @@ class _RankOneUniform:
         self.bias_row_scale = c.sum() * scale  # a device scalar: no sync
 
     @classmethod
-    def build(cls, hidden, weight, rows, c, class_weight, inv_temperature):
+    def build(cls, hidden, weight, rows, c, class_weight, inv_temperature, compute):
         if c is None:
             return None
-        compute = compute_dtype(hidden.dtype, weight.dtype)
         V, M = weight.shape[0], c.numel()
         u = class_weight.to(torch.float32) if class_weight is not None else weight.new_ones(V, dtype=torch.float32)
         u_weight = sum(u[lo:lo + cls._CHUNK] @ weight[lo:lo + cls._CHUNK].to(compute).float()

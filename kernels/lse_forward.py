@@ -21,8 +21,8 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_partials, compute_dtype,
-                                     logit_scales)
+from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_partials, logit_scales,
+                                     product_dtype)
 from .launch import Config, Launch, Tuner, bucket, family, interpreting, torch_to_tl, unit_stride_inputs
 from .tile import cap_and_temper, class_weights, logit_tile
 
@@ -156,7 +156,7 @@ def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
 
 
 def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature, with_stats, smoothing,
-                   class_weight, splits=None):
+                   class_weight, compute_dtype=None, splits=None):
     """Build the forward launch and its output buffers (see :func:`lse_forward`).
 
     The small per-token / per-class tensors (targets, rows, bias, class
@@ -168,6 +168,7 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
     D = hidden.shape[1]
     V = weight.shape[0]
     S = splits or default_splits(M, V, hidden.device)
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
     class_weight = class_weight.contiguous() if smoothing and class_weight is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -197,24 +198,24 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
         constexprs=dict(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
             WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
-            COMPUTE_DTYPE=torch_to_tl(compute_dtype(hidden.dtype, weight.dtype)), FP32_PRECISION="tf32x3",
+            COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * S,),
         per_config=lambda c: _tile_blocks(c, D, heavy_epilogue=with_stats or smoothing),
-        family=family(compute_dtype(hidden.dtype, weight.dtype)),
+        family=family(compute),
     )
     return launch, out
 
 
 def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
-                smoothing=False, class_weight=None, splits=None) -> ForwardStats:
+                smoothing=False, class_weight=None, compute_dtype=None, splits=None) -> ForwardStats:
     """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``, without logits.
 
     Args:
         hidden: (N, D) fp32/bf16/fp16, any strides.
         weight: (V, D) fp32/bf16/fp16, any strides; may differ from hidden's
             dtype (products then run in the 16-bit one, see
-            :func:`dft_ops.backend_contract.compute_dtype`).
+            :func:`dft_ops.backend_contract.product_dtype`).
         bias: (V,) any float dtype and strides, or None.
         targets: (M,) integer label of each computed token; outside [0, V)
             gives target_logit 0 (e.g. labels of another vocabulary shard).
@@ -225,13 +226,16 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         with_stats: also return entropy, max logit and argmax.
         smoothing: also return smooth_sum = sum_j u_j z_j.
         class_weight: (V,) u_j for smooth_sum (None: 1); any float dtype.
+        compute_dtype: the dtype of the products (e.g. autocast's bf16 for
+            fp32 inputs), None for product_dtype's rule; operands are rounded
+            in registers, never copied.
         splits: vocabulary slices to split over (default: by device size).
 
     Returns:
         :class:`~dft_ops.backend_contract.ForwardStats`, each field (M,).
     """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight)
+                           class_weight=class_weight, compute_dtype=compute_dtype)
     if M == 0:
         def empty(on, dtype=torch.float32):
             return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
@@ -239,8 +243,8 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
                             empty(with_stats, torch.int64), empty(smoothing))
     launch, out = forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
                                  with_stats=with_stats, smoothing=smoothing, class_weight=class_weight,
-                                 splits=splits)
-    key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, bucket(M), bias is not None,
+                                 compute_dtype=compute_dtype, splits=splits)
+    key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
            softcap is not None, with_stats, smoothing, class_weight is not None)
     TUNER.run(launch, key)
     lse, max_logit, entropy, argmax = combine_partials(

@@ -54,9 +54,16 @@ def _inputs(hidden_dtype, weight_dtype, D: int, features: bool):
     return hidden, weight, bias, targets, rows
 
 
+def _dtypes(spec: str):
+    """(hidden, weight, requested compute dtype) of "bf16", "fp32+bf16" (hidden+weight) or "fp32+fp32>bf16"."""
+    inputs, _, compute = spec.partition(">")
+    hidden, weight = (DTYPES[d] for d in (inputs.split("+") * 2)[:2])
+    return hidden, weight, DTYPES[compute] if compute else None
+
+
 def _launch(kernel: str, dtypes: str, D: int, features: bool):
     """The library's launch with every optional feature on (``features``) or off."""
-    hidden_dtype, weight_dtype = (DTYPES[d] for d in (dtypes.split("+") * 2)[:2])  # "bf16" or "fp32+bf16"
+    hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
     hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
     V = weight.shape[0]
     softcap = 30.0 if features else None
@@ -64,7 +71,8 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool):
     class_weight = torch.rand(V) if features else None
     if kernel == "lse_forward":
         launch, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                                       with_stats=features, smoothing=features, class_weight=class_weight, splits=4)
+                                       with_stats=features, smoothing=features, class_weight=class_weight,
+                                       compute_dtype=compute_dtype, splits=4)
         return launch
     M, N = targets.numel(), hidden.shape[0]
     f32 = torch.float32
@@ -73,7 +81,7 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool):
         hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
         torch.ones(1) if features else None,
         torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
-        0, V, softcap=softcap, temperature=temperature, precise=features,
+        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype,
     )
 
 
@@ -103,9 +111,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 KERNELS = {"lse_forward": fwd, "grad_backward": bwd}
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",)}
-# hidden+weight dtypes autocast produces: fp32 operands are rounded to bf16 in registers, so
-# their wider tiles in shared memory and registers must fit the 16-bit configurations too
-MIXED_DTYPES = ("fp32+bf16", "bf16+fp32")
+# hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
+# operands are rounded to bf16 in registers, so their wider tiles in shared memory and
+# registers must fit the 16-bit configurations too
+MIXED_DTYPES = ("fp32+bf16", "bf16+fp32", "fp32+fp32>bf16")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
 
 

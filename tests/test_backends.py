@@ -14,15 +14,17 @@ import triton.language as tl
 
 import dft_ops
 from dft_ops import kernels, loss_terms, naive, torch_backend
-from dft_ops.backend_contract import GradCoefficients, compute_dtype
+from dft_ops.backend_contract import GradCoefficients, product_dtype
 from dft_ops.kernels.tile import round_to, tanh
 from helpers import TOL, make_inputs, rel_err
 
 BACKENDS = {"torch": torch_backend, "triton": kernels}
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# (hidden dtype, weight dtype): equal, and the two mixes autocast produces
-DTYPE_PAIRS = {"fp32": (F32, F32), "bf16": (BF16, BF16), "fp16": (F16, F16),
-               "fp32-hidden-bf16-head": (F32, BF16), "bf16-hidden-fp32-head": (BF16, F32)}
+# (hidden dtype, weight dtype, requested compute dtype): equal, the two mixes autocast produces, and
+# fp32 inputs computed in bf16 (autocast's dtype for an fp32 head and fp32 hidden states)
+DTYPE_PAIRS = {"fp32": (F32, F32, None), "bf16": (BF16, BF16, None), "fp16": (F16, F16, None),
+               "fp32-hidden-bf16-head": (F32, BF16, None), "bf16-hidden-fp32-head": (BF16, F32, None),
+               "fp32-as-bf16": (F32, F32, BF16)}
 OPTIONS = {
     "plain": dict(),
     "bias-softcap": dict(bias=True, softcap=3.0),
@@ -58,9 +60,10 @@ def rounded(t, dtype):
     return t.to(dtype).double()
 
 
-def reference(hidden, weight, bias, targets, rows, coef=None, *, softcap=None, temperature=None, class_weight=None):
+def reference(hidden, weight, bias, targets, rows, coef=None, *, softcap=None, temperature=None, class_weight=None,
+              compute_dtype=None):
     """float64 (stats dict, (d_hidden, d_weight, d_bias)) of the contract, from materialized logits."""
-    cd = compute_dtype(hidden.dtype, weight.dtype)
+    cd = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     h = rounded(hidden, cd).requires_grad_()
     w = rounded(weight, cd).requires_grad_()
     b = bias.double().requires_grad_() if bias is not None else None
@@ -109,9 +112,9 @@ def assert_stats(got, want, *, fields, tol=2e-5):
 @pytest.mark.parametrize("options", list(OPTIONS))
 def test_forward_and_backward_match_float64(backend, dtypes, options, device):
     opts = OPTIONS[options]
-    hidden_dtype, weight_dtype = DTYPE_PAIRS[dtypes]
+    hidden_dtype, weight_dtype, requested = DTYPE_PAIRS[dtypes]
     hidden, weight, bias, targets, rows, class_weight = backend_inputs(hidden_dtype, weight_dtype, opts, device)
-    cap = dict(softcap=opts.get("softcap"), temperature=opts.get("temperature"))
+    cap = dict(softcap=opts.get("softcap"), temperature=opts.get("temperature"), compute_dtype=requested)
     impl = BACKENDS[backend]
     stats = impl.lse_forward(hidden, weight, bias, targets, rows, with_stats=True, smoothing=opts.get("smoothing", False),
                              class_weight=class_weight, **cap)
@@ -126,7 +129,7 @@ def test_forward_and_backward_match_float64(backend, dtypes, options, device):
 
     grads = impl.grad_backward(hidden, weight, bias, targets, rows, stats.lse, coef, class_weight=class_weight,
                                need_bias=bias is not None, **cap)
-    tol = max(TOL[hidden_dtype], TOL[weight_dtype])
+    tol = max(TOL[product_dtype(hidden_dtype, weight_dtype, requested)], TOL[hidden_dtype], TOL[weight_dtype])
     for name, like, got, ref in zip(("hidden", "weight", "bias"), (hidden, weight, bias), grads, grads_want):
         if like is None:
             assert got is None
@@ -380,6 +383,7 @@ BAD_CALLS = {
     "hidden": (TypeError, "hidden", "lse_forward", dict(hidden=lambda kw: kw["hidden"].double())),
     "temperature": (ValueError, "temperature", "lse_forward", dict(temperature=lambda kw: 0.0)),
     "softcap": (ValueError, "softcap", "lse_forward", dict(softcap=lambda kw: -1.0)),
+    "compute-dtype": (TypeError, "compute_dtype", "grad_backward", dict(compute_dtype=lambda kw: torch.float64)),
 }
 
 
