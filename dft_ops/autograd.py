@@ -1,10 +1,10 @@
 """The autograd Function joining the objective table to a backend's two passes.
 
-forward: backend.lse_forward -> label log-probs -> objective.value / weight.
-backward: upstream gradient x weight per token -> backend.grad_backward.
+forward: backend.lse_forward -> loss_terms.token_loss (objective value, gradient coefficients).
+backward: upstream gradient x coefficients per token -> backend.grad_backward.
 
 Saved for backward: the inputs themselves (no copies) and O(tokens) floats
-(log-sum-exp, weights) - never logits.
+(log-sum-exp, gradient coefficients) - never logits.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from .backend_contract import GradCoefficients
 from .layout import TokenLayout
-from .objectives import Objective, TokenBatch
+from .loss_terms import token_loss
 from .options import LossOptions
 
 
@@ -57,22 +58,6 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _per_token(objective: Objective, what: str, batch: TokenBatch) -> Tensor:
-    """objective.value / .weight of the batch, checked: (M,) real tensor on logp's device -> float32."""
-    out = getattr(objective, what)(batch)
-    where = f"objective: {type(objective).__name__}.{what}"
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{where} returned {type(out).__name__}; expected a (M,) float tensor, one per computed token")
-    if not out.dtype.is_floating_point:
-        raise TypeError(f"{where} returned dtype {out.dtype}; expected a floating-point tensor")
-    if tuple(out.shape) != tuple(batch.logp.shape):
-        raise ValueError(f"{where} returned shape {tuple(out.shape)}; expected {tuple(batch.logp.shape)}, one value "
-                         "per computed token (the shape of TokenBatch.logp)")
-    if out.device != batch.logp.device:
-        raise ValueError(f"{where} returned a tensor on {out.device}; expected {batch.logp.device}")
-    return out.to(torch.float32).contiguous()
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Per-token objective values of ``hidden @ weight.T + bias`` at the positions of a TokenLayout.
 
@@ -99,16 +84,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         inputs = layout.objective_inputs(objective)
         segments = layout.segments() if objective.needs_segments else None
         with _no_autocast(hidden.device):
-            lse, target_logit, entropy, max_logit = backend.lse_forward(
-                hidden, weight, bias, layout.row_targets, layout.rows,
-                softcap=options.softcap, with_stats=options.return_stats,
-            )
-        logp = target_logit - lse
-        batch = TokenBatch(logp=logp, inputs=inputs, segments=segments)
-        value = _per_token(objective, "value", batch)
-        token_weight = _per_token(objective, "weight", batch)
+            stats = backend.lse_forward(hidden, weight, bias, layout.row_targets, layout.rows,
+                                        softcap=options.softcap, with_stats=options.return_stats)
+        terms = token_loss(stats, layout.row_targets, objective, vocab_size=weight.shape[0], inputs=inputs,
+                           segments=segments)
+        value, logp = terms.value, terms.logp
+        target_logit, entropy, max_logit = stats.target_logit, stats.entropy, stats.max_logit
 
-        ctx.save_for_backward(hidden, weight, bias, lse, token_weight)
+        ctx.save_for_backward(hidden, weight, bias, stats.lse, *terms.coef)
         ctx.backend, ctx.layout, ctx.options = backend, layout, options
 
         out_logp = layout.scatter(logp)
@@ -128,15 +111,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 "not differentiable, so a loss built from them (e.g. a gradient penalty through "
                 "autograd.grad(..., create_graph=True)) would silently miss its second-order terms"
             )
-        hidden, weight, bias, lse, token_weight = ctx.saved_tensors
+        hidden, weight, bias, lse, *coef = ctx.saved_tensors
         layout, options = ctx.layout, ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
             return (*HeadGrads(None, None, None), *_NOT_DIFFERENTIABLE)
-        grad_scale = (layout.pick(grad_value).to(torch.float32) * token_weight).contiguous()
+        upstream = layout.pick(grad_value).to(torch.float32)
+        coef = GradCoefficients(*(upstream * c if c is not None else None for c in coef))
         with _no_autocast(hidden.device):
             d_hidden, d_weight, d_bias = ctx.backend.grad_backward(
-                hidden, weight, bias, layout.row_targets, layout.rows, lse, grad_scale,
+                hidden, weight, bias, layout.row_targets, layout.rows, lse, coef,
                 softcap=options.softcap, need_hidden=need_hidden, need_weight=need_weight,
                 need_bias=bias is not None and need_bias, filter_eps=options.filter_eps,
             )

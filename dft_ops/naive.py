@@ -99,14 +99,30 @@ def sequence_ids(labels_shape, position_ids: Tensor | None = None, device=None) 
     return row[..., None] * (S + 1) + starts.long().cumsum(-1)
 
 
-def logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: float | None = None) -> Tensor:
-    """(..., V) float64 logits of hidden (..., D) and weight (V, D), soft-capped if asked."""
+def logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: float | None = None,
+           temperature: float | None = None) -> Tensor:
+    """(..., V) float64 logits of hidden (..., D) and weight (V, D): capped, then divided by temperature."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    if temperature is not None:
+        z = z / temperature
     return z
+
+
+def objective_weight(loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], logp: Tensor, valid: Tensor,
+                     sequence: Tensor) -> Tensor:
+    """(...) float64 detached ``w = -d loss / d logp`` of a reference loss, by autograd.
+
+    The weight label smoothing is scaled by, derived from the reference formula
+    itself (never from the objective table's ``weight``).
+    """
+    with torch.enable_grad():
+        x = logp.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_fn(x, valid, sequence).sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else -grad.detach()
 
 
 def linear_cross_entropy(
@@ -123,6 +139,10 @@ def linear_cross_entropy(
     shift: bool | int = False,
     return_stats: bool = False,
     position_ids: Tensor | None = None,
+    temperature: float | None = None,
+    label_smoothing: float = 0.0,
+    class_weight: Tensor | None = None,
+    z_loss: float = 0.0,
 ):
     """Reference for :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
 
@@ -130,34 +150,69 @@ def linear_cross_entropy(
     instance from :mod:`dft_ops.objectives` (see :func:`reference_loss`), or a
     callable mapping the (...,) float64 label log-probabilities to per-token
     losses. ``position_ids`` splits rows into sequences (for SequenceDFT).
+
+    Per token, with ``l`` the objective's loss, ``w = -dl/dlogp`` (detached),
+    eps = label_smoothing, u = class_weight (or 1), ``logp_j = log softmax(z)_j``:
+    ``(1 - eps) u_y l + (eps / V) w sum_j u_j (-logp_j) + z_loss lse^2``. The
+    "mean" divides by the number of non-ignored tokens, or by the sum of their
+    ``u_y`` with class weights (PyTorch's weighted mean), or by num_items_in_batch.
+    Stats add "argmax" (first index of the max logit), "lse" and "z_loss".
     """
-    z = logits(hidden, weight, bias, softcap)
+    z = logits(hidden, weight, bias, softcap, temperature)
     sequence = sequence_ids(labels.shape, position_ids, labels.device)
     if shift:  # position t predicts labels[..., t + shift]; True is 1
         kept = max(labels.shape[-1] - int(shift), 0)
         z, labels, sequence = z[..., :kept, :], labels[..., int(shift):], sequence[..., :kept]
+    V = z.shape[-1]
     valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0)
     logp_all = F.log_softmax(z, dim=-1)
-    logp = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logp = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     if callable(objective):  # a plain logp -> loss function
-        per_token = objective(logp)
+        loss_fn = lambda logp, valid, sequence: objective(logp)  # noqa: E731
     else:
-        per_token = reference_loss("dft" if objective is None else objective)(logp, valid, sequence)
+        loss_fn = reference_loss("dft" if objective is None else objective)
+    per_token = loss_fn(logp, valid, sequence)
+    u = torch.ones(V, dtype=torch.float64, device=z.device) if class_weight is None else class_weight.double()
+    u_y = u[safe_labels]
+    if class_weight is not None or label_smoothing:
+        per_token = (1 - label_smoothing) * u_y * per_token
+    if label_smoothing:
+        # 0 * -inf is 0: a class with no weight, or a masked (-inf) logit with weight 0
+        smooth_nll = -(u * torch.where(u != 0, logp_all, 0.0)).sum(-1)
+        w = objective_weight(loss_fn, logp, valid, sequence)
+        per_token = per_token + (label_smoothing / V) * w * smooth_nll
+    z_loss_value = z_loss * lse**2
+    if z_loss:
+        per_token = per_token + z_loss_value
     per_token = torch.where(valid, per_token, torch.zeros_like(logp))
     if reduction == "none":
         loss = per_token
     elif reduction == "sum":
         loss = per_token.sum()
     else:
-        denom = valid.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(denom, dtype=torch.float64).clamp(min=1)
+        if num_items_in_batch is not None:
+            denom = torch.as_tensor(num_items_in_batch, dtype=torch.float64).clamp(min=1)
+        elif class_weight is not None:
+            denom = torch.where(valid, u_y, 0.0).sum()
+            denom = torch.where(denom == 0, 1.0, denom)  # all ignored: loss 0, not NaN
+        else:
+            denom = valid.sum().double().clamp(min=1)
+        loss = per_token.sum() / denom
     if not return_stats:
         return loss
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        p_all = logp_all.exp()
+        # 0 * -inf is 0 for classes with probability 0 (masked logits)
+        entropy = -(p_all * torch.where(p_all > 0, logp_all, 0.0)).sum(-1)
+        argmax = z.argmax(-1)
         stats = {
             "logprob": torch.where(valid, logp, 0.0),
             "entropy": torch.where(valid, entropy, 0.0),
-            "is_top1": valid & (z.argmax(-1) == labels),
+            "is_top1": valid & (argmax == labels),
+            "argmax": torch.where(valid, argmax, 0),
+            "lse": torch.where(valid, lse, 0.0),
+            "z_loss": torch.where(valid, z_loss_value, 0.0),
         }
     return loss, stats

@@ -2,10 +2,13 @@
 
 Runs anywhere PyTorch does (CPU, CUDA). Memory stays bounded by one
 (token_chunk x vocab_chunk) fp32 block of logits, never tokens x vocabulary.
-Matmuls run in fp32 on upcast chunks, so this backend is also the accurate
-oracle the kernels are tested against (next to naive.py's float64 reference).
+Products run in fp32 on chunks of the inputs rounded to the compute dtype
+(:func:`~dft_ops.backend_contract.product_dtype`), and G is never rounded, so
+this backend is also the accurate oracle the kernels are tested against (next
+to naive.py's float64 reference).
 
-Same contract as ``dft_ops.kernels.lse_forward`` / ``grad_backward``.
+Same contract as ``dft_ops.kernels.lse_forward`` / ``grad_backward``
+(see :mod:`dft_ops.backend_contract`).
 """
 
 from __future__ import annotations
@@ -13,18 +16,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backend_contract import (ForwardStats, GradCoefficients, check_backward_args, check_forward_args,
+                               combine_partials, logit_scales, product_dtype)
+
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int, softcap) -> Tensor:
-    """(tokens, v_hi - v_lo) fp32 logits of an fp32 hidden chunk, soft-capped if asked."""
-    z = h @ weight[v_lo:v_hi].float().T
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int, compute: torch.dtype,
+            softcap, temperature) -> tuple[Tensor, Tensor | float]:
+    """(z, dz/du) of an fp32 hidden chunk against weight rows [v_lo, v_hi): (tokens, v_hi - v_lo) fp32."""
+    u = h @ weight[v_lo:v_hi].to(compute).float().T
     if bias is not None:
-        z += bias[v_lo:v_hi].float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
+        u += bias[v_lo:v_hi].float()
+    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    if softcap is None:
+        return u * inv_temperature, inv_temperature
+    x = u * inv_softcap
+    # 1 / cosh^2 has no cancellation where tanh saturates (1 - tanh^2 would); cosh -> inf gives 0
+    return (float(softcap) * inv_temperature) * torch.tanh(x), torch.cosh(x).pow(-2) * inv_temperature
+
+
+def _class_weights(class_weight: Tensor | None, v_lo: int, v_hi: int, like: Tensor) -> Tensor:
+    if class_weight is None:
+        return torch.ones(v_hi - v_lo, dtype=torch.float32, device=like.device)
+    return class_weight[v_lo:v_hi].float()
 
 
 def _chunks(M: int, rows: Tensor | None, size: int):
@@ -33,79 +49,97 @@ def _chunks(M: int, rows: Tensor | None, size: int):
         yield t_lo, t_hi, (slice(t_lo, t_hi) if rows is None else rows[t_lo:t_hi])
 
 
-def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, with_stats=False,
-                token_chunk=None, vocab_chunk=None, **_):
-    """Per-token (lse, target_logit, entropy, max_logit), each (M,) float32 (see kernels.lse_forward).
+def _label_columns(y: Tensor, v_lo: int, v_hi: int) -> tuple[Tensor, Tensor]:
+    """(hit, local): which labels fall in [v_lo, v_hi), and their column there (clamped when not)."""
+    hit = (y >= v_lo) & (y < v_hi)
+    return hit, (y - v_lo).clamp(0, v_hi - v_lo - 1)
 
-    Chunk sizes default to the module's TOKEN_CHUNK / VOCAB_CHUNK (read at call time).
+
+def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
+                smoothing=False, class_weight=None, compute_dtype=None, token_chunk=None, vocab_chunk=None,
+                **_) -> ForwardStats:
+    """Per-token :class:`~dft_ops.backend_contract.ForwardStats` (see ``dft_ops.kernels.lse_forward``).
+
+    Each vocabulary chunk yields online-softmax partials (max, sum-exp,
+    entropy term, argmax) that one :func:`combine_partials` merges, exactly as
+    the Triton forward merges its vocabulary splits. Chunk sizes default to the
+    module's TOKEN_CHUNK / VOCAB_CHUNK (read at call time).
     """
+    M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                           class_weight=class_weight, compute_dtype=compute_dtype)
     token_chunk, vocab_chunk = token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
-    M, V = targets.numel(), weight.shape[0]
+    V = weight.shape[0]
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    lse, zy = torch.empty(M, **f32), torch.empty(M, **f32)
+    zy = torch.zeros(M, **f32)
+    lse = torch.empty(M, **f32)
     entropy = torch.empty(M, **f32) if with_stats else None
     max_logit = torch.empty(M, **f32) if with_stats else None
+    argmax = torch.empty(M, dtype=torch.int64, device=hidden.device) if with_stats else None
+    smooth_sum = torch.zeros(M, **f32) if smoothing else None
     for t_lo, t_hi, idx in _chunks(M, rows, token_chunk):
-        h = hidden[idx].float()
+        h = hidden[idx].to(compute).float()
         y = targets[t_lo:t_hi]
-        m = torch.full((t_hi - t_lo,), float("-inf"), **f32)
-        se = torch.zeros_like(m)
-        ent = torch.zeros_like(m)  # sum exp(z - m) * (z - m), rescaled as m grows
-        zy_chunk = torch.zeros_like(m)
+        parts = []
         for v_lo in range(0, V, vocab_chunk):
             v_hi = min(v_lo + vocab_chunk, V)
-            z = _logits(h, weight, bias, v_lo, v_hi, softcap)
-            m_new = torch.maximum(m, z.max(dim=1).values)
-            alpha = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
+            z, _ = _logits(h, weight, bias, v_lo, v_hi, compute, softcap, temperature)
+            hit, local = _label_columns(y, v_lo, v_hi)
+            zy[t_lo:t_hi] += torch.where(hit, z.gather(1, local[:, None]).squeeze(1), 0.0)
+            if smoothing:
+                u = _class_weights(class_weight, v_lo, v_hi, z)
+                # a zero weight times a -inf logit (masked vocabulary) is 0
+                smooth_sum[t_lo:t_hi] += (u * torch.where(u != 0, z, 0.0)).sum(dim=1)
+            m = z.max(dim=1).values
+            e = torch.exp(z - torch.where(m == float("-inf"), 0.0, m)[:, None])
             if with_stats:
-                # (m - m_new) * se is 0 where se is (the first chunk: m = -inf)
-                shift = torch.where(se > 0, (m - m_new) * se, torch.zeros_like(se))
-                ent = alpha * (ent + shift) + (e * (z - m_new[:, None])).sum(dim=1)
-            se = se * alpha + e.sum(dim=1)
-            m = m_new
-            hit = (y >= v_lo) & (y < v_hi)
-            local = (y - v_lo).clamp(0, v_hi - v_lo - 1)
-            zy_chunk += torch.where(hit, z.gather(1, local[:, None]).squeeze(1), 0.0)
-        zy[t_lo:t_hi] = zy_chunk
-        lse[t_lo:t_hi] = m + torch.log(se)
+                ent = (e * torch.where(e > 0, z - m[:, None], 0.0)).sum(dim=1)
+                parts.append((m, e.sum(dim=1), ent, z.argmax(dim=1) + v_lo))
+            else:
+                parts.append((m, e.sum(dim=1)))
+        lse_c, max_c, ent_c, arg_c = combine_partials(*(torch.stack(p) for p in zip(*parts)))
+        lse[t_lo:t_hi] = lse_c
         if with_stats:
-            entropy[t_lo:t_hi] = torch.log(se) - ent / se
-            max_logit[t_lo:t_hi] = m
-    return lse, zy, entropy, max_logit
+            entropy[t_lo:t_hi], max_logit[t_lo:t_hi], argmax[t_lo:t_hi] = ent_c, max_c, arg_c
+    return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth_sum)
 
 
-def grad_backward(hidden, weight, bias, targets, rows, lse, grad_scale, *, softcap=None,
-                  need_hidden=True, need_weight=True, need_bias=False, filter_eps=None,
-                  token_chunk=None, vocab_chunk=None, **_):
-    """(d_hidden, d_weight, d_bias) for logit gradients grad_scale * (softmax - onehot).
+def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
+                  temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
+                  filter_eps=None, precise=False, compute_dtype=None, token_chunk=None, vocab_chunk=None, **_):
+    """(d_hidden, d_weight, d_bias) for ``G = (a softmax - b onehot - c u) dz/du`` (see kernels.grad_backward).
 
-    ``filter_eps`` is accepted for interface parity and ignored: this backend is exact.
+    ``filter_eps`` and ``precise`` are accepted for interface parity and have
+    no effect: this backend keeps G in fp32 and never skips a block.
     """
+    M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
     token_chunk, vocab_chunk = token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
     N, D = hidden.shape
     V = weight.shape[0]
-    M = targets.numel()
+    need_bias = need_bias and bias is not None
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(N, D, **f32) if need_hidden else None
     d_weight = torch.zeros(V, D, **f32) if need_weight else None
     d_bias = torch.zeros(V, **f32) if need_bias else None
+    a_all, b_all, c_all = (t.float() if t is not None else None for t in coef)
     for t_lo, t_hi, idx in _chunks(M, rows, token_chunk):
-        scale = grad_scale[t_lo:t_hi]
-        h = hidden[idx].float()
+        a, b = a_all[t_lo:t_hi], b_all[t_lo:t_hi]
+        h = hidden[idx].to(compute).float()
         y = targets[t_lo:t_hi]
         dh = torch.zeros(t_hi - t_lo, D, **f32) if need_hidden else None
         for v_lo in range(0, V, vocab_chunk):
             v_hi = min(v_lo + vocab_chunk, V)
-            z = _logits(h, weight, bias, v_lo, v_hi, softcap)
-            g = torch.exp(z - lse[t_lo:t_hi, None])
-            hit = (y >= v_lo) & (y < v_hi)
-            g[hit, (y - v_lo)[hit]] -= 1.0
-            g *= scale[:, None]
-            if softcap is not None:
-                g *= 1.0 - (z / softcap) ** 2
+            z, slope = _logits(h, weight, bias, v_lo, v_hi, compute, softcap, temperature)
+            g = a[:, None] * torch.exp(z - lse[t_lo:t_hi, None])
+            hit, local = _label_columns(y, v_lo, v_hi)
+            g[hit, local[hit]] -= b[hit]
+            if c_all is not None:
+                g -= c_all[t_lo:t_hi, None] * _class_weights(class_weight, v_lo, v_hi, g)[None, :]
+            g *= slope
             if need_hidden:
-                dh += g @ weight[v_lo:v_hi].float()
+                dh += g @ weight[v_lo:v_hi].to(compute).float()
             if need_weight:
                 d_weight[v_lo:v_hi] += g.T @ h
             if need_bias:

@@ -1,10 +1,11 @@
 """Backward pass: gradients of hidden, weight and bias from recomputed logit tiles.
 
-The loss of every objective has the gradient ``scale_t * (softmax - onehot)``
-w.r.t. the logits of token t, where ``scale_t`` is the upstream gradient times
-the objective's detached weight (0 for ignored tokens). Each program owns one
-(BLOCK_N tokens x BLOCK_V vocabulary) tile: it rebuilds the logits exactly as
-the forward did, forms that gradient G in fp32, and adds ``G @ W`` into
+Every objective with every option (label smoothing, class weights, z-loss)
+has the logit gradient ``a_t softmax - b_t onehot - c_t u`` for token t, with
+per-token coefficients (the upstream gradient folded in; 0 for ignored tokens)
+and class weights u; soft-capping and temperature multiply it by dz/du. Each
+program owns one (BLOCK_N tokens x BLOCK_V vocabulary) tile: it rebuilds the
+logits exactly as the forward did, forms that gradient G in fp32, and adds ``G @ W`` into
 d(hidden) and ``G.T @ H`` into d(weight), BLOCK_DM columns at a time, with fp32
 atomics. Nothing of size tokens x vocabulary reaches global memory.
 
@@ -21,19 +22,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Config, Launch, Tuner, bucket, family
-from .tile import dot, logit_tile
+# absolute: transformers may import this directory as a top-level `kernels` when the
+# repository root is on sys.path (it probes for Hugging Face's kernels package)
+from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
+from .launch import Config, Launch, Tuner, bucket, family, torch_to_tl, unit_stride_inputs
+from .tile import cap_and_temper, cap_and_temper_slope, class_weights, dot, logit_tile, round_to
 
 
 @triton.jit
 def _grad_backward_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, scale_ptr, filter_ptr,
+    h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr, filter_ptr,
     dh_ptr, dw_ptr, db_ptr,
-    softcap, M, D, v_lo, v_hi,
+    softcap, inv_softcap, inv_temperature, M, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_FILTER: tl.constexpr, GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
-    GRAD_BIAS: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    GRAD_BIAS: tl.constexpr, PRECISE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr,
 ):
@@ -51,9 +56,14 @@ def _grad_backward_kernel(
 
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < M
-    scale = tl.load(scale_ptr + offs, mask=row_mask, other=0.0)
+    coef_a = tl.load(coef_a_ptr + offs, mask=row_mask, other=0.0)
+    coef_b = tl.load(coef_b_ptr + offs, mask=row_mask, other=0.0)
+    size = tl.abs(coef_a) + tl.abs(coef_b)
+    if HAS_UNIFORM:
+        coef_c = tl.load(coef_c_ptr + offs, mask=row_mask, other=0.0)
+        size += tl.abs(coef_c)
     # tiles of ignored tokens (or zero upstream gradient) add exactly nothing
-    if tl.max(tl.abs(scale), axis=0) == 0.0:
+    if tl.max(size, axis=0) == 0.0:
         return
 
     if HAS_ROWS:
@@ -67,18 +77,20 @@ def _grad_backward_kernel(
     local = tl.arange(0, BLOCK_V)
     cols = v0 + local.to(tl.int64)
     col_mask = local < v_hi - v0
+    # targets were clamped to [-1, V]: outside [0, V) matches no column
     y_local = tl.load(targets_ptr + offs, mask=row_mask, other=-1).to(tl.int32) - v0
-    z = logit_tile(
-        h_ptr, w_ptr, b_ptr, softcap, rows * stride_hn, row_mask, cols, col_mask,
+    u = logit_tile(
+        h_ptr, w_ptr, b_ptr, rows * stride_hn, row_mask, cols, col_mask,
         D, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
+        HAS_BIAS, COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
     )
-    g = tl.exp(z - lse[:, None]) - tl.where(local[None, :] == y_local[:, None], 1.0, 0.0)
-    g = g * scale[:, None]
-    if HAS_SOFTCAP:
-        # z is already capped: d(c tanh(u/c))/du = 1 - (z/c)^2
-        zc = z / softcap
-        g = g * (1.0 - zc * zc)
+    z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
+    # exp(-inf - lse) = 0: masked-vocabulary (-inf) logits get no gradient
+    g = coef_a[:, None] * tl.exp(z - lse[:, None])
+    g -= tl.where(local[None, :] == y_local[:, None], coef_b[:, None], 0.0)
+    if HAS_UNIFORM:
+        g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
+    g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
     if HAS_FILTER:
         # gradient filtering (opt-in): skip tiles whose every entry is negligible
@@ -89,42 +101,48 @@ def _grad_backward_kernel(
     if GRAD_BIAS:
         tl.atomic_add(db_ptr + local_cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
 
-    gq = g.to(h_ptr.dtype.element_ty)
+    # G is rounded to the compute dtype for the tensor-core products; PRECISE
+    # also keeps the rounding error as a second 16-bit tile (G = hi + lo to
+    # ~2^-16 relative) and adds its products too.
+    g_hi = round_to(g, COMPUTE_DTYPE)
+    g_lo = g_hi
+    if PRECISE:
+        g_lo = round_to(g - g_hi.to(tl.float32), COMPUTE_DTYPE)
     # Two passes over D rather than one: a single loop keeps G live in both
     # dot-operand layouts (G and G.T) at once, and that register pressure
     # spills. Each pass runs whole BLOCK_DM steps, then one masked ragged step.
     if GRAD_HIDDEN:
         # d_hidden[rows] += G @ W[cols]
-        _add_product(gq, w_ptr, cols * stride_wv, col_mask, stride_wd, dh_ptr, rows * stride_dhn, row_mask,
-                     D, EVEN_DM, BLOCK_N, BLOCK_DM, FP32_PRECISION)
+        _add_product(g_hi, g_lo, w_ptr, cols * stride_wv, col_mask, stride_wd, dh_ptr, rows * stride_dhn, row_mask,
+                     D, EVEN_DM, PRECISE, BLOCK_N, BLOCK_DM, FP32_PRECISION)
     if GRAD_WEIGHT:
         # d_weight[cols] += G.T @ H[rows]
-        _add_product(tl.trans(gq), h_ptr, rows * stride_hn, row_mask, stride_hd, dw_ptr, local_cols * stride_dwv,
-                     col_mask, D, EVEN_DM, BLOCK_V, BLOCK_DM, FP32_PRECISION)
+        _add_product(tl.trans(g_hi), tl.trans(g_lo), h_ptr, rows * stride_hn, row_mask, stride_hd, dw_ptr,
+                     local_cols * stride_dwv, col_mask, D, EVEN_DM, PRECISE, BLOCK_V, BLOCK_DM, FP32_PRECISION)
 
 
 @triton.jit
-def _add_product(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, D,
-                 EVEN_DM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
+def _add_product(a_hi, a_lo, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, D,
+                 EVEN_DM: tl.constexpr, PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
                  FP32_PRECISION: tl.constexpr):
-    """dst[dst_rows, :D] += a @ src[src_rows, :D], BLOCK_DM columns at a time, fp32 atomics.
+    """dst[dst_rows, :D] += (a_hi (+ a_lo)) @ src[src_rows, :D], BLOCK_DM columns at a time, fp32 atomics.
 
-    a: (BLOCK_M, K) gradient tile; src_rows: (K,) int64 element offsets of the
-    source rows; dst_rows: (BLOCK_M,) int64 offsets into the fp32 buffer (unit
-    stride along D). Whole steps carry only row masks; a ragged end of D gets one
-    peeled masked step.
+    a_hi, a_lo: (BLOCK_M, K) gradient tile (a_lo used only if PRECISE);
+    src_rows: (K,) int64 element offsets of the source rows; dst_rows:
+    (BLOCK_M,) int64 offsets into the fp32 buffer (unit stride along D).
+    Whole steps carry only row masks; a ragged end of D gets one peeled masked step.
     """
     for d in range(0, D // BLOCK_DM):
-        _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
-                          d * BLOCK_DM, D, False, BLOCK_M, BLOCK_DM, FP32_PRECISION)
+        _add_product_step(a_hi, a_lo, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
+                          d * BLOCK_DM, D, False, PRECISE, BLOCK_M, BLOCK_DM, FP32_PRECISION)
     if not EVEN_DM:
-        _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
-                          (D // BLOCK_DM) * BLOCK_DM, D, True, BLOCK_M, BLOCK_DM, FP32_PRECISION)
+        _add_product_step(a_hi, a_lo, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask,
+                          (D // BLOCK_DM) * BLOCK_DM, D, True, PRECISE, BLOCK_M, BLOCK_DM, FP32_PRECISION)
 
 
 @triton.jit
-def _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, d0, D,
-                      MASK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
+def _add_product_step(a_hi, a_lo, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst_rows, dst_mask, d0, D,
+                      MASK_D: tl.constexpr, PRECISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DM: tl.constexpr,
                       FP32_PRECISION: tl.constexpr):
     k = d0 + tl.arange(0, BLOCK_DM)
     src_m = src_mask[:, None]
@@ -133,7 +151,10 @@ def _add_product_step(a, src_ptr, src_rows, src_mask, stride_src_d, dst_ptr, dst
         src_m = src_m & (k < D)[None, :]
         dst_m = dst_m & (k < D)[None, :]
     src = tl.load(src_ptr + src_rows[:, None] + k[None, :] * stride_src_d, mask=src_m, other=0.0)
-    prod = dot(a, src, tl.zeros((BLOCK_M, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
+    src = round_to(src, a_hi.dtype)
+    prod = dot(a_hi, src, tl.zeros((BLOCK_M, BLOCK_DM), dtype=tl.float32), FP32_PRECISION)
+    if PRECISE:
+        prod = dot(a_lo, src, prod, FP32_PRECISION)
     tl.atomic_add(dst_ptr + dst_rows[:, None] + k[None, :], prod, mask=dst_m, sem="relaxed")
 
 # Only configurations that compile for sm_80 and sm_90 without spills, with every
@@ -164,36 +185,53 @@ def default_vocab_chunk(vocab: int, hidden_size: int) -> int:
     return min(vocab, rows)
 
 
-def _d_blocks(config: Config, D: int) -> dict:
+def _d_blocks(config: Config, D: int, narrow: bool) -> dict:
     """Hidden-dimension constexprs: BLOCK_DM shrinks (not below 16) until it divides D.
 
     A ragged last step in the d(hidden) / d(weight) passes keeps G live across
     extra code and spills on sm_80; every hidden size that is a multiple of 16
     avoids it this way. Sizes that are not (no vectorized loads either) take the
-    masked tail step.
+    masked tail step. ``narrow`` (an fp32 operand of 16-bit products, or the
+    precise mode's second G tile) caps BLOCK_D and BLOCK_DM at 32: the wider
+    operand tiles, or two G tiles, otherwise spill on sm_80.
     """
-    block_dm = config.blocks["BLOCK_DM"]
+    block_d, block_dm = config.blocks["BLOCK_D"], config.blocks["BLOCK_DM"]
+    if narrow:
+        block_d, block_dm = min(block_d, 32), min(block_dm, 32)
     while block_dm > 16 and D % block_dm:
         block_dm //= 2
-    return {"BLOCK_DM": block_dm, "EVEN_DM": D % block_dm == 0, "EVEN_D": D % config.blocks["BLOCK_D"] == 0}
+    return {"BLOCK_D": block_d, "BLOCK_DM": block_dm, "EVEN_DM": D % block_dm == 0, "EVEN_D": D % block_d == 0}
 
 
-def backward_launch(hidden, weight, bias, targets, rows, lse, grad_scale, filter_threshold,
-                    d_hidden, d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, softcap):
-    """The launch for vocabulary rows [v_lo, v_hi); d_weight_chunk/d_bias_chunk start at row v_lo."""
+def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight,
+                    filter_threshold, d_hidden, d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, softcap, temperature,
+                    precise, compute_dtype=None):
+    """The launch for vocabulary rows [v_lo, v_hi); d_weight_chunk/d_bias_chunk start at row v_lo.
+
+    The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
+    (:func:`dft_ops.kernels.launch.unit_stride_inputs` does both).
+    """
     M = targets.numel()
     D = hidden.shape[1]
     any_buf = lse  # stands in for pointers a flag switches off
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    precise = bool(precise) and compute != torch.float32
+    narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
+    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
     return Launch(
         kernel=_grad_backward_kernel,
         args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else weight,
+            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else any_buf,
             rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
-            scale_ptr=grad_scale, filter_ptr=filter_threshold if filter_threshold is not None else any_buf,
+            coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
+            coef_c_ptr=coef.uniform if coef.uniform is not None else any_buf,
+            cw_ptr=class_weight if class_weight is not None else any_buf,
+            filter_ptr=filter_threshold if filter_threshold is not None else any_buf,
             dh_ptr=d_hidden if d_hidden is not None else any_buf,
             dw_ptr=d_weight_chunk if d_weight_chunk is not None else any_buf,
             db_ptr=d_bias_chunk if d_bias_chunk is not None else any_buf,
-            softcap=float(softcap) if softcap is not None else 1.0, M=M, D=D, v_lo=v_lo, v_hi=v_hi,
+            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
+            inv_temperature=inv_temperature, M=M, D=D, v_lo=v_lo, v_hi=v_hi,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wd=weight.stride(1),
             stride_dhn=d_hidden.stride(0) if d_hidden is not None else 0,
@@ -201,38 +239,54 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, grad_scale, filter
         ),
         constexprs=dict(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
+            HAS_UNIFORM=coef.uniform is not None, HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
             HAS_FILTER=filter_threshold is not None, GRAD_HIDDEN=d_hidden is not None,
             GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None,
+            PRECISE=precise, COMPUTE_DTYPE=torch_to_tl(compute),
             FP32_PRECISION="tf32x3",
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
-        per_config=lambda c: _d_blocks(c, D),
+        per_config=lambda c: _d_blocks(c, D, narrow),
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
-        family=family(hidden.dtype),
+        family=family(compute),
     )
 
 
-def grad_backward(hidden, weight, bias, targets, rows, lse, grad_scale, *, softcap=None,
-                  need_hidden=True, need_weight=True, need_bias=False, filter_eps=None, vocab_chunk=None):
-    """Gradients of ``sum_t grad_scale_t * loss_t`` w.r.t. hidden, weight and bias.
+def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
+                  temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
+                  filter_eps=None, precise=False, compute_dtype=None, vocab_chunk=None):
+    """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
+
+    ``G[t, j] = (a_t softmax_tj - b_t 1[j == y_t] - c_t u_j) dz_tj/du_tj`` with
+    ``(a, b, c) = coef`` and ``u = class_weight`` (or 1); see
+    :mod:`dft_ops.backend_contract`.
 
     Args:
-        hidden, weight, bias, targets, rows, softcap: as in :func:`lse_forward`.
+        hidden, weight, bias, targets, rows, softcap, temperature: as in :func:`lse_forward`.
         lse: (M,) fp32 log-sum-exp from the forward.
-        grad_scale: (M,) fp32 per-token factor (upstream gradient x objective
-            weight); the logit gradient of token t is grad_scale_t * (softmax - onehot).
+        coef: :class:`~dft_ops.backend_contract.GradCoefficients`, each (M,)
+            float (upstream gradient already folded in); ``uniform`` None is 0.
+        class_weight: (V,) u_j of the uniform term (None: 1).
         need_hidden / need_weight / need_bias: which gradients to build.
-        filter_eps: skip a tile when every |gradient| in it is below
-            filter_eps * max|grad_scale| (None: exact).
+        filter_eps: skip a tile when every |G| in it is below
+            ``filter_eps * max_t max(|a_t|, |b_t|) / temperature`` (None: exact).
+            The uniform term is then added exactly outside the kernel (it is
+            rank one); with a softcap it is not, and filtering is off (exact).
+        precise: G goes into the products as two 16-bit parts (high + low) instead
+            of one, for elementwise-accurate gradients where terms cancel
+            (twice the product work; no effect when the products run in fp32).
+        compute_dtype: as in :func:`lse_forward`.
         vocab_chunk: vocabulary rows per launch (bounds the fp32 d(weight) buffer).
 
     Returns:
         (d_hidden (N, D) hidden.dtype | None, d_weight (V, D) weight.dtype | None,
         d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
     """
+    M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
     N, D = hidden.shape
     V = weight.shape[0]
-    M = targets.numel()
+    need_bias = need_bias and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(N, D, **f32) if need_hidden else None
     d_bias = torch.zeros(V, **f32) if need_bias else None
@@ -240,30 +294,98 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, grad_scale, *, softc
     if need_weight:
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
     if M > 0:
+        targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
+        coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
+        lse = lse.to(torch.float32).contiguous()
+        class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
+        _, inv_temperature = logit_scales(softcap, temperature)
+        if filter_eps is not None and coef.uniform is not None and softcap is not None:
+            filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
+        threshold = uniform = None
+        if filter_eps is not None:
+            size = torch.maximum(coef.softmax.abs().max(), coef.target.abs().max())
+            threshold = (size * (filter_eps * inv_temperature)).reshape(1)
+            # the kernel's skip test would drop the small, dense c_t u_j entries of every tile:
+            # add that rank-one term exactly outside instead
+            uniform = _RankOneUniform.build(hidden, weight, rows, coef.uniform, class_weight, inv_temperature,
+                                            product_dtype(hidden.dtype, weight.dtype, compute_dtype))
+            coef = coef._replace(uniform=None)
         fp32_weight = weight.dtype == torch.float32
         chunk = V if fp32_weight else (vocab_chunk or default_vocab_chunk(V, D))
         scratch = torch.empty(min(chunk, V), D, **f32) if need_weight and not fp32_weight else None
-        threshold = None
-        if filter_eps is not None:
-            threshold = (grad_scale.abs().max() * filter_eps).to(torch.float32).reshape(1)
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)
             dw = None
             if need_weight:
                 dw = d_weight[v_lo:v_hi] if fp32_weight else scratch[: v_hi - v_lo].zero_()
+            db = d_bias[v_lo:v_hi] if need_bias else None
             launch = backward_launch(
-                hidden, weight, bias, targets, rows, lse, grad_scale, threshold,
-                d_hidden, dw, d_bias[v_lo:v_hi] if need_bias else None, v_lo, v_hi, softcap=softcap,
+                hidden, weight, bias, targets, rows, lse, coef, class_weight, threshold,
+                d_hidden, dw, db, v_lo, v_hi, softcap=softcap, temperature=temperature, precise=precise,
+                compute_dtype=compute_dtype,
             )
-            key = (D, hidden.dtype, bucket(M), bias is not None, softcap is not None,
-                   need_hidden, need_weight, need_bias, filter_eps is not None)
+            key = (D, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None, softcap is not None,
+                   coef.uniform is not None, class_weight is not None, need_hidden, need_weight, need_bias,
+                   filter_eps is not None, precise)
             TUNER.run(launch, key)
+            if uniform is not None:
+                uniform.add_to_weight_rows(dw, db, v_lo, v_hi)
             if need_weight and not fp32_weight:
                 d_weight[v_lo:v_hi].copy_(dw)
+        if uniform is not None and d_hidden is not None:
+            uniform.add_to_hidden(d_hidden)
     elif need_weight and weight.dtype != torch.float32:
         d_weight.zero_()
     if d_hidden is not None and hidden.dtype != torch.float32:
         d_hidden = d_hidden.to(hidden.dtype)
-    if d_bias is not None and bias is not None and bias.dtype != torch.float32:
+    if d_bias is not None and bias.dtype != torch.float32:
         d_bias = d_bias.to(bias.dtype)
     return d_hidden, d_weight, d_bias
+
+
+class _RankOneUniform:
+    """The uniform term ``-c_t u_j / temperature`` of G without a softcap: an outer product.
+
+    Its contributions are ``d_hidden[rows_t] -= c_t (u^T W) / T``, ``d_weight[j]
+    -= u_j (c^T H[rows]) / T`` and ``d_bias[j] -= u_j sum(c) / T``: two (D,)
+    vectors (from the operands rounded to the compute dtype, as the kernel
+    sees them), built in chunks so no (M, D) or (V, D) fp32 copy exists.
+    """
+
+    _CHUNK = 4096
+
+    def __init__(self, c, u, rows, u_weight, c_hidden, scale):
+        self.c, self.u, self.rows = c, u, rows
+        self.u_weight, self.c_hidden, self.scale = u_weight, c_hidden, scale
+        self.bias_row_scale = c.sum() * scale  # a device scalar: no sync
+
+    @classmethod
+    def build(cls, hidden, weight, rows, c, class_weight, inv_temperature, compute):
+        if c is None:
+            return None
+        V, M = weight.shape[0], c.numel()
+        u = class_weight.to(torch.float32) if class_weight is not None else weight.new_ones(V, dtype=torch.float32)
+        u_weight = sum(u[lo:lo + cls._CHUNK] @ weight[lo:lo + cls._CHUNK].to(compute).float()
+                       for lo in range(0, V, cls._CHUNK))
+        c_hidden = sum(c[lo:lo + cls._CHUNK] @ hidden[_token_slice(rows, lo, lo + cls._CHUNK)].to(compute).float()
+                       for lo in range(0, M, cls._CHUNK))
+        return cls(c, u, rows, u_weight, c_hidden, -inv_temperature)
+
+    def add_to_weight_rows(self, d_weight_rows, d_bias_rows, v_lo, v_hi):
+        if d_weight_rows is not None:
+            d_weight_rows.addr_(self.u[v_lo:v_hi], self.c_hidden, alpha=self.scale)
+        if d_bias_rows is not None:
+            d_bias_rows.add_(self.u[v_lo:v_hi] * self.bias_row_scale)
+
+    def add_to_hidden(self, d_hidden):
+        M = self.c.numel()
+        for lo in range(0, M, self._CHUNK):
+            hi = min(lo + self._CHUNK, M)
+            if self.rows is None:
+                d_hidden[lo:hi].addr_(self.c[lo:hi], self.u_weight, alpha=self.scale)
+            else:
+                d_hidden.index_add_(0, self.rows[lo:hi], torch.outer(self.c[lo:hi], self.u_weight), alpha=self.scale)
+
+
+def _token_slice(rows, lo, hi):
+    return slice(lo, hi) if rows is None else rows[lo:hi]

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -23,8 +24,16 @@ def interpreting() -> bool:
 
 
 def family(dtype: torch.dtype) -> str:
-    """Tile-configuration family of an input dtype: fp32 dots (tf32x3) need smaller tiles."""
+    """Tile-configuration family of a compute dtype: fp32 dots (tf32x3) need smaller tiles."""
     return "fp32" if dtype == torch.float32 else "16bit"
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def torch_to_tl(dtype: torch.dtype):
+    """The Triton dtype of a floating torch dtype (a constexpr kernel argument)."""
+    return _TL_DTYPES[dtype]
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,19 @@ class Tuner:
             return do_bench(lambda: launch.run(config), warmup=5, rep=20, return_mode="median")
         except triton.runtime.errors.OutOfResources:
             return float("inf")
+
+
+def unit_stride_inputs(targets, rows, bias, vocab: int):
+    """(targets, rows, bias) ready for a kernel: unit stride, targets clamped to [-1, vocab].
+
+    Kernels index these O(tokens) / O(vocabulary) tensors as contiguous; a
+    caller's view (labels[:, 0], an expanded bias) is copied here, which costs
+    nothing next to the products. Clamping keeps a label outside [0, V) outside
+    after the kernel's int32 cast (2**32 + 5 would otherwise read as 5).
+    """
+    return (targets.clamp(-1, vocab).contiguous(),
+            rows.contiguous() if rows is not None else None,
+            bias.contiguous() if bias is not None else None)
 
 
 def next_power_of_2(n: int) -> int:

@@ -3,9 +3,10 @@
 Each program owns BLOCK_N tokens and one contiguous slice ("split") of the
 vocabulary. It streams that slice in BLOCK_V tiles, builds each logit tile from
 tl.dot with fp32 accumulation, and keeps an online (max, sum-exp) per token -
-plus, for the entropy, the sum of exp(z - max) * (z - max). Partials per split
-are combined in PyTorch, so global memory only ever holds O(tokens * splits)
-floats, never tokens x vocabulary.
+plus, for the statistics, the sum of exp(z - max) * (z - max) (entropy) and the
+first index of the max, and for label smoothing sum_j u_j z_j. Partials per
+split are combined in PyTorch (backend_contract.combine_partials), so global
+memory only ever holds O(tokens * splits) floats, never tokens x vocabulary.
 
 Splitting the vocabulary keeps the GPU busy when there are few token tiles
 (short sequences) and keeps the working set of weight tiles small enough for
@@ -18,22 +19,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Config, Launch, Tuner, bucket, family, interpreting
-from .tile import logit_tile
-
-# fp32 max starts here rather than at -inf so that the first rescale
-# (m_old - m_new) * sum_old is 0 * finite, not -inf * 0.
-_NEG_BIG = tl.constexpr(-1.0e30)
+# absolute: transformers may import this directory as a top-level `kernels` when the
+# repository root is on sys.path (it probes for Hugging Face's kernels package)
+from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_partials, logit_scales,
+                                     product_dtype)
+from .launch import Config, Launch, Tuner, bucket, family, interpreting, torch_to_tl, unit_stride_inputs
+from .tile import cap_and_temper, class_weights, logit_tile
 
 
 @triton.jit
 def _lse_forward_kernel(
-    h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr,
-    part_max_ptr, part_sumexp_ptr, part_ent_ptr, target_logit_ptr,
-    softcap, M, D, V, SPLITS,
+    h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, cw_ptr,
+    part_max_ptr, part_sumexp_ptr, part_ent_ptr, part_arg_ptr, part_smooth_ptr, target_logit_ptr,
+    softcap, inv_softcap, inv_temperature, M, D, V, SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
-    WITH_STATS: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    WITH_STATS: tl.constexpr, SMOOTHING: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -49,36 +51,56 @@ def _lse_forward_kernel(
     else:
         rows = offs.to(tl.int64)
     h_rows = rows * stride_hn
-    # labels < V < 2**31: int32 compares keep the (tokens x vocab) masks narrow
+    # targets were clamped to [-1, V] by the launcher: int32 compares keep the
+    # (tokens x vocab) masks narrow, and out-of-range labels never match a column
     y = tl.load(targets_ptr + offs, mask=row_mask, other=-1).to(tl.int32)
 
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), SPLITS)
     v_lo = pid_s * tiles_per_split * BLOCK_V
     v_hi = tl.minimum(v_lo + tiles_per_split * BLOCK_V, V)
 
-    m = tl.full((BLOCK_N,), _NEG_BIG, dtype=tl.float32)
+    # the running max starts at -inf (logits may all sit below any finite
+    # sentinel); `shift` below keeps every exp() argument free of -inf - -inf
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     sumexp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     ent = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m)
+    arg = tl.zeros((BLOCK_N,), dtype=tl.int32) + v_lo
+    smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum u_j * z_j
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         local = tl.arange(0, BLOCK_V)
         cols = v0 + local.to(tl.int64)
         col_mask = local < v_hi - v0
-        z = logit_tile(
-            h_ptr, w_ptr, b_ptr, softcap, h_rows, row_mask, cols, col_mask,
+        u = logit_tile(
+            h_ptr, w_ptr, b_ptr, h_rows, row_mask, cols, col_mask,
             D, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
+            HAS_BIAS, COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
         )
+        z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
         # gathered from the same tile the max is taken over, so "label is the
         # argmax" is an exact comparison later
         zy += tl.sum(tl.where(local[None, :] == (y - v0)[:, None], z, 0.0), axis=1)
+        if SMOOTHING:
+            cw = class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)
+            # a zero weight times a -inf logit (masked vocabulary) is 0
+            smooth += tl.sum(cw[None, :] * tl.where(cw[None, :] != 0.0, z, 0.0), axis=1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        tile_max = tl.max(z, axis=1)
+        m_new = tl.maximum(m, tile_max)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)
+        d = z - shift[:, None]
+        e = tl.exp(d)
         if WITH_STATS:
-            ez = e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-            ent = alpha * (ent + (m - m_new) * sumexp) + tl.sum(ez, axis=1)
+            # e == 0 covers -inf logits (0 * -inf) and masked columns
+            rescale = tl.where(sumexp > 0.0, m - shift, 0.0) * sumexp
+            ent = alpha * (ent + rescale) + tl.sum(e * tl.where(e > 0.0, d, 0.0), axis=1)
+            # first index of the tile's max. Read only where the tile raises the running max,
+            # and there shift == tile_max, so d == 0 exactly at the max (x - y == 0 iff x == y).
+            # Strictly greater: an earlier tile keeps a tie. (A min over column indices of d
+            # costs fewer registers than tl.argmax's value/index pairs on z.)
+            first = tl.min(tl.where(d == 0.0, local[None, :], BLOCK_V), axis=1)
+            arg = tl.where(tile_max > m, v0 + first, arg)
         sumexp = sumexp * alpha + tl.sum(e, axis=1)
         m = m_new
 
@@ -87,6 +109,9 @@ def _lse_forward_kernel(
     tl.store(part_sumexp_ptr + part, sumexp, mask=row_mask)
     if WITH_STATS:
         tl.store(part_ent_ptr + part, ent, mask=row_mask)
+        tl.store(part_arg_ptr + part, arg, mask=row_mask)
+    if SMOOTHING:
+        tl.store(part_smooth_ptr + part, smooth, mask=row_mask)
     tl.store(target_logit_ptr + offs, zy, mask=row_mask & (y >= v_lo) & (y < v_hi))
 
 
@@ -122,86 +147,110 @@ def default_splits(n_tokens: int, vocab: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, token_tiles), 32, triton.cdiv(vocab, 1024)))
 
 
-def forward_launch(hidden, weight, bias, targets, rows, *, softcap, with_stats, splits=None):
-    """Build the forward launch and its output buffers (see :func:`lse_forward`)."""
+def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
+    """Per-config constexprs. Statistics or smoothing keep more per-element values live after
+    the product (entropy and argmax terms, class weights): BLOCK_V is capped at 64 there, as
+    128-wide tiles spill on sm_80 (tests/test_compile.py)."""
+    block_v = min(config.blocks["BLOCK_V"], 64) if heavy_epilogue else config.blocks["BLOCK_V"]
+    return {"BLOCK_V": block_v, "EVEN_D": D % config.blocks["BLOCK_D"] == 0}
+
+
+def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature, with_stats, smoothing,
+                   class_weight, compute_dtype=None, splits=None):
+    """Build the forward launch and its output buffers (see :func:`lse_forward`).
+
+    The small per-token / per-class tensors (targets, rows, bias, class
+    weights) are made contiguous here, so the kernel reads them with unit
+    stride whatever view the caller passed (an expanded bias, a column slice
+    of labels). targets are clamped to [-1, V]: outside [0, V) stays outside.
+    """
     M = targets.numel()
     D = hidden.shape[1]
     V = weight.shape[0]
     S = splits or default_splits(M, V, hidden.device)
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
+    class_weight = class_weight.contiguous() if smoothing and class_weight is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    unused = torch.empty(1, **f32)
     out = {
         "part_max": torch.empty(S, M, **f32),
         "part_sumexp": torch.empty(S, M, **f32),
-        "part_ent": torch.empty(S, M, **f32) if with_stats else torch.empty(1, **f32),
+        "part_ent": torch.empty(S, M, **f32) if with_stats else unused,
+        "part_arg": torch.empty(S, M, dtype=torch.int32, device=hidden.device) if with_stats else unused,
+        "part_smooth": torch.empty(S, M, **f32) if smoothing else unused,
         "target_logit": torch.zeros(M, **f32),
     }
+    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
     launch = Launch(
         kernel=_lse_forward_kernel,
         args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else weight,
+            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else unused,
             rows_ptr=rows if rows is not None else targets, targets_ptr=targets,
-            part_max_ptr=out["part_max"], part_sumexp_ptr=out["part_sumexp"],
-            part_ent_ptr=out["part_ent"], target_logit_ptr=out["target_logit"],
-            softcap=float(softcap) if softcap is not None else 1.0, M=M, D=D, V=V, SPLITS=S,
+            cw_ptr=class_weight if class_weight is not None else unused,
+            part_max_ptr=out["part_max"], part_sumexp_ptr=out["part_sumexp"], part_ent_ptr=out["part_ent"],
+            part_arg_ptr=out["part_arg"], part_smooth_ptr=out["part_smooth"], target_logit_ptr=out["target_logit"],
+            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
+            inv_temperature=inv_temperature, M=M, D=D, V=V, SPLITS=S,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         ),
         constexprs=dict(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
-            WITH_STATS=with_stats, FP32_PRECISION="tf32x3",
+            WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
+            COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * S,),
-        per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0},
-        family=family(hidden.dtype),
+        per_config=lambda c: _tile_blocks(c, D, heavy_epilogue=with_stats or smoothing),
+        family=family(compute),
     )
     return launch, out
 
 
-def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, with_stats=False, splits=None):
-    """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``.
+def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
+                smoothing=False, class_weight=None, compute_dtype=None, splits=None) -> ForwardStats:
+    """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``, without logits.
 
     Args:
         hidden: (N, D) fp32/bf16/fp16, any strides.
-        weight: (V, D) same dtype as hidden.
-        bias: (V,) or None.
-        targets: (M,) int64 label of each computed token, in [0, V).
-        rows: (M,) int64 row of ``hidden`` for each computed token, or None
-            for rows 0..M-1 (then M == N).
+        weight: (V, D) fp32/bf16/fp16, any strides; may differ from hidden's
+            dtype (products then run in the 16-bit one, see
+            :func:`dft_ops.backend_contract.product_dtype`).
+        bias: (V,) any float dtype and strides, or None.
+        targets: (M,) integer label of each computed token; outside [0, V)
+            gives target_logit 0 (e.g. labels of another vocabulary shard).
+        rows: (M,) integer row of ``hidden`` for each computed token, or None
+            for rows 0..M-1 (then M == N). Any strides.
         softcap: logits become softcap * tanh(logits / softcap) when given.
-        with_stats: also return the entropy and the max logit.
+        temperature: logits are then divided by it when given.
+        with_stats: also return entropy, max logit and argmax.
+        smoothing: also return smooth_sum = sum_j u_j z_j.
+        class_weight: (V,) u_j for smooth_sum (None: 1); any float dtype.
+        compute_dtype: the dtype of the products (e.g. autocast's bf16 for
+            fp32 inputs), None for product_dtype's rule; operands are rounded
+            in registers, never copied.
         splits: vocabulary slices to split over (default: by device size).
 
     Returns:
-        (lse, target_logit, entropy, max_logit), each (M,) float32; the last
-        two are None unless ``with_stats``.
+        :class:`~dft_ops.backend_contract.ForwardStats`, each field (M,).
     """
-    M = targets.numel()
+    M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                           class_weight=class_weight, compute_dtype=compute_dtype)
     if M == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty.clone(), (empty.clone() if with_stats else None), (empty.clone() if with_stats else None)
-    launch, out = forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
-                                 with_stats=with_stats, splits=splits)
-    key = (hidden.shape[1], weight.shape[0], hidden.dtype, bucket(M), bias is not None, softcap is not None, with_stats)
+        def empty(on, dtype=torch.float32):
+            return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
+        return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
+                            empty(with_stats, torch.int64), empty(smoothing))
+    launch, out = forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                                 with_stats=with_stats, smoothing=smoothing, class_weight=class_weight,
+                                 compute_dtype=compute_dtype, splits=splits)
+    key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
+           softcap is not None, with_stats, smoothing, class_weight is not None)
     TUNER.run(launch, key)
-    return combine_splits(out["part_max"], out["part_sumexp"], out["part_ent"] if with_stats else None,
-                          out["target_logit"])
-
-
-def combine_splits(part_max, part_sumexp, part_ent, target_logit):
-    """Merge per-split online softmax partials, each (S, M), into per-token values."""
-    if part_max.shape[0] == 1:
-        max_logit, sumexp = part_max[0], part_sumexp[0]
-        ent = part_ent[0] if part_ent is not None else None
-    else:
-        max_logit = part_max.max(dim=0).values
-        delta = part_max - max_logit  # <= 0; -1e30 for empty splits
-        scale = torch.exp(delta)
-        sumexp = (part_sumexp * scale).sum(dim=0)
-        ent = (scale * (part_ent + delta * part_sumexp)).sum(dim=0) if part_ent is not None else None
-    log_sumexp = torch.log(sumexp)
-    lse = max_logit + log_sumexp
-    if ent is None:
-        return lse, target_logit, None, None
-    # H = lse - E[z] = log(sumexp) - E[z - max]: both terms O(1), no cancellation of large logits
-    entropy = log_sumexp - ent / sumexp
-    return lse, target_logit, entropy, max_logit
+    lse, max_logit, entropy, argmax = combine_partials(
+        out["part_max"], out["part_sumexp"], out["part_ent"] if with_stats else None,
+        out["part_arg"] if with_stats else None)
+    return ForwardStats(
+        lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
+        argmax=argmax, smooth_sum=out["part_smooth"].sum(dim=0) if smoothing else None,
+    )

@@ -1,9 +1,9 @@
 """Building blocks shared by the forward and backward kernels.
 
 A *logit tile* is the (BLOCK_N tokens x BLOCK_V vocabulary rows) block of
-``hidden @ weight.T (+ bias)``, soft-capped if asked, accumulated in fp32 from a
-loop over the hidden dimension. Both passes build it the same way, so the
-backward recomputes exactly the logits the forward normalised.
+``hidden @ weight.T (+ bias)``, soft-capped and tempered if asked, accumulated
+in fp32 from a loop over the hidden dimension. Both passes build it the same
+way, so the backward recomputes exactly the logits the forward normalised.
 """
 
 import os
@@ -14,8 +14,38 @@ import triton.language as tl
 # The interpreter (TRITON_INTERPRET=1) stores bfloat16 as raw uint16 bits and
 # its tl.dot multiplies those bits as integers; it also rounds fp32->bf16 by
 # truncation. Upcasting the operands of a dot to fp32 is exact (products of
-# bf16 values are exact in fp32), so under the interpreter we do that.
+# bf16 values are exact in fp32), so under the interpreter we do that, and
+# round_to() rounds to nearest-even by hand as a GPU does.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+# tanh(x) = x + x * s * P(s), s = x^2, for |x| < _TANH_SMALL: a least-squares fit in
+# float64 over [0, 0.55], within 1.1 ulp of tanh in fp32 there. Above, the
+# exponential form is within 3.2 ulp (tests/test_backends.py checks both
+# against float64 from 1e-8 to 1e3).
+_TANH_SMALL = tl.constexpr(0.55)
+_T1 = tl.constexpr(-0.3333333134651184)
+_T2 = tl.constexpr(0.13333292305469513)
+_T3 = tl.constexpr(-0.053959619253873825)
+_T4 = tl.constexpr(0.021783608943223953)
+_T5 = tl.constexpr(-0.008418790996074677)
+_T6 = tl.constexpr(0.002403673017397523)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 tile -> ``dtype``, rounding to nearest-even (as the GPU's cvt.rn does)."""
+    if INTERPRET and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        # add half an ulp of bf16 (minus one on ties to even), then drop 16 bits
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = (bits & -65536).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def to_common(a, b, COMPUTE_DTYPE: tl.constexpr):
+    """Both operands of a product in the compute dtype (no-op when they already are)."""
+    return round_to(a, COMPUTE_DTYPE), round_to(b, COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -33,26 +63,65 @@ def dot(a, b, acc, FP32_PRECISION: tl.constexpr):
 
 @triton.jit
 def tanh(x):
-    # tl has no tanh that works on every backend and the interpreter; this
-    # form saturates correctly at +-inf (exp overflow -> 1, underflow -> -1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh(x) to a few ulp at every |x|, in plain arithmetic (any backend, and the interpreter).
+
+    ``1 - 2 / (exp(2x) + 1)`` cancels at small |x| (it gives 0 at 1e-8): a
+    polynomial covers |x| < 0.55, ``(1 - e) / (1 + e)`` with e = exp(-2|x|) the
+    rest. Saturates cleanly at +-inf.
+    """
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    s = x * x
+    p = ((((_T6 * s + _T5) * s + _T4) * s + _T3) * s + _T2) * s + _T1
+    small = x + x * (s * p)
+    return tl.where(ax < _TANH_SMALL, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """Logits z = softcap * tanh(u / softcap) / temperature from raw logits u (fp32 tile).
+
+    inv_temperature is 1.0 without a temperature: one multiply, no variant.
+    """
+    if HAS_SOFTCAP:
+        return (softcap * inv_temperature) * tanh(u * inv_softcap)
+    else:
+        return u * inv_temperature
+
+
+@triton.jit
+def cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """dz/du from the logits z themselves: (1 - tanh^2) / temperature, tanh = z T / softcap.
+
+    Recomputed from z rather than kept from the forward transform: one tile fewer
+    live in the backward's registers. (1 - t)(1 + t) is exact to an ulp of 1,
+    i.e. 1e-7 absolute where the slope itself vanishes (|u| >> softcap).
+    """
+    if HAS_SOFTCAP:
+        t = z * (inv_softcap / inv_temperature)
+        return (1.0 - t) * (1.0 + t) * inv_temperature
+    else:
+        return inv_temperature
 
 
 @triton.jit
 def logit_tile(
-    h_ptr, w_ptr, b_ptr, softcap,
+    h_ptr, w_ptr, b_ptr,
     h_rows, row_mask, cols, col_mask,
     D, stride_hd, stride_wv, stride_wd,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """Logits of one tile, (BLOCK_N, BLOCK_V) fp32, before masking.
+    """Raw logits u of one tile, (BLOCK_N, BLOCK_V) fp32, before capping and masking.
 
     h_rows: (BLOCK_N,) int64 element offset of each token's row in hidden
     (row * stride); cols: (BLOCK_V,) int64 vocabulary indices. Only these
     per-row / per-column offsets live across the loop: a loop-carried tensor of
     64-bit pointers per tile element costs ~2 registers per element and spills.
+    hidden and weight tiles are rounded to COMPUTE_DTYPE in registers (mixed
+    dtypes never copy an operand in memory).
     """
     offs_d = tl.arange(0, BLOCK_D)
     w_cols = cols * stride_wv
@@ -64,6 +133,7 @@ def logit_tile(
         k = d * BLOCK_D + offs_d
         h = tl.load(h_ptr + h_rows[:, None] + k[None, :] * stride_hd, mask=row_mask[:, None], other=0.0)
         w = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wd, mask=col_mask[None, :], other=0.0)
+        h, w = to_common(h, w, COMPUTE_DTYPE)
         acc = dot(h, w, acc, FP32_PRECISION)
     if not EVEN_D:
         k = (D // BLOCK_D) * BLOCK_D + offs_d
@@ -71,9 +141,17 @@ def logit_tile(
                     mask=row_mask[:, None] & (k < D)[None, :], other=0.0)
         w = tl.load(w_ptr + w_cols[None, :] + k[:, None] * stride_wd,
                     mask=col_mask[None, :] & (k < D)[:, None], other=0.0)
+        h, w = to_common(h, w, COMPUTE_DTYPE)
         acc = dot(h, w, acc, FP32_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
     return acc
+
+
+@triton.jit
+def class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT: tl.constexpr):
+    """(BLOCK_V,) fp32 u_j: class_weight[j], or 1; 0 outside the vocabulary."""
+    if HAS_CLASS_WEIGHT:
+        return tl.load(cw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    else:
+        return tl.where(col_mask, 1.0, 0.0)

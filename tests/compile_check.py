@@ -34,6 +34,8 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 # the modules, not the launcher functions dft_ops.kernels re-exports under the same names
+from dft_ops.backend_contract import GradCoefficients
+
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
 bwd = importlib.import_module("dft_ops.kernels.grad_backward")
 
@@ -41,31 +43,45 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _inputs(dtype, D: int, features: bool):
+def _inputs(hidden_dtype, weight_dtype, D: int, features: bool):
     """Small CPU stand-ins: sizes chosen so Triton specializes them like real heads (not 1, multiples of 16 or not)."""
     N, V, M = 48, 320, 40
-    hidden = torch.randn(N, D, dtype=dtype)
-    weight = torch.randn(V, D, dtype=dtype)
-    bias = torch.randn(V, dtype=dtype) if features else None
+    hidden = torch.randn(N, D, dtype=hidden_dtype)
+    weight = torch.randn(V, D, dtype=weight_dtype)
+    bias = torch.randn(V, dtype=weight_dtype) if features else None
     targets = torch.randint(0, V, (M,))
     rows = torch.arange(M) if features else None
     return hidden, weight, bias, targets, rows
 
 
-def _launch(kernel: str, dtype, D: int, features: bool):
-    hidden, weight, bias, targets, rows = _inputs(dtype, D, features)
+def _dtypes(spec: str):
+    """(hidden, weight, requested compute dtype) of "bf16", "fp32+bf16" (hidden+weight) or "fp32+fp32>bf16"."""
+    inputs, _, compute = spec.partition(">")
+    hidden, weight = (DTYPES[d] for d in (inputs.split("+") * 2)[:2])
+    return hidden, weight, DTYPES[compute] if compute else None
+
+
+def _launch(kernel: str, dtypes: str, D: int, features: bool):
+    """The library's launch with every optional feature on (``features``) or off."""
+    hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
+    hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
+    V = weight.shape[0]
     softcap = 30.0 if features else None
+    temperature = 0.7 if features else None
+    class_weight = torch.rand(V) if features else None
     if kernel == "lse_forward":
-        launch, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
-                                       with_stats=features, splits=4)
+        launch, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                                       with_stats=features, smoothing=features, class_weight=class_weight,
+                                       compute_dtype=compute_dtype, splits=4)
         return launch
-    M, N, V = targets.numel(), hidden.shape[0], weight.shape[0]
+    M, N = targets.numel(), hidden.shape[0]
     f32 = torch.float32
-    lse, scale = torch.randn(M), torch.randn(M)
+    coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None)
     return bwd.backward_launch(
-        hidden, weight, bias, targets, rows, lse, scale, torch.ones(1) if features else None,
+        hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
+        torch.ones(1) if features else None,
         torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
-        0, V, softcap=softcap,
+        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype,
     )
 
 
@@ -95,6 +111,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 KERNELS = {"lse_forward": fwd, "grad_backward": bwd}
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",)}
+# hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
+# operands are rounded to bf16 in registers, so their wider tiles in shared memory and
+# registers must fit the 16-bit configurations too
+MIXED_DTYPES = ("fp32+bf16", "bf16+fp32", "fp32+fp32>bf16")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
 
 
@@ -103,7 +123,7 @@ def check(job) -> dict:
     config = KERNELS[kernel].CONFIGS[family][index]
     out = {"kernel": kernel, "dtype": dtype_name, "D": D, "features": features, "arch": arch, "config": str(config)}
     try:
-        launch = _launch(kernel, DTYPES[dtype_name], D, features)
+        launch = _launch(kernel, dtype_name, D, features)
         compiled = compile_launch(launch, config, GPUTarget("cuda", arch, 32))
         out.update(resource_usage(compiled.asm["cubin"]))
         out["shared_bytes"] = compiled.metadata.shared
@@ -114,8 +134,10 @@ def check(job) -> dict:
 
 
 def jobs(quick: bool):
-    """Every configuration of every kernel, for sm_80 and sm_90: with every optional feature on,
-    with none, and with a hidden size no block divides (208: the masked tail step).
+    """Every configuration of every kernel, for sm_80 and sm_90: with every optional feature on
+    (bias, softcap, temperature, rows, statistics, smoothing, class weights, the uniform term,
+    filtering, d(bias), precise), also with mixed hidden/weight dtypes, with none, and with a
+    hidden size no block divides (208: the masked tail step).
     Hidden sizes that are not multiples of 16 work but lose vectorized loads (a
     slower path, not held to the no-spill rule); real heads use multiples of 64."""
     for kernel, module in KERNELS.items():
@@ -125,6 +147,10 @@ def jobs(quick: bool):
                 for arch in (80, 90):
                     for dtype in dtypes:
                         yield kernel, family, index, dtype, 256, True, arch
+                    if not quick and family == "16bit":
+                        for dtype in MIXED_DTYPES:
+                            yield kernel, family, index, dtype, 256, True, arch
+                        yield kernel, family, index, "bf16+fp32", 256, False, arch  # plain autocast
                     if not quick:
                         yield kernel, family, index, dtypes[0], 256, False, arch
                         yield kernel, family, index, dtypes[0], 208, False, arch

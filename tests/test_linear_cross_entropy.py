@@ -127,33 +127,6 @@ def test_strided_inputs_and_frozen_weight(backend, device):
     assert rel_err(h.grad, h_ref.grad) < 1e-4
 
 
-def test_backends_agree_on_chunking_and_splits(device, monkeypatch):
-    """Several token / vocabulary chunks (torch) and vocabulary splits / chunks (triton) give the same result."""
-    from dft_ops import kernels, torch_backend
-
-    hidden, weight, labels, bias = make_inputs((50,), 36, 150, torch.float32, device, bias=True, scale=3.0)
-    valid = labels != -100
-    rows, targets = valid.nonzero().squeeze(1), labels[valid]
-    h = hidden.reshape(-1, 36)
-    ref = torch_backend.lse_forward(h, weight, bias, targets, rows, softcap=4.0, with_stats=True,
-                                    token_chunk=7, vocab_chunk=33)
-    for splits in (1, 3, 5):
-        got = kernels.lse_forward(h, weight, bias, targets, rows, softcap=4.0, with_stats=True, splits=splits)
-        for a, b in zip(got, ref):
-            assert (a - b).abs().max() < 1e-4
-    scale = torch.randn(targets.numel(), device=device)
-    lse = ref[0]
-    g_ref = torch_backend.grad_backward(h, weight, bias, targets, rows, lse, scale, softcap=4.0, need_bias=True,
-                                        token_chunk=9, vocab_chunk=40)
-    for chunk in (None, 48, 64):
-        got = kernels.grad_backward(h, weight, bias, targets, rows, lse, scale, softcap=4.0, need_bias=True,
-                                    vocab_chunk=chunk)
-        for a, b in zip(got, g_ref):
-            assert rel_err(a, b) < 1e-5
-    # rows not computed get exactly zero gradient
-    assert (g_ref[0][~valid] == 0).all()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_module_equals_functional(dtype, device):
     hidden, weight, labels, bias = make_inputs((2, 8), 16, 30, dtype, device, bias=True)

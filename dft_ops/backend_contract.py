@@ -1,0 +1,202 @@
+"""The contract both backends implement, and the PyTorch pieces they share.
+
+A backend is a module with two functions (``dft_ops.kernels`` for Triton,
+``dft_ops.torch_backend`` for chunked PyTorch)::
+
+    lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None,
+                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None) -> ForwardStats
+    grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *,
+                  softcap=None, temperature=None, class_weight=None, need_hidden=True,
+                  need_weight=True, need_bias=False, filter_eps=None, precise=False,
+                  compute_dtype=None)
+        -> (d_hidden, d_weight, d_bias)
+
+Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
+``z = softcap * tanh(u / softcap)`` if softcap, then ``z = z / temperature`` if
+temperature. The backward writes the logit gradient
+
+    G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j) * dz_tj/du_tj,
+
+``u_j = class_weight[j]`` (1 without), and accumulates ``d_hidden = G W``,
+``d_weight = G^T H``, ``d_bias = sum_t G``. Targets outside ``[0, V)`` (ignored
+tokens, or labels owned by another vocabulary shard) have no label logit (0)
+and no one-hot term.
+
+Mixed dtypes: hidden and weight may differ (autocast gives bf16 hidden states
+with an fp32 head). Both are rounded to :func:`product_dtype` of the pair (or to
+``compute_dtype`` when given: autocast's dtype for two fp32 inputs) in
+registers, never copied; accumulation is fp32 and each gradient comes back in
+its own input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ForwardStats(NamedTuple):
+    """Per-token results of ``lse_forward``; each (M,), float32 unless said.
+
+    Attributes:
+        lse: log-sum-exp of the (capped, tempered) logits.
+        target_logit: z_y, 0 where the target is outside [0, V).
+        entropy: entropy (nats) of softmax(z); with_stats only.
+        max_logit: max_j z_j; with_stats only.
+        argmax: int64, first index of the max logit; with_stats only.
+        smooth_sum: sum_j u_j z_j with u = class_weight (or 1); smoothing only.
+    """
+
+    lse: Tensor
+    target_logit: Tensor
+    entropy: Tensor | None = None
+    max_logit: Tensor | None = None
+    argmax: Tensor | None = None
+    smooth_sum: Tensor | None = None
+
+
+class GradCoefficients(NamedTuple):
+    """Per-token coefficients of the logit gradient (see the module docstring); each (M,) float32.
+
+    Attributes:
+        softmax: a_t, the factor of softmax(z_t).
+        target: b_t, the factor of the one-hot label.
+        uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
+    """
+
+    softmax: Tensor
+    target: Tensor
+    uniform: Tensor | None = None
+
+
+def product_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
+                  requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the products run in: ``requested`` if given; else fp32 only if both are, a 16-bit one otherwise.
+
+    bf16 wins over fp16 (mixing the two): it keeps fp16's range safe to cast into.
+    """
+    if requested is not None:
+        return requested
+    if hidden_dtype == weight_dtype:
+        return hidden_dtype
+    if torch.float32 in (hidden_dtype, weight_dtype):
+        return weight_dtype if hidden_dtype == torch.float32 else hidden_dtype
+    return torch.bfloat16
+
+
+def _check_vector(name: str, t, length: int, what: str, *, integer=False, device=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (length,):
+        raise ValueError(f"{name}: expected shape ({length},) ({what}), got {tuple(t.shape)}")
+    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    if not integer and not t.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device} but hidden is on {device}")
+
+
+def _check_positive(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive finite number or None, got {value!r}")
+
+
+def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, temperature=None,
+                       class_weight=None, compute_dtype=None) -> int:
+    """Validate a backend call's shapes (ValueError / TypeError naming the argument); returns M.
+
+    Only shapes, dtypes and devices: nothing that needs a device sync. Values of
+    ``rows`` must lie in [0, N) (the caller's job: the front end builds them).
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden's D={hidden.shape[1]}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device} but hidden is on {hidden.device}")
+    N, V = hidden.shape[0], weight.shape[0]
+    if not isinstance(targets, Tensor) or targets.ndim != 1:
+        raise ValueError(f"targets: expected a 1-D tensor (M,), got "
+                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}")
+    M = targets.shape[0]
+    _check_vector("targets", targets, M, "M computed tokens", integer=True, device=hidden.device)
+    if rows is None:
+        if M != N:
+            raise ValueError(f"targets: {M} targets for {N} rows of hidden; pass rows (M,) to compute a subset")
+    else:
+        _check_vector("rows", rows, M, "one row of hidden per target", integer=True, device=hidden.device)
+    if bias is not None:
+        _check_vector("bias", bias, V, "V, vocabulary size from weight", device=hidden.device)
+    if class_weight is not None:
+        _check_vector("class_weight", class_weight, V, "V, vocabulary size from weight", device=hidden.device)
+    _check_positive("softcap", softcap)
+    _check_positive("temperature", temperature)
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, "
+                        f"got {compute_dtype!r}")
+    return M
+
+
+def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softcap=None, temperature=None,
+                        class_weight=None, compute_dtype=None) -> int:
+    """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M."""
+    M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                           class_weight=class_weight, compute_dtype=compute_dtype)
+    _check_vector("lse", lse, M, "one per target", device=hidden.device)
+    if not isinstance(coef, GradCoefficients):
+        raise TypeError(f"coef: expected a GradCoefficients, got {type(coef).__name__}")
+    for field, t in zip(("softmax", "target", "uniform"), coef):
+        if t is not None or field != "uniform":
+            _check_vector(f"coef.{field}", t, M, "one per target", device=hidden.device)
+    return M
+
+
+def logit_scales(softcap, temperature) -> tuple[float, float]:
+    """(1 / softcap, 1 / temperature) as floats; 1.0 for an option that is off."""
+    return (1.0 / float(softcap) if softcap is not None else 1.0,
+            1.0 / float(temperature) if temperature is not None else 1.0)
+
+
+def combine_partials(part_max: Tensor, part_sumexp: Tensor, part_ent: Tensor | None = None,
+                     part_argmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Merge online-softmax partials of S vocabulary slices, each (S, M), into (lse, max, entropy, argmax).
+
+    Slice s holds its max ``m_s``, ``sumexp_s = sum exp(z - m_s)`` and
+    ``ent_s = sum exp(z - m_s) (z - m_s)`` over its columns, and the first index
+    of its max. Slices whose logits are all -inf (m_s = -inf, sumexp_s = 0)
+    contribute nothing: ``0 * -inf`` terms are taken as 0, never NaN.
+    Entropy is ``log S - E / S``, both terms O(1) whatever the logits' size.
+    """
+    max_logit = part_max.max(dim=0).values
+    # a finite shift even when every logit is -inf, so no -inf - -inf
+    shift = torch.where(max_logit == float("-inf"), 0.0, max_logit)
+    delta = part_max - shift
+    scale = torch.exp(delta)
+    sumexp = (part_sumexp * scale).sum(dim=0)
+    log_sumexp = torch.log(sumexp)
+    lse = max_logit + log_sumexp
+    entropy = None
+    if part_ent is not None:
+        rescaled = part_ent + torch.where(part_sumexp > 0, delta, 0.0) * part_sumexp
+        ent = (scale * rescaled).sum(dim=0)
+        entropy = log_sumexp - ent / sumexp
+    argmax = None
+    if part_argmax is not None:
+        # first index of the max: the smallest index among the slices that reach it
+        never = torch.iinfo(torch.int64).max
+        argmax = torch.where(part_max == max_logit, part_argmax.long(), never).min(dim=0).values
+    return lse, max_logit, entropy, argmax
