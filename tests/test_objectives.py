@@ -38,7 +38,7 @@ def peaked_inputs(shape, dtype, device, *, shift, bias=False, ignore_index=-100,
 
 def label_logprobs(hidden, weight, labels, bias, **opts):
     """(loss positions) float32 label log-probs from the reference, and the valid mask."""
-    keep = {k: opts[k] for k in ("shift", "softcap", "ignore_index") if k in opts}
+    keep = {k: opts[k] for k in ("shift", "softcap", "temperature", "ignore_index") if k in opts}
     _, stats = dft_ops.naive.linear_cross_entropy(hidden, weight, labels, bias=bias, return_stats=True, **keep)
     target = labels[..., 1:] if opts.get("shift") else labels
     return stats["logprob"].float(), target != opts.get("ignore_index", -100)
