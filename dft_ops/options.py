@@ -102,10 +102,11 @@ def _open_unit_interval(name, value) -> float | None:
 
 
 def _label_smoothing(name, value) -> float:
-    _check_loss_options(label_smoothing=value)
-    if value >= 1:  # eps = 1 leaves no label term at all: the uniform distribution is the target
+    value = _real(name, value, "a float in [0, 1)")
+    # narrower than loss_terms' [0, 1]: eps = 1 leaves no label term, the uniform distribution is the target
+    if not 0 <= value < 1:
         raise ValueError(f"{name}: must be in [0, 1), got {value}")
-    return float(value)
+    return value
 
 
 def _z_loss(name, value) -> float:

@@ -216,7 +216,9 @@ def test_precise_changes_how_not_what(backend, device):
                                     labels=labels, label_smoothing=0.1)
     assert torch.equal(errors[False][0], errors[True][0])
     for i in range(2):
-        assert rel_err(errors[True][1][i], ref_grads[i]) <= rel_err(errors[False][1][i], ref_grads[i]) * 1.01
+        with_precise, without = (rel_err(errors[p][1][i], ref_grads[i]) for p in (True, False))
+        # the kernels round G to bf16 unless precise; the torch backend never does (precise changes nothing)
+        assert with_precise < without if backend == "triton" else with_precise == without
 
 
 # ------------------------------------------------------------------------------------------ options object
