@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 import dft_ops
 from dft_ops import objectives as o
 from dft_ops.functional import compute_dtype
-from helpers import TOL, check_against_reference, loss_and_grads, make_inputs, rel_err
+from helpers import TOL, OutputsSeen, check_against_reference, loss_and_grads, make_inputs, rel_err
 
 BACKENDS = ["torch", "triton"]
 
@@ -252,8 +252,6 @@ def test_autocast_computes_like_nn_linear(backend, device):
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-hidden-fp32-head", "autocast"])
 def test_a_fp32_head_is_never_copied_in_16_bit(backend, autocast, device, monkeypatch):
     """No V x D bf16 copy of an fp32 head (or (N, D) of fp32 hidden states) exists in forward or backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dft_ops import torch_backend
 
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 32)
@@ -263,19 +261,10 @@ def test_a_fp32_head_is_never_copied_in_16_bit(backend, autocast, device, monkey
         hidden = hidden.bfloat16()
     hidden.requires_grad_()
     weight.requires_grad_()
-    made = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
-                    made.append(t.numel())
-            return out
-
-    with Watch(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with OutputsSeen() as watch, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, shift=True, backend=backend)
         loss.backward()
+    made = [numel for numel, dtype in watch.seen if dtype == torch.bfloat16]
     assert weight.grad.dtype == torch.float32
     # bf16 hidden states get their bf16 gradient; otherwise only the torch backend's rounded chunks of
     # 16 tokens or 32 vocabulary rows (the kernels round tiles in registers)

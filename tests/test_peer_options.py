@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import dft_ops
 from dft_ops import LossOptions
-from helpers import TOL, check_against_reference, loss_and_grads, make_inputs, rel_err
-from test_objectives import CASES, V, assert_tokens_on_both_sides, label_logprobs, peaked_inputs
+from helpers import TOL, check_against_reference, class_weights, loss_and_grads, make_inputs, rel_err
+from test_objectives import run_case_against_reference
 
 BACKENDS = ["torch", "triton"]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -37,13 +37,6 @@ CONFIGS = {
                                                    temperature=1.6, class_weight=True, precise=True,
                                                    return_stats=True),
 }
-
-
-def class_weights(V, device):
-    """Random positive class weights with a few zeros (classes that count only through smoothing)."""
-    u = torch.rand(V, device=device) * 1.5 + 0.1
-    u[::7] = 0.0
-    return u
 
 
 def mean_divisor(labels, opts):
@@ -90,20 +83,8 @@ def check_returned_values(ours, ref, hidden, weight, labels, bias, opts):
 @pytest.mark.parametrize("case", OBJECTIVES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_objective_with_the_options(backend, case, config, device):
-    opts = dict(CONFIGS[config])
-    dtype, shape = opts.pop("dtype"), opts.pop("shape")
-    hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
-                                                 bias=opts.pop("bias", False),
-                                                 ignore_index=opts.get("ignore_index", -100))
-    if opts.pop("class_weight", False):
-        opts["class_weight"] = class_weights(V, device)
-    logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
-    objective = CASES[case](logp, valid)
-    assert_tokens_on_both_sides(objective, logp, valid)
-    upstream = torch.randn(logp.shape, device=device) if opts["reduction"] == "none" else None
-    ours, ref = check_against_reference(hidden, weight, labels, bias, backend=backend, upstream=upstream,
-                                        objective=objective, **opts)
-    check_returned_values(ours, ref, hidden, weight, labels, bias, {**opts, "objective": objective})
+    ours, ref, inputs, opts = run_case_against_reference(backend, case, CONFIGS[config], device)
+    check_returned_values(ours, ref, *inputs, opts)
 
 
 OPTION_VALUES = {"label_smoothing": 0.15, "z_loss": 3e-3, "temperature": 1.7, "class_weight": True}
