@@ -1,7 +1,7 @@
 """The autograd Function joining the objective table to a backend's two passes.
 
-forward: backend.lse_forward -> loss_terms.token_loss (objective value, gradient coefficients).
-backward: upstream gradient x coefficients per token -> backend.grad_backward.
+forward: backend.lse_forward -> loss_terms.token_loss (objective value with the options, gradient
+coefficients). backward: upstream gradient x coefficients per token -> backend.grad_backward.
 
 Saved for backward: the inputs themselves (no copies) and O(tokens) floats
 (log-sum-exp, gradient coefficients) - never logits.
@@ -20,6 +20,26 @@ from .backend_contract import GradCoefficients
 from .layout import TokenLayout
 from .loss_terms import token_loss
 from .options import LossOptions
+
+
+class FunctionOutputs(NamedTuple):
+    """The Function's outputs, each (N,) and zero at the positions not computed.
+
+    ``value`` (float32) is the only differentiable one. ``logprob`` (float32)
+    is always computed; the others only with ``options.return_stats`` (else
+    None): ``entropy`` float32, ``is_top1`` bool, ``lse`` float32 (log-sum-exp
+    of the capped, tempered logits), ``predicted`` int64 (first index of the
+    largest logit), ``z_loss`` float32 (``options.z_loss * lse^2``, the part of
+    ``value`` that is z-loss; None when the option is 0).
+    """
+
+    value: Tensor
+    logprob: Tensor
+    entropy: Tensor | None = None
+    is_top1: Tensor | None = None
+    lse: Tensor | None = None
+    predicted: Tensor | None = None
+    z_loss: Tensor | None = None
 
 
 class HeadGrads(NamedTuple):
@@ -50,6 +70,15 @@ def backend_module(backend: str, device: torch.device):
     return kernels
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The float dtype autocast runs ``nn.Linear`` in on ``device`` now, or None (autocast off)."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+    return None
+
+
 def _no_autocast(device: torch.device):
     """The backends choose their own precisions: autocast must not recast their matmuls (forward or backward)."""
     try:
@@ -62,15 +91,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Per-token objective values of ``hidden @ weight.T + bias`` at the positions of a TokenLayout.
 
     ``apply(hidden, weight, bias, layout, options)``:
-        hidden (N, D), weight (V, D), bias (V,) | None, all of one float dtype;
+        hidden (N, D), weight (V, D), bias (V,) | None, float32 / bfloat16 /
+        float16, dtypes may differ (the backends round the products' operands
+        to the lower precision in registers; each gradient comes back in its
+        input's dtype); under autocast, the products run in autocast's dtype;
         layout: a :class:`~dft_ops.layout.TokenLayout` of N positions, already
         compacted (its rows and targets, in [0, V), are what the kernels compute);
-        options: :class:`~dft_ops.LossOptions` (objective, softcap, return_stats,
-        backend, filter_eps are read here; the reduction is the caller's).
+        options: :class:`~dft_ops.LossOptions`, every field but shift,
+        ignore_index (the layout's) and reduction (the caller's) read here;
+        ``class_weight`` already checked against V and hidden's device.
 
-    Outputs, all (N,) and zero at positions not computed: value (float32, the
-    only differentiable output), logprob (float32), entropy (float32 | None),
-    is_top1 (bool | None); entropy and is_top1 only with ``options.return_stats``.
+    Returns the tuple of :class:`FunctionOutputs` (``FunctionOutputs(*apply(...))``).
 
     Not twice differentiable: asking for a graph through the gradient
     (``create_graph=True``) raises a RuntimeError.
@@ -83,24 +114,30 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # every check of the objective's inputs happens here, before any kernel runs
         inputs = layout.objective_inputs(objective)
         segments = layout.segments() if objective.needs_segments else None
+        # read here, not in backward: the engine runs backward outside the autocast region
+        compute_dtype = autocast_dtype(hidden.device)
+        smoothing = options.label_smoothing > 0
         with _no_autocast(hidden.device):
             stats = backend.lse_forward(hidden, weight, bias, layout.row_targets, layout.rows,
-                                        softcap=options.softcap, with_stats=options.return_stats)
+                                        softcap=options.softcap, temperature=options.temperature,
+                                        with_stats=options.return_stats, smoothing=smoothing,
+                                        class_weight=options.class_weight if smoothing else None,
+                                        compute_dtype=compute_dtype)
         terms = token_loss(stats, layout.row_targets, objective, vocab_size=weight.shape[0], inputs=inputs,
-                           segments=segments)
-        value, logp = terms.value, terms.logp
-        target_logit, entropy, max_logit = stats.target_logit, stats.entropy, stats.max_logit
+                           segments=segments, label_smoothing=options.label_smoothing,
+                           class_weight=options.class_weight, z_loss=options.z_loss)
 
         ctx.save_for_backward(hidden, weight, bias, stats.lse, *terms.coef)
-        ctx.backend, ctx.layout, ctx.options = backend, layout, options
+        ctx.backend, ctx.layout, ctx.options, ctx.compute_dtype = backend, layout, options, compute_dtype
 
-        out_logp = layout.scatter(logp)
-        out_entropy = out_top1 = None
+        out = FunctionOutputs(layout.scatter(terms.value), layout.scatter(terms.logp))
         if options.return_stats:
-            out_entropy = layout.scatter(entropy)
-            out_top1 = layout.scatter(target_logit >= max_logit)
-        ctx.mark_non_differentiable(*[t for t in (out_logp, out_entropy, out_top1) if t is not None])
-        return layout.scatter(value), out_logp, out_entropy, out_top1
+            out = out._replace(entropy=layout.scatter(stats.entropy),
+                               is_top1=layout.scatter(stats.target_logit >= stats.max_logit),
+                               lse=layout.scatter(stats.lse), predicted=layout.scatter(stats.argmax),
+                               z_loss=None if terms.z_loss is None else layout.scatter(terms.z_loss))
+        ctx.mark_non_differentiable(*[t for t in out[1:] if t is not None])
+        return tuple(out)
 
     @staticmethod
     def backward(ctx, grad_value, *_):
@@ -121,7 +158,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with _no_autocast(hidden.device):
             d_hidden, d_weight, d_bias = ctx.backend.grad_backward(
                 hidden, weight, bias, layout.row_targets, layout.rows, lse, coef,
-                softcap=options.softcap, need_hidden=need_hidden, need_weight=need_weight,
-                need_bias=bias is not None and need_bias, filter_eps=options.filter_eps,
+                softcap=options.softcap, temperature=options.temperature,
+                class_weight=options.class_weight if coef.uniform is not None else None,
+                need_hidden=need_hidden, need_weight=need_weight, need_bias=bias is not None and need_bias,
+                filter_eps=options.filter_eps, precise=options.precise, compute_dtype=ctx.compute_dtype,
             )
         return (*HeadGrads(d_hidden, d_weight, d_bias), *_NOT_DIFFERENTIABLE)

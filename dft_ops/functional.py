@@ -3,8 +3,9 @@
 Validates the tensors (a clear TypeError/ValueError naming the argument, never
 a kernel reading out of bounds), builds the :class:`~dft_ops.LossOptions` and
 the :class:`~dft_ops.TokenLayout` of the call (causal shift, ignored tokens
-dropped from the work; the hidden states are never copied or sliced), runs the
-autograd Function on the chosen backend, and reduces.
+dropped from the work; the hidden states and the head are never copied, cast or
+sliced), runs the autograd Function on the chosen backend, reduces, and returns
+the :class:`TokenStats` when asked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import objectives as _objectives
-from .autograd import LinearCrossEntropyFunction
+from .autograd import FunctionOutputs, LinearCrossEntropyFunction, autocast_dtype
+from .backend_contract import product_dtype
 from .layout import TokenLayout, check_dense
 from .options import UNSET, LossOptions, resolve_options
 
@@ -27,9 +29,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class TokenStats(NamedTuple):
     """Per-token statistics computed in the same pass as the loss, without logits.
 
-    Each has the shape of the loss positions (labels, or labels[..., shift:]
-    with shift), is 0 / False at ignored positions and carries no gradient.
-    ``stats["entropy"]`` works as well as ``stats.entropy``.
+    Each per-token field has the shape of the loss positions (labels, or
+    labels[..., shift:] with shift), is 0 / False at ignored positions (-1 for
+    ``predicted``) and carries no gradient. ``stats["entropy"]`` works as well
+    as ``stats.entropy``; :attr:`accuracy` is the token accuracy over ``mask``.
 
     Attributes:
         logprob: float32, log-probability of the label.
@@ -38,12 +41,26 @@ class TokenStats(NamedTuple):
         mask: bool, True at the loss positions whose label is not ignored
             (what to average the other fields over); None only in a TokenStats
             built by hand.
+        lse: float32, log-sum-exp of the (soft-capped, tempered) logits: Cut
+            Cross-Entropy's ``return_lse``.
+        predicted: int64, the predicted token (first index of the largest
+            logit), -1 where ignored.
+        z_loss: float32, each token's ``z_loss * lse^2`` (included in the
+            loss), or None when the z_loss option is 0.
+        reduced_z_loss: the z-loss part of the returned loss, reduced as the
+            loss is (a float32 0-d tensor for "mean" / "sum" with the loss's
+            own divisor; per loss position for "none"), or None when z_loss is
+            0. ``loss - reduced_z_loss`` is the objective without the z-loss.
     """
 
     logprob: Tensor
     entropy: Tensor
     is_top1: Tensor
     mask: Tensor | None = None
+    lse: Tensor | None = None
+    predicted: Tensor | None = None
+    z_loss: Tensor | None = None
+    reduced_z_loss: Tensor | None = None
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -52,6 +69,14 @@ class TokenStats(NamedTuple):
 
     def keys(self):
         return self._fields
+
+    @property
+    def accuracy(self) -> Tensor:
+        """float32 0-d: the fraction of non-ignored tokens whose label is top-1 (Liger's token accuracy; 0 if none)."""
+        if self.mask is None:
+            raise ValueError("mask: these stats carry no mask (TokenStats.mask is None); average is_top1 yourself")
+        hits = (self.is_top1 & self.mask).sum(dtype=torch.float32)
+        return hits / self.mask.sum().clamp(min=1).to(torch.float32)
 
 
 def linear_cross_entropy(
@@ -69,6 +94,11 @@ def linear_cross_entropy(
     return_stats: bool = UNSET["return_stats"],
     backend: str = UNSET["backend"],
     filter_eps: float | None = UNSET["filter_eps"],
+    label_smoothing: float = UNSET["label_smoothing"],
+    z_loss: float = UNSET["z_loss"],
+    temperature: float | None = UNSET["temperature"],
+    class_weight: Tensor | None = UNSET["class_weight"],
+    precise: bool = UNSET["precise"],
     position_ids: Tensor | None = None,
     options: LossOptions | None = None,
 ):
@@ -84,8 +114,9 @@ def linear_cross_entropy(
             instance from :mod:`dft_ops.objectives`.
         ignore_index: label value to ignore (an int64).
         reduction: "mean" (sum over non-ignored tokens divided by their count,
-            or by ``num_items_in_batch``), "sum", or "none" (one value per
-            loss position, 0 where ignored).
+            by the sum of ``class_weight[label]`` over them with class
+            weights, or by ``num_items_in_batch`` when given), "sum", or "none"
+            (one value per loss position, 0 where ignored).
         num_items_in_batch: positive finite number, or a real tensor holding one
             (any device): the "mean" divisor (gradient accumulation: the token
             count of the whole batch).
@@ -99,6 +130,20 @@ def linear_cross_entropy(
         filter_eps: gradient filtering for the Triton backward: skip a
             (tokens x vocabulary) tile when every gradient entry in it is below
             ``filter_eps * max|upstream x weight|``. None (default) is exact.
+        label_smoothing: eps in [0, 1): per token ``(1 - eps) u_y l + (eps / V)
+            w sum_j u_j (-log softmax_j)`` with the objective's loss ``l`` and
+            detached weight ``w`` (DFT: ``sg(p)``), u the class weights (PyTorch's
+            label_smoothing for "ce").
+        z_loss: adds ``z_loss * lse^2`` per token, unweighted (>= 0).
+        temperature: positive float: logits <- logits / temperature, after
+            the soft-cap (TRL's temperature).
+        class_weight: (V,) floating tensor >= 0 on hidden's device, or None:
+            the label term of a token weighs ``class_weight[label]`` (PyTorch's
+            ``weight``; see ``reduction`` for the mean). Not differentiated.
+        precise: the Triton backward feeds the 16-bit gradient tile to its
+            products as a high and a low part: elementwise-accurate 16-bit
+            gradients for twice the product work (no effect on fp32 products
+            or the torch backend, which keeps the tile in fp32).
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
             Only sequence-level objectives use it; without it the sequences
@@ -106,15 +151,18 @@ def linear_cross_entropy(
         options: a :class:`dft_ops.LossOptions` holding the options above;
             option keywords given explicitly override its fields.
 
-    Dtypes: hidden, weight and bias may differ (e.g. bf16 hidden states with an
-    fp32 head, as autocast produces them): the loss is computed in the
-    16-bit dtype among them (fp32 if none), with fp32 accumulation, and each
-    gradient comes back in its own input's dtype. Under ``torch.autocast`` for
-    hidden's device, the autocast dtype is used, as ``nn.Linear`` would.
+    Dtypes: hidden and weight may differ (e.g. bf16 hidden states with an fp32
+    head, as autocast produces them): the products run in the 16-bit dtype of
+    the two (fp32 if both are), their operands rounded in registers (no copy
+    of the head), with fp32 accumulation; the bias (any float dtype) is added
+    in fp32; each gradient comes back in its own input's dtype. Under
+    ``torch.autocast`` for hidden's device the products run in the autocast
+    dtype, as ``nn.Linear``'s would.
 
     Returns:
         loss: float32 0-d tensor, or (...) per loss position with
-        reduction="none"; ``(loss, stats)`` when ``return_stats``.
+        reduction="none"; ``(loss, stats)`` (:class:`TokenStats`) when
+        ``return_stats``.
 
     Raises:
         TypeError / ValueError naming the offending argument. RuntimeError on
@@ -122,64 +170,86 @@ def linear_cross_entropy(
     """
     opts = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                            softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                           filter_eps=filter_eps)
+                           filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
+                           temperature=temperature, class_weight=class_weight, precise=precise)
     _check_tensors(hidden, weight, labels, bias)
     num_items = _check_num_items(num_items_in_batch)
     layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
     D, V = hidden.shape[-1], weight.shape[0]
-    # one device sync: label range, the computed-token count, and the Trainer's num_items_in_batch tensor
-    read = layout.compact(V, *([num_items] if isinstance(num_items, Tensor) else []))
-    if isinstance(num_items, Tensor):
-        num_items = _positive_finite_items(read[0])
+    to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
+    if opts.class_weight is not None:
+        to_read |= _check_class_weight(opts.class_weight, V, hidden.device, layout,
+                                       weighted_mean=opts.reduction == "mean" and num_items is None)
+    # one device sync: label range, the computed-token count, and the 0-d tensors to read with them
+    read = dict(zip(to_read, layout.compact(V, *to_read.values())))
+    if "num_items" in read:
+        num_items = _positive_finite_items(read["num_items"])
+    if read.get("invalid_class_weights"):
+        raise ValueError(f"class_weight: {int(read['invalid_class_weights'])} value(s) negative or not finite; "
+                         "expected finite weights >= 0")
 
-    hidden, weight, bias = _to_compute_dtype(hidden, weight, bias)
-    value, logprob, entropy, is_top1 = LinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, D), weight, bias, layout, opts)
+    out = FunctionOutputs(*LinearCrossEntropyFunction.apply(hidden.reshape(-1, D), weight, bias, layout, opts))
 
-    if opts.reduction == "none":
-        loss = layout.to_loss_positions(value)
-    elif opts.reduction == "sum":
-        loss = value.sum()
+    if num_items is not None:
+        divisor = num_items
+    elif "target_weight_sum" in read:
+        divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
     else:
-        loss = value.sum() / (max(layout.n_computed, 1) if num_items is None else num_items)
+        divisor = max(layout.n_computed, 1)
+    loss = _reduce(out.value, layout, opts.reduction, divisor)
     if not opts.return_stats:
         return loss
-    stats = TokenStats(*(layout.to_loss_positions(t) for t in (logprob, entropy, is_top1)), mask=layout.mask)
+    to_positions = layout.to_loss_positions
+    stats = TokenStats(
+        to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
+        lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
+        z_loss=None if out.z_loss is None else to_positions(out.z_loss),
+        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, opts.reduction, divisor))
     return loss, stats
 
 
+def _reduce(values: Tensor, layout: TokenLayout, reduction: str, divisor: float) -> Tensor:
+    """(N,) per-position values -> the loss's reduction ("mean" divides the sum by ``divisor``)."""
+    if reduction == "none":
+        return layout.to_loss_positions(values)
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / divisor
+
+
+def _check_class_weight(class_weight: Tensor, V: int, device, layout: TokenLayout, *,
+                        weighted_mean: bool) -> dict[str, Tensor]:
+    """Length and device now; 0-d tensors to read with the labels: invalid values, the weighted mean's divisor."""
+    if tuple(class_weight.shape) != (V,):
+        raise ValueError(f"class_weight: expected shape ({V},) (V, vocabulary size from weight), "
+                         f"got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(f"class_weight: on {class_weight.device} but hidden is on {device}; "
+                         "put it on hidden's device")
+    reads = {"invalid_class_weights": (~(torch.isfinite(class_weight) & (class_weight >= 0))).sum()}
+    if weighted_mean:
+        # PyTorch's weighted mean: sum_t u[y_t] over non-ignored tokens (labels outside [0, V) fail in compact)
+        u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
+        reads["target_weight_sum"] = torch.where(layout.valid, u, 0.0).sum()
+    return reads
+
+
 def compute_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.dtype:
-    """The dtype the loss is computed in (see linear_cross_entropy's "Dtypes").
+    """The dtype the products run in (see linear_cross_entropy's "Dtypes").
 
     Under autocast for hidden's device: the autocast dtype (what ``nn.Linear``
-    would compute in). Otherwise the 16-bit dtype among the inputs, or float32
-    when all are float32; bfloat16 with float16 has no common lower precision
-    and raises a TypeError naming the later argument.
+    would compute in). Otherwise the 16-bit dtype of hidden and weight, or
+    float32 when both are float32 (the backends' ``product_dtype``). bfloat16
+    with float16 has no common lower precision and raises a TypeError naming
+    ``weight``. The bias (any float dtype) is added in fp32 and never decides.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in _FLOAT_DTYPES:
-        return torch.get_autocast_dtype(device_type)
-    dtype = hidden.dtype
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or t.dtype == dtype or t.dtype == torch.float32:
-            continue
-        if dtype != torch.float32:
-            raise TypeError(f"{name}: dtype {t.dtype} cannot be combined with {dtype} (no common lower precision); "
-                            "cast one of them")
-        dtype = t.dtype
-    return dtype
-
-
-def _to_compute_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None):
-    """Casts the inputs to compute_dtype (differentiably: each gradient returns in its input's dtype).
-
-    Interim: the backends will take mixed dtypes themselves (no cast copy of
-    an fp32 head); until then the front end casts, as nn.Linear under autocast does.
-    """
-    dtype = compute_dtype(hidden, weight, bias)
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-    # a (V,) bias with a stride other than 1 (e.g. expanded) is copied: O(V), and every backend can assume it
-    return cast(hidden), cast(weight), None if bias is None else cast(bias).contiguous()
+    requested = autocast_dtype(hidden.device)
+    if requested is not None:
+        return requested
+    if {hidden.dtype, weight.dtype} == {torch.bfloat16, torch.float16}:
+        raise TypeError(f"weight: dtype {weight.dtype} cannot be combined with hidden's {hidden.dtype} (no common "
+                        "lower precision); cast one of them")
+    return product_dtype(hidden.dtype, weight.dtype)
 
 
 def _check_num_items(num_items_in_batch):

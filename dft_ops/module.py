@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .functional import linear_cross_entropy
-from .options import UNSET, LossOptions, resolve_options
+from .options import UNSET, LossOptions, describe, resolve_options
 
 
 class LinearCrossEntropy(nn.Module):
     """Fused linear + objective loss; options fixed (and checked) at construction.
 
-    ``LinearCrossEntropy("dft", shift=True)`` or ``LinearCrossEntropy(options=LossOptions(...))``
+    ``LinearCrossEntropy("dft", shift=True, label_smoothing=0.1)`` or
+    ``LinearCrossEntropy(options=LossOptions(...))``
     (keywords given explicitly override the fields of ``options``); the
     result is :attr:`options`.
 
@@ -19,22 +20,33 @@ class LinearCrossEntropy(nn.Module):
     num_items_in_batch=None, position_ids=None)`` returns what
     :func:`dft_ops.linear_cross_entropy` returns with these options. The
     module holds no parameters: the head's weight is passed in, so it can be
-    the model's own ``lm_head.weight``.
+    the model's own ``lm_head.weight``. ``module.to(...)`` moves (and casts)
+    ``options.class_weight`` along, like CrossEntropyLoss's ``weight``.
     """
 
     def __init__(self, objective=UNSET["objective"], *, ignore_index=UNSET["ignore_index"],
                  reduction=UNSET["reduction"], softcap=UNSET["softcap"], shift=UNSET["shift"],
                  return_stats=UNSET["return_stats"], backend=UNSET["backend"], filter_eps=UNSET["filter_eps"],
+                 label_smoothing=UNSET["label_smoothing"], z_loss=UNSET["z_loss"],
+                 temperature=UNSET["temperature"], class_weight=UNSET["class_weight"], precise=UNSET["precise"],
                  options: LossOptions | None = None):
         super().__init__()
         self.options = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                                        softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                                       filter_eps=filter_eps)
+                                       filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
+                                       temperature=temperature, class_weight=class_weight, precise=precise)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
                 num_items_in_batch=None, position_ids: Tensor | None = None):
         return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
                                     position_ids=position_ids, options=self.options)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() / .half() move class_weight with the module, as CrossEntropyLoss's weight buffer
+        super()._apply(fn, *args, **kwargs)
+        if self.options.class_weight is not None:
+            self.options = self.options.replace(class_weight=fn(self.options.class_weight))
+        return self
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_dict().items())
+        return ", ".join(f"{k}={describe(v)}" for k, v in self.options.as_dict().items())

@@ -19,7 +19,10 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
+from torch import Tensor
+
 from . import objectives as _objectives
+from .loss_terms import check_options as _check_loss_options
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -98,10 +101,49 @@ def _open_unit_interval(name, value) -> float | None:
     return value
 
 
+def _label_smoothing(name, value) -> float:
+    value = _real(name, value, "a float in [0, 1)")
+    # narrower than loss_terms' [0, 1]: eps = 1 leaves no label term, the uniform distribution is the target
+    if not 0 <= value < 1:
+        raise ValueError(f"{name}: must be in [0, 1), got {value}")
+    return value
+
+
+def _z_loss(name, value) -> float:
+    _check_loss_options(z_loss=value)
+    return float(value)
+
+
+def _class_weight(name, value) -> Tensor | None:
+    """Type, dtype and rank only: the length (V), device and values are checked per call, with the labels."""
+    if value is None:
+        return None
+    from .layout import check_dense  # layout imports this module
+
+    _check_loss_options(class_weight=value)
+    check_dense(name, value)
+    # constants of the loss, never differentiated; a tensor without grad is kept as is (the same object)
+    return value.detach() if value.requires_grad else value
+
+
+def describe(value) -> str:
+    """A short repr of an option value: a tensor by its shape, dtype and device, never its elements."""
+    if isinstance(value, Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
+    return repr(value)
+
+
+def _same(a, b) -> bool:
+    # tensors (class_weight) are the same option only as the same object: comparing values would sync
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    return a == b
+
+
 # ---------------------------------------------------------------------------------------------- the options
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class LossOptions:
     """The options of a fused linear + objective loss (see docs/api.md for each one's formula).
 
@@ -117,10 +159,23 @@ class LossOptions:
         backend: "auto", "triton" or "torch".
         filter_eps: gradient filtering threshold in (0, 1) of the Triton
             backward, or None (exact).
+        label_smoothing: eps in [0, 1): the label term weighs ``1 - eps``, a
+            uniform term over the vocabulary ``eps`` (PyTorch's label_smoothing).
+        z_loss: coefficient of the per-token ``lse^2`` regularizer (>= 0;
+            Liger's ``lse_square_scale``).
+        temperature: logits are divided by it after the soft-cap, or None.
+        class_weight: (V,) floating tensor of per-class weights >= 0, on
+            hidden's device, or None (PyTorch's cross_entropy ``weight``). Its
+            length, device and values are checked per call (with the labels'
+            single device read); it is never differentiated.
+        precise: the Triton backward feeds the 16-bit gradient tile to the
+            products as a high and a low part (elementwise-accurate gradients).
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
-    :meth:`replace` returns a checked copy with some fields changed.
+    :meth:`replace` returns a checked copy with some fields changed. Two
+    instances are equal when their fields are; ``class_weight`` (like an
+    objective) compares by identity, so no tensor is ever read to compare.
     """
 
     objective: _objectives.Objective = _option("dft", _objective)
@@ -131,10 +186,27 @@ class LossOptions:
     return_stats: bool = _option(False, _bool)
     backend: str = _option("auto", _one_of(BACKENDS))
     filter_eps: float | None = _option(None, _open_unit_interval)
+    # the peers' options (Liger, Cut Cross-Entropy, TRL, PyTorch)
+    label_smoothing: float = _option(0.0, _label_smoothing)
+    z_loss: float = _option(0.0, _z_loss)
+    temperature: float | None = _option(None, _positive_finite)
+    class_weight: Tensor | None = _option(None, _class_weight)
+    precise: bool = _option(False, _bool)
 
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_same(getattr(self, name), getattr(other, name)) for name in self.names())
+
+    def __hash__(self):
+        return hash(tuple(id(v) if isinstance(v, Tensor) else v for v in self.as_dict().values()))
+
+    def __repr__(self) -> str:
+        return f"LossOptions({', '.join(f'{k}={describe(v)}' for k, v in self.as_dict().items())})"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dft_ops
 
@@ -18,6 +19,28 @@ def make_inputs(shape, D, V, dtype, device, *, bias=False, ignore_frac=0.2, scal
         labels[torch.rand(shape, device=device) < ignore_frac] = ignore_index
     b = (torch.randn(V, device=device) * 0.5).to(dtype) if bias else None
     return hidden, weight, labels, b
+
+
+def class_weights(V, device):
+    """Random positive class weights with a few zeros (classes that count only through label smoothing)."""
+    u = torch.rand(V, device=device) * 1.5 + 0.1
+    u[::7] = 0.0
+    return u
+
+
+class OutputsSeen(TorchDispatchMode):
+    """Records every tensor a torch op produces while active, as (numel, dtype) in ``seen``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[int, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((t.numel(), t.dtype))
+        return out
 
 
 def rel_err(a, b) -> float:
@@ -49,9 +72,11 @@ def check_against_reference(hidden, weight, labels, bias, *, backend, upstream=N
     dtype = hidden.dtype
     ours, g = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, upstream,
                              labels=labels, backend=backend, **opts)
+    # options of how the fused backward computes, not of what: the reference has no such thing
+    math_opts = {k: v for k, v in opts.items() if k not in ("precise", "filter_eps")}
     ref, gr = loss_and_grads(dft_ops.naive.linear_cross_entropy, hidden.double(), weight.double(),
                              bias.double() if bias is not None else None,
-                             upstream.double() if upstream is not None else None, labels=labels, **opts)
+                             upstream.double() if upstream is not None else None, labels=labels, **math_opts)
     loss = ours[0] if isinstance(ours, tuple) else ours
     ref_loss = ref[0] if isinstance(ref, tuple) else ref
     tol = TOL[dtype] if tol is None else tol

@@ -37,12 +37,12 @@ CASES = [
     (ValueError, "weight", dict(weight=torch.randn(V, D + 1))),
     (ValueError, "weight", dict(weight=torch.randn(V))),
     (ValueError, "weight", dict(weight=torch.randn(0, D))),
-    # mixed float dtypes are fine (computed in the 16-bit one), but bf16 with fp16 has no common precision
+    # mixed float dtypes are fine (products in the 16-bit one), but bf16 with fp16 has no common precision
+    # (the bias is added in fp32: any float dtype goes)
     (TypeError, "weight", dict(hidden=torch.randn(2, 5, D, dtype=torch.float16),
                                weight=torch.randn(V, D, dtype=torch.bfloat16))),
     (TypeError, "weight", dict(weight=torch.randn(V, D, dtype=torch.float64))),
     (ValueError, "bias", dict(bias=torch.randn(V + 1))),
-    (TypeError, "bias", dict(hidden=torch.randn(2, 5, D, dtype=torch.bfloat16), bias=torch.randn(V, dtype=torch.float16))),
     (TypeError, "bias", dict(bias=torch.randn(V, dtype=torch.float64))),
     (TypeError, "bias", dict(bias=3.0)),
     (ValueError, "weight", dict(weight=torch.randn(V, D, device="meta"))),
@@ -98,6 +98,18 @@ CASES = [
     (ValueError, "position_ids", dict(position_ids=torch.zeros(2, 4, dtype=torch.long))),
     (TypeError, "position_ids", dict(position_ids=torch.zeros(2, 5))),
     (ValueError, "position_ids", dict(position_ids=torch.zeros(2, 5, dtype=torch.long, device="meta"))),
+    # class_weight: its length, device and values are checked per call, with the labels' one device read
+    (ValueError, "class_weight", dict(class_weight=torch.rand(V + 1))),
+    (ValueError, "class_weight", dict(class_weight=torch.rand(V) - 2.0)),
+    (ValueError, "class_weight", dict(class_weight=torch.rand(V).index_fill_(0, torch.tensor([3]), float("nan")))),
+    (ValueError, "class_weight", dict(class_weight=torch.rand(V).index_fill_(0, torch.tensor([7]), float("inf")),
+                                      reduction="sum")),
+    (ValueError, "class_weight", dict(class_weight=torch.rand(V, device="meta"))),
+    (TypeError, "class_weight", dict(class_weight=torch.randint(1, 3, (V,)))),
+    (ValueError, "label_smoothing", dict(label_smoothing=1.0)),
+    (ValueError, "z_loss", dict(z_loss=-1.0)),
+    (ValueError, "temperature", dict(temperature=0.0)),
+    (TypeError, "precise", dict(precise="yes")),
 ]
 
 

@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 import dft_ops
 from dft_ops import objectives as o
 from dft_ops.functional import compute_dtype
-from helpers import TOL, check_against_reference, loss_and_grads, make_inputs, rel_err
+from helpers import TOL, OutputsSeen, check_against_reference, loss_and_grads, make_inputs, rel_err
 
 BACKENDS = ["torch", "triton"]
 
@@ -195,10 +195,11 @@ def test_double_backward_raises_clearly(backend, device):
         assert torch.allclose(h.grad, g, rtol=1e-6, atol=1e-8)
 
 
-MIXED = [  # (hidden, weight, bias): autocast-style mixtures, computed in the 16-bit dtype
+MIXED = [  # (hidden, weight, bias): autocast-style mixtures; products in the 16-bit dtype, bias added in fp32
     (torch.bfloat16, torch.float32, torch.float32),
     (torch.float16, torch.float32, None),
     (torch.float32, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.float16),  # the bias's dtype decides nothing
 ]
 
 
@@ -215,8 +216,8 @@ def test_mixed_dtypes_match_reference(backend, dtypes, device):
     assert compute_dtype(hidden, weight, bias) == low
     ours, grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=labels, shift=True,
                                  backend=backend)
-    # what is computed: the inputs rounded to the 16-bit dtype, in float64
-    rounded = [t.to(low).double() for t in leaves]
+    # what is computed: hidden and weight rounded to the 16-bit dtype, the bias as given, in float64
+    rounded = [t.to(low).double() for t in leaves[:2]] + [t.double() for t in leaves[2:]]
     ref, ref_grads = loss_and_grads(dft_ops.naive.linear_cross_entropy, rounded[0], rounded[1],
                                     rounded[2] if bias is not None else None, labels=labels, shift=True)
     assert ours.dtype == torch.float32 and rel_err(ours, ref) < 1e-4
@@ -236,9 +237,36 @@ def test_autocast_computes_like_nn_linear(backend, device):
         assert compute_dtype(hidden, weight, bias) == F.linear(hidden, weight, bias).dtype == torch.bfloat16
         auto, auto_grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=labels,
                                           backend=backend)
-    # the same as casting the inputs to bf16 yourself (autocast does not leak into the backends' fp32 matmuls)
-    low, low_grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden.bfloat16(), weight.bfloat16(),
-                                    bias.bfloat16(), labels=labels, backend=backend)
+    # the products see hidden and weight rounded to bf16 (autocast's dtype), as if rounded by hand; autocast
+    # does not leak into the backends' fp32 matmuls, and nothing is cast in memory: the fp32 gradients are
+    # the fp32 accumulators themselves, which the bf16 inputs' gradients are rounded from
+    low, low_grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden.bfloat16(), weight.bfloat16(), bias,
+                                    labels=labels, backend=backend)
     assert torch.equal(auto, low)
     for g, g_low in zip(auto_grads, low_grads):
-        assert g.dtype == torch.float32 and torch.equal(g, g_low.float())
+        assert g.dtype == torch.float32 and torch.equal(g.to(g_low.dtype), g_low)
+    assert not torch.equal(auto_grads[1], low_grads[1].float())  # fp32 gradients, not bf16 ones widened
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-hidden-fp32-head", "autocast"])
+def test_a_fp32_head_is_never_copied_in_16_bit(backend, autocast, device, monkeypatch):
+    """No V x D bf16 copy of an fp32 head (or (N, D) of fp32 hidden states) exists in forward or backward."""
+    from dft_ops import torch_backend
+
+    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 32)
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 16)
+    hidden, weight, labels, bias = make_inputs((3, 17), 24, 133, torch.float32, device, bias=True, scale=4.0)
+    if not autocast:
+        hidden = hidden.bfloat16()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with OutputsSeen() as watch, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, shift=True, backend=backend)
+        loss.backward()
+    made = [numel for numel, dtype in watch.seen if dtype == torch.bfloat16]
+    assert weight.grad.dtype == torch.float32
+    # bf16 hidden states get their bf16 gradient; otherwise only the torch backend's rounded chunks of
+    # 16 tokens or 32 vocabulary rows (the kernels round tiles in registers)
+    allowed = hidden.numel() if hidden.dtype == torch.bfloat16 else 32 * hidden.shape[-1]
+    assert max(made, default=0) <= allowed < weight.numel()

@@ -15,7 +15,7 @@ import torch
 import dft_ops
 from dft_ops import objectives as o
 from dft_ops.objectives import TokenBatch
-from helpers import check_against_reference, loss_and_grads, make_inputs, rel_err
+from helpers import check_against_reference, class_weights, loss_and_grads, make_inputs, rel_err
 
 BACKENDS = ["torch", "triton"]
 D, V = 24, 67
@@ -38,7 +38,7 @@ def peaked_inputs(shape, dtype, device, *, shift, bias=False, ignore_index=-100,
 
 def label_logprobs(hidden, weight, labels, bias, **opts):
     """(loss positions) float32 label log-probs from the reference, and the valid mask."""
-    keep = {k: opts[k] for k in ("shift", "softcap", "ignore_index") if k in opts}
+    keep = {k: opts[k] for k in ("shift", "softcap", "temperature", "ignore_index") if k in opts}
     _, stats = dft_ops.naive.linear_cross_entropy(hidden, weight, labels, bias=bias, return_stats=True, **keep)
     target = labels[..., 1:] if opts.get("shift") else labels
     return stats["logprob"].float(), target != opts.get("ignore_index", -100)
@@ -130,21 +130,34 @@ def assert_tokens_on_both_sides(objective, logp, valid):
         assert (w > objective.clamp[1]).any() and (w < objective.clamp[0]).any()
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, case, config, device):
-    opts = dict(CONFIGS[config])
+def run_case_against_reference(backend, case, config, device):
+    """An objective case of CASES in a configuration, through check_against_reference.
+
+    ``config``: the options plus ``dtype``, ``shape``, ``bias`` (bool) and
+    ``class_weight`` (bool: random class weights). Returns (ours, ref,
+    (hidden, weight, labels, bias), the options used, objective included).
+    """
+    opts = dict(config)
     dtype, shape = opts.pop("dtype"), opts.pop("shape")
     hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
                                                  bias=opts.pop("bias", False),
                                                  ignore_index=opts.get("ignore_index", -100))
+    if opts.pop("class_weight", False):
+        opts["class_weight"] = class_weights(V, device)
     logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
     objective = CASES[case](logp, valid)
     assert_tokens_on_both_sides(objective, logp, valid)
     upstream = torch.randn(logp.shape, device=device) if opts["reduction"] == "none" else None
     ours, ref = check_against_reference(hidden, weight, labels, bias, backend=backend, upstream=upstream,
                                         objective=objective, **opts)
+    return ours, ref, (hidden, weight, labels, bias), {**opts, "objective": objective}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case, config, device):
+    ours, ref, _, opts = run_case_against_reference(backend, case, CONFIGS[config], device)
     if opts.get("return_stats"):  # stats do not depend on the objective
         for key in ("logprob", "entropy"):
             assert (ours[1][key].double() - ref[1][key]).abs().max() < 1e-4, key

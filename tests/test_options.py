@@ -20,6 +20,8 @@ def test_defaults_and_normalization():
     assert isinstance(opts.objective, o.DFT)
     assert (opts.ignore_index, opts.reduction, opts.softcap, opts.shift, opts.return_stats, opts.backend,
             opts.filter_eps) == (-100, "mean", None, 0, False, "auto", None)
+    assert (opts.label_smoothing, opts.z_loss, opts.temperature, opts.class_weight, opts.precise) == \
+        (0.0, 0.0, None, None, False)
     opts = LossOptions(objective="ce", shift=True, softcap=30, ignore_index=torch.tensor(3).item(), filter_eps=1e-6)
     assert isinstance(opts.objective, o.CE)
     assert opts.shift == 1 and type(opts.shift) is int
@@ -28,7 +30,11 @@ def test_defaults_and_normalization():
     power = o.Power(2.0)
     assert LossOptions(objective=power).objective is power
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
-                                   "backend", "filter_eps")
+                                   "backend", "filter_eps", "label_smoothing", "z_loss", "temperature",
+                                   "class_weight", "precise")
+    opts = LossOptions(label_smoothing=torch.tensor(0.25).item(), z_loss=1, temperature=2)
+    assert (opts.label_smoothing, opts.z_loss, opts.temperature) == (0.25, 1.0, 2.0)
+    assert type(opts.z_loss) is float and type(opts.temperature) is float
 
 
 BAD_OPTIONS = [
@@ -47,6 +53,23 @@ BAD_OPTIONS = [
     (ValueError, "backend", dict(backend="cuda")),
     (TypeError, "filter_eps", dict(filter_eps=True)),
     (ValueError, "filter_eps", dict(filter_eps=0.0)),
+    (TypeError, "label_smoothing", dict(label_smoothing="0.1")),
+    (TypeError, "label_smoothing", dict(label_smoothing=True)),
+    (ValueError, "label_smoothing", dict(label_smoothing=1.0)),
+    (ValueError, "label_smoothing", dict(label_smoothing=-0.1)),
+    (ValueError, "label_smoothing", dict(label_smoothing=float("nan"))),
+    (TypeError, "z_loss", dict(z_loss=None)),
+    (ValueError, "z_loss", dict(z_loss=-1e-4)),
+    (ValueError, "z_loss", dict(z_loss=float("inf"))),
+    (TypeError, "temperature", dict(temperature="1")),
+    (ValueError, "temperature", dict(temperature=0.0)),
+    (ValueError, "temperature", dict(temperature=float("inf"))),
+    (TypeError, "class_weight", dict(class_weight=[1.0, 2.0])),
+    (TypeError, "class_weight", dict(class_weight=torch.ones(5, dtype=torch.long))),
+    (ValueError, "class_weight", dict(class_weight=torch.ones(5, 2))),
+    (TypeError, "class_weight", dict(class_weight=torch.ones(5).to_sparse())),
+    (ValueError, "class_weight", dict(class_weight=torch.ones(5, device="meta"))),
+    (TypeError, "precise", dict(precise=1)),
 ]
 
 
@@ -84,8 +107,12 @@ def test_signature_shows_the_defaults():
     params = inspect.signature(dft_ops.linear_cross_entropy).parameters
     shown = {name: repr(params[name].default) for name in LossOptions.names()}
     assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
-                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None"}
+                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
+                     "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
+                     "precise": "False"}
     assert params["options"].default is None
+    module_params = inspect.signature(dft_ops.LinearCrossEntropy).parameters
+    assert set(LossOptions.names()) | {"options"} == set(module_params)
 
 
 def test_functional_options_and_keyword_overrides(device):
