@@ -20,6 +20,7 @@ from .backend_contract import GradCoefficients
 from .layout import TokenLayout
 from .loss_terms import token_loss
 from .options import LossOptions
+from .vocab_parallel import ShardedBackend
 
 
 class HeadGrads(NamedTuple):
@@ -66,7 +67,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         layout: a :class:`~dft_ops.layout.TokenLayout` of N positions, already
         compacted (its rows and targets, in [0, V), are what the kernels compute);
         options: :class:`~dft_ops.LossOptions` (objective, softcap, return_stats,
-        backend, filter_eps are read here; the reduction is the caller's).
+        backend, filter_eps, vocab_parallel are read here; the reduction is
+        the caller's). With ``vocab_parallel`` (checked: ``vocab_size`` set)
+        weight and bias are the rank's rows and both passes are collectives.
 
     Outputs, all (N,) and zero at positions not computed: value (float32, the
     only differentiable output), logprob (float32), entropy (float32 | None),
@@ -79,6 +82,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, layout: TokenLayout, options: LossOptions):
         backend = backend_module(options.backend, hidden.device)
+        vocab_size = weight.shape[0]
+        if options.vocab_parallel is not None:  # weight holds rows of a vocabulary split over ranks
+            backend, vocab_size = ShardedBackend(backend, options.vocab_parallel), options.vocab_parallel.vocab_size
         objective = options.objective
         # every check of the objective's inputs happens here, before any kernel runs
         inputs = layout.objective_inputs(objective)
@@ -86,7 +92,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with _no_autocast(hidden.device):
             stats = backend.lse_forward(hidden, weight, bias, layout.row_targets, layout.rows,
                                         softcap=options.softcap, with_stats=options.return_stats)
-        terms = token_loss(stats, layout.row_targets, objective, vocab_size=weight.shape[0], inputs=inputs,
+        terms = token_loss(stats, layout.row_targets, objective, vocab_size=vocab_size, inputs=inputs,
                            segments=segments)
         value, logp = terms.value, terms.logp
         target_logit, entropy, max_logit = stats.target_logit, stats.entropy, stats.max_logit

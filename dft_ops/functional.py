@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from . import objectives as _objectives
+from . import vocab_parallel as _vocab_parallel
 from .autograd import LinearCrossEntropyFunction
+from .dtensor_inputs import localize
 from .layout import TokenLayout, check_dense
 from .options import UNSET, LossOptions, resolve_options
 
@@ -69,6 +71,7 @@ def linear_cross_entropy(
     return_stats: bool = UNSET["return_stats"],
     backend: str = UNSET["backend"],
     filter_eps: float | None = UNSET["filter_eps"],
+    vocab_parallel: _vocab_parallel.VocabParallel | None = UNSET["vocab_parallel"],
     position_ids: Tensor | None = None,
     options: LossOptions | None = None,
 ):
@@ -99,12 +102,21 @@ def linear_cross_entropy(
         filter_eps: gradient filtering for the Triton backward: skip a
             (tokens x vocabulary) tile when every gradient entry in it is below
             ``filter_eps * max|upstream x weight|``. None (default) is exact.
+        vocab_parallel: a :class:`dft_ops.VocabParallel`: ``weight`` (and
+            ``bias``) are this rank's rows [start, stop) of a head split over a
+            process group, labels are global ids, and the result is the whole
+            vocabulary's on every rank (a collective: every rank calls it with
+            the same hidden states and labels). See docs/distributed.md.
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
             Only sequence-level objectives use it; without it the sequences
             are the rows of labels.
         options: a :class:`dft_ops.LossOptions` holding the options above;
             option keywords given explicitly override its fields.
+
+    DTensors: a ``Shard(0)`` weight (and bias) is the vocabulary-parallel loss
+    over its mesh; ``Replicate()`` DTensors are computed on their local
+    tensors; each gradient keeps its input's placement (docs/distributed.md).
 
     Dtypes: hidden, weight and bias may differ (e.g. bf16 hidden states with an
     fp32 head, as autocast produces them): the loss is computed in the
@@ -122,11 +134,14 @@ def linear_cross_entropy(
     """
     opts = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                            softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                           filter_eps=filter_eps)
-    _check_tensors(hidden, weight, labels, bias)
+                           filter_eps=filter_eps, vocab_parallel=vocab_parallel)
+    hidden, weight, bias, labels, split = localize(hidden, weight, bias, labels, opts.vocab_parallel)
+    _check_tensors(hidden, weight, labels, bias, vocab_rows=split is not None)
     num_items = _check_num_items(num_items_in_batch)
     layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
-    D, V = hidden.shape[-1], weight.shape[0]
+    split = _vocab_parallel.check_group(split, hidden, weight, labels)
+    opts = opts if split is opts.vocab_parallel else opts.replace(vocab_parallel=split)
+    D, V = hidden.shape[-1], weight.shape[0] if split is None else split.vocab_size
     # one device sync: label range, the computed-token count, and the Trainer's num_items_in_batch tensor
     read = layout.compact(V, *([num_items] if isinstance(num_items, Tensor) else []))
     if isinstance(num_items, Tensor):
@@ -212,7 +227,8 @@ def _positive_finite_items(value: float) -> float:
     return value
 
 
-def _check_tensors(hidden, weight, labels, bias) -> None:
+def _check_tensors(hidden, weight, labels, bias, vocab_rows: bool = False) -> None:
+    """``vocab_rows``: weight holds some rows of a vocabulary split over ranks (possibly none)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)):
         if name == "bias" and t is None:
             continue
@@ -232,7 +248,7 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size D={hidden.shape[-1]}; "
                          "expected (V, D)")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not vocab_rows:
         raise ValueError("weight: vocabulary size V (first dimension) is 0")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden's leading shape "

@@ -25,11 +25,11 @@ class LinearCrossEntropy(nn.Module):
     def __init__(self, objective=UNSET["objective"], *, ignore_index=UNSET["ignore_index"],
                  reduction=UNSET["reduction"], softcap=UNSET["softcap"], shift=UNSET["shift"],
                  return_stats=UNSET["return_stats"], backend=UNSET["backend"], filter_eps=UNSET["filter_eps"],
-                 options: LossOptions | None = None):
+                 vocab_parallel=UNSET["vocab_parallel"], options: LossOptions | None = None):
         super().__init__()
         self.options = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                                        softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                                       filter_eps=filter_eps)
+                                       filter_eps=filter_eps, vocab_parallel=vocab_parallel)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
                 num_items_in_batch=None, position_ids: Tensor | None = None):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from . import objectives as _objectives
+from .vocab_parallel import VocabParallel
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -98,6 +99,12 @@ def _open_unit_interval(name, value) -> float | None:
     return value
 
 
+def _vocab_parallel(name, value) -> VocabParallel | None:
+    if value is not None and not isinstance(value, VocabParallel):
+        raise TypeError(f"{name}: expected a dft_ops.VocabParallel or None, got {type(value).__name__}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- the options
 
 
@@ -117,6 +124,8 @@ class LossOptions:
         backend: "auto", "triton" or "torch".
         filter_eps: gradient filtering threshold in (0, 1) of the Triton
             backward, or None (exact).
+        vocab_parallel: a :class:`dft_ops.VocabParallel` (the weight and bias
+            are this rank's rows of a head split over a process group), or None.
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
@@ -131,6 +140,7 @@ class LossOptions:
     return_stats: bool = _option(False, _bool)
     backend: str = _option("auto", _one_of(BACKENDS))
     filter_eps: float | None = _option(None, _open_unit_interval)
+    vocab_parallel: VocabParallel | None = _option(None, _vocab_parallel)
 
     def __post_init__(self):
         for f in fields(self):

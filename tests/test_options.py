@@ -28,7 +28,7 @@ def test_defaults_and_normalization():
     power = o.Power(2.0)
     assert LossOptions(objective=power).objective is power
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
-                                   "backend", "filter_eps")
+                                   "backend", "filter_eps", "vocab_parallel")
 
 
 BAD_OPTIONS = [
@@ -47,6 +47,7 @@ BAD_OPTIONS = [
     (ValueError, "backend", dict(backend="cuda")),
     (TypeError, "filter_eps", dict(filter_eps=True)),
     (ValueError, "filter_eps", dict(filter_eps=0.0)),
+    (TypeError, "vocab_parallel", dict(vocab_parallel=(0, 10))),
 ]
 
 
@@ -84,7 +85,8 @@ def test_signature_shows_the_defaults():
     params = inspect.signature(dft_ops.linear_cross_entropy).parameters
     shown = {name: repr(params[name].default) for name in LossOptions.names()}
     assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
-                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None"}
+                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
+                     "vocab_parallel": "None"}
     assert params["options"].default is None
 
 
