@@ -15,12 +15,13 @@ from .functional import TokenStats, linear_cross_entropy
 from .layout import TokenLayout
 from .module import LinearCrossEntropy
 from .options import LossOptions
+from .vocab_parallel import VocabParallel
 from .integrations.trl import patch_sft_trainer
 from .patching import PatchError, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "TokenLayout", "TokenStats", "objectives", "naive", "torch_backend",
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "VocabParallel", "TokenLayout", "TokenStats", "objectives", "naive", "torch_backend",
            "patch", "unpatch", "PatchError", "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
 
 

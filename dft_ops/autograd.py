@@ -20,6 +20,7 @@ from .backend_contract import GradCoefficients
 from .layout import TokenLayout
 from .loss_terms import token_loss
 from .options import LossOptions
+from .vocab_parallel import ShardedBackend
 
 
 class FunctionOutputs(NamedTuple):
@@ -100,6 +101,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         options: :class:`~dft_ops.LossOptions`, every field but shift,
         ignore_index (the layout's) and reduction (the caller's) read here;
         ``class_weight`` already checked against V and hidden's device.
+        With ``vocab_parallel`` (checked: ``vocab_size`` set) weight, bias and
+        the backends' share of ``class_weight`` are the rank's rows and both
+        passes are collectives; ``class_weight`` itself is the whole (V,) vector.
 
     Returns the tuple of :class:`FunctionOutputs` (``FunctionOutputs(*apply(...))``).
 
@@ -110,6 +114,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, layout: TokenLayout, options: LossOptions):
         backend = backend_module(options.backend, hidden.device)
+        vocab_size = weight.shape[0]
+        if options.vocab_parallel is not None:  # weight holds rows of a vocabulary split over ranks
+            backend, vocab_size = ShardedBackend(backend, options.vocab_parallel), options.vocab_parallel.vocab_size
         objective = options.objective
         # every check of the objective's inputs happens here, before any kernel runs
         inputs = layout.objective_inputs(objective)
@@ -123,7 +130,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                         with_stats=options.return_stats, smoothing=smoothing,
                                         class_weight=options.class_weight if smoothing else None,
                                         compute_dtype=compute_dtype)
-        terms = token_loss(stats, layout.row_targets, objective, vocab_size=weight.shape[0], inputs=inputs,
+        terms = token_loss(stats, layout.row_targets, objective, vocab_size=vocab_size, inputs=inputs,
                            segments=segments, label_smoothing=options.label_smoothing,
                            class_weight=options.class_weight, z_loss=options.z_loss)
 

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from . import objectives as _objectives
+from . import vocab_parallel as _vocab_parallel
 from .autograd import FunctionOutputs, LinearCrossEntropyFunction, autocast_dtype
 from .backend_contract import product_dtype
+from .dtensor_inputs import localize
 from .layout import TokenLayout, check_dense
 from .options import UNSET, LossOptions, resolve_options
 
@@ -99,6 +101,7 @@ def linear_cross_entropy(
     temperature: float | None = UNSET["temperature"],
     class_weight: Tensor | None = UNSET["class_weight"],
     precise: bool = UNSET["precise"],
+    vocab_parallel: _vocab_parallel.VocabParallel | None = UNSET["vocab_parallel"],
     position_ids: Tensor | None = None,
     options: LossOptions | None = None,
 ):
@@ -144,12 +147,22 @@ def linear_cross_entropy(
             products as a high and a low part: elementwise-accurate 16-bit
             gradients for twice the product work (no effect on fp32 products
             or the torch backend, which keeps the tile in fp32).
+        vocab_parallel: a :class:`dft_ops.VocabParallel`: ``weight`` (and
+            ``bias``) are this rank's rows [start, stop) of a head split over a
+            process group, labels are global ids, and the result is the whole
+            vocabulary's on every rank (a collective: every rank calls it with
+            the same hidden states and labels). ``class_weight`` stays the whole
+            (V,) vector. See docs/distributed.md.
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
             Only sequence-level objectives use it; without it the sequences
             are the rows of labels.
         options: a :class:`dft_ops.LossOptions` holding the options above;
             option keywords given explicitly override its fields.
+
+    DTensors: a ``Shard(0)`` weight (and bias) is the vocabulary-parallel loss
+    over its mesh; ``Replicate()`` DTensors are computed on their local
+    tensors; each gradient keeps its input's placement (docs/distributed.md).
 
     Dtypes: hidden and weight may differ (e.g. bf16 hidden states with an fp32
     head, as autocast produces them): the products run in the 16-bit dtype of
@@ -171,11 +184,15 @@ def linear_cross_entropy(
     opts = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                            softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
                            filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
-                           temperature=temperature, class_weight=class_weight, precise=precise)
-    _check_tensors(hidden, weight, labels, bias)
+                           temperature=temperature, class_weight=class_weight, precise=precise,
+                           vocab_parallel=vocab_parallel)
+    hidden, weight, bias, labels, split = localize(hidden, weight, bias, labels, opts.vocab_parallel)
+    _check_tensors(hidden, weight, labels, bias, vocab_rows=split is not None)
     num_items = _check_num_items(num_items_in_batch)
     layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
-    D, V = hidden.shape[-1], weight.shape[0]
+    split = _vocab_parallel.check_group(split, hidden, weight, labels)
+    opts = opts if split is opts.vocab_parallel else opts.replace(vocab_parallel=split)
+    D, V = hidden.shape[-1], weight.shape[0] if split is None else split.vocab_size
     to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
     if opts.class_weight is not None:
         to_read |= _check_class_weight(opts.class_weight, V, hidden.device, layout,
@@ -221,7 +238,7 @@ def _check_class_weight(class_weight: Tensor, V: int, device, layout: TokenLayou
                         weighted_mean: bool) -> dict[str, Tensor]:
     """Length and device now; 0-d tensors to read with the labels: invalid values, the weighted mean's divisor."""
     if tuple(class_weight.shape) != (V,):
-        raise ValueError(f"class_weight: expected shape ({V},) (V, vocabulary size from weight), "
+        raise ValueError(f"class_weight: expected shape ({V},) (V, the whole vocabulary's size), "
                          f"got {tuple(class_weight.shape)}")
     if class_weight.device != device:
         raise ValueError(f"class_weight: on {class_weight.device} but hidden is on {device}; "
@@ -282,7 +299,8 @@ def _positive_finite_items(value: float) -> float:
     return value
 
 
-def _check_tensors(hidden, weight, labels, bias) -> None:
+def _check_tensors(hidden, weight, labels, bias, vocab_rows: bool = False) -> None:
+    """``vocab_rows``: weight holds some rows of a vocabulary split over ranks (possibly none)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)):
         if name == "bias" and t is None:
             continue
@@ -302,7 +320,7 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size D={hidden.shape[-1]}; "
                          "expected (V, D)")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not vocab_rows:
         raise ValueError("weight: vocabulary size V (first dimension) is 0")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden's leading shape "

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import objectives as _objectives
 from .loss_terms import check_options as _check_loss_options
+from .vocab_parallel import VocabParallel
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -140,6 +141,12 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _vocab_parallel(name, value) -> VocabParallel | None:
+    if value is not None and not isinstance(value, VocabParallel):
+        raise TypeError(f"{name}: expected a dft_ops.VocabParallel or None, got {type(value).__name__}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- the options
 
 
@@ -170,6 +177,8 @@ class LossOptions:
             single device read); it is never differentiated.
         precise: the Triton backward feeds the 16-bit gradient tile to the
             products as a high and a low part (elementwise-accurate gradients).
+        vocab_parallel: a :class:`dft_ops.VocabParallel` (the weight and bias
+            are this rank's rows of a head split over a process group), or None.
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
@@ -192,6 +201,7 @@ class LossOptions:
     temperature: float | None = _option(None, _positive_finite)
     class_weight: Tensor | None = _option(None, _class_weight)
     precise: bool = _option(False, _bool)
+    vocab_parallel: VocabParallel | None = _option(None, _vocab_parallel)
 
     def __post_init__(self):
         for f in fields(self):

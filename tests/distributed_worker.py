@@ -14,20 +14,18 @@ world size, because DDP / FSDP / DeepSpeed average gradients across ranks.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import re
 import sys
 import tempfile
-import traceback
 
 import torch
 import torch.distributed as dist
 
 import dft_ops
 from helpers import rel_err  # tests/ is this script's directory, so first on sys.path
+from rank_harness import serve
 
+SCRATCH = tempfile.gettempdir()  # the results' directory, shared by the ranks (set by main)
 V, SEQ, BATCH = 131, 13, 4  # vocabulary and sequence length: not multiples of any block size
 OBJECTIVE = "dft"
 
@@ -196,8 +194,22 @@ def deepspeed_zero(stage, patch="before", tied=False):
     return run
 
 
-def tensor_parallel_head():
-    """A ColwiseParallel (vocabulary-sharded) head: not supported yet, so the patched model must refuse it clearly."""
+def whole_batch(model):
+    """Forward and backward of the whole batch on every rank (tensor parallelism: the ranks split the layers' work)."""
+    from torch.distributed.tensor import Shard
+
+    input_ids, labels = global_batch()
+    loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=n_items(labels)).loss
+    loss.backward()
+    placements = model.lm_head.weight.grad.placements
+    if placements != (Shard(0),):  # the head's gradient stays the rank's rows
+        raise AssertionError(f"lm_head.weight.grad placements {placements}")
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def tensor_parallel_head(replicated_output=False):
+    """torch's ColwiseParallel on lm_head (a vocabulary-sharded DTensor head, the input a replicated DTensor):
+    the patched model computes the vocabulary-parallel loss; the head's output sharded (the default) or gathered."""
 
     def run(rank, world):
         from torch.distributed.device_mesh import init_device_mesh
@@ -205,13 +217,31 @@ def tensor_parallel_head():
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
         model = tiny_qwen2()
-        parallelize_module(model, init_device_mesh("cpu", (world,)),
-                           {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+        style = ColwiseParallel(output_layouts=Replicate()) if replicated_output else ColwiseParallel()
+        parallelize_module(model, init_device_mesh("cpu", (world,)), {"lm_head": style})
         dft_ops.patch(model, objective=OBJECTIVE)
-        input_ids, labels = global_batch()
-        model(input_ids=input_ids, labels=labels)
+        return whole_batch(model)
 
-    run.expect_error = (NotImplementedError, "^model: the output head's weight is a DTensor")
+    return run
+
+
+def tp_plan_auto():
+    """transformers' tensor parallelism (from_pretrained(tp_plan="auto")): every linear layer and the embedding
+    sharded, lm_head ColwiseParallel ("colwise_gather_output") with a Shard(0) DTensor weight."""
+
+    def run(rank, world):
+        import transformers
+
+        path = os.path.join(SCRATCH, "tiny-qwen2")
+        if rank == 0:
+            tiny_qwen2().save_pretrained(path)
+        dist.barrier()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).train()
+        if "lm_head" not in (getattr(model, "_tp_plan", None) or {}):
+            raise AssertionError(f"lm_head is not in the model's tensor-parallel plan {model._tp_plan}")
+        dft_ops.patch(model, objective=OBJECTIVE)
+        return whole_batch(model)
+
     return run
 
 
@@ -287,7 +317,9 @@ CASES = {
     "zero3": deepspeed_zero(3),
     "zero3-patch-engine": deepspeed_zero(3, patch="after"),
     "zero3-tied": deepspeed_zero(3, tied=True),
-    "tensor-parallel-head-refused": tensor_parallel_head(),
+    "tp-colwise-head": tensor_parallel_head(),
+    "tp-colwise-head-replicated-output": tensor_parallel_head(replicated_output=True),
+    "tp-plan-auto": tp_plan_auto(),
     "accelerate-ddp": accelerate_ddp(),
     "trainer-ddp": trainer_ddp(),
 }
@@ -306,35 +338,9 @@ def compare(run, loss, grads) -> dict:
 
 
 def main(out_path: str, names: list[str]) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # a rank that fails inside a collective must not leave the other waiting forever
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
-    results = {}
-    for name in names:
-        run = CASES[name]
-        expected, pattern = getattr(run, "expect_error", (None, None))
-        try:
-            outcome = run(rank, world)
-            if expected is None:
-                results[name] = compare(run, *outcome)
-            else:
-                results[name] = {"error": f"rank {rank}: expected {expected.__name__} matching {pattern!r}, "
-                                          "nothing raised"}
-        except Exception as exc:
-            if expected is not None and isinstance(exc, expected) and re.search(pattern, str(exc)):
-                results[name] = {"raised": f"{type(exc).__name__}: {exc}"}
-            else:  # reported per case by the test; the next case still runs
-                results[name] = {"error": f"rank {rank}: {traceback.format_exc()}"}
-        dist.barrier()
-    errors = [None] * world
-    dist.all_gather_object(errors, {n: r["error"] for n, r in results.items() if "error" in r})
-    if rank == 0:
-        for other in errors:  # an error on any rank fails the case
-            for name, message in other.items():
-                results[name] = {"error": message}
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.destroy_process_group()
+    global SCRATCH
+    SCRATCH = os.path.dirname(os.path.abspath(out_path))
+    serve(out_path, names, CASES, compare)
 
 
 if __name__ == "__main__":

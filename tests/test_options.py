@@ -31,7 +31,7 @@ def test_defaults_and_normalization():
     assert LossOptions(objective=power).objective is power
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
                                    "backend", "filter_eps", "label_smoothing", "z_loss", "temperature",
-                                   "class_weight", "precise")
+                                   "class_weight", "precise", "vocab_parallel")
     opts = LossOptions(label_smoothing=torch.tensor(0.25).item(), z_loss=1, temperature=2)
     assert (opts.label_smoothing, opts.z_loss, opts.temperature) == (0.25, 1.0, 2.0)
     assert type(opts.z_loss) is float and type(opts.temperature) is float
@@ -70,6 +70,7 @@ BAD_OPTIONS = [
     (TypeError, "class_weight", dict(class_weight=torch.ones(5).to_sparse())),
     (ValueError, "class_weight", dict(class_weight=torch.ones(5, device="meta"))),
     (TypeError, "precise", dict(precise=1)),
+    (TypeError, "vocab_parallel", dict(vocab_parallel=(0, 10))),
 ]
 
 
@@ -109,7 +110,7 @@ def test_signature_shows_the_defaults():
     assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
                      "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
                      "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
-                     "precise": "False"}
+                     "precise": "False", "vocab_parallel": "None"}
     assert params["options"].default is None
     module_params = inspect.signature(dft_ops.LinearCrossEntropy).parameters
     assert set(LossOptions.names()) | {"options"} == set(module_params)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..callbacks import recorder_of
+from ..dtensor_inputs import like_linear_output, local
 from ..functional import linear_cross_entropy
 from .head import check_head, forward_slot, output_head, replaced_attribute
 
@@ -66,8 +67,9 @@ class FusedCall:
         """Replaces the head's forward: computes the loss, returns an empty ``(..., 0)`` tensor tied to it."""
         self.head_calls += 1
         head = self.head
+        # a tensor-parallel head (ColwiseParallel, tp_plan) has DTensor parameters: the loss is vocabulary parallel
         weight, bias = head.weight, head.bias
-        _refuse_sharded(weight)
+        head_input = hidden
         transform = self.state.transform
         hidden = hidden.to(weight.device)
         if transform.scale != 1.0:  # logits = scale * (W h + b) = W (scale h) + scale b
@@ -95,8 +97,10 @@ class FusedCall:
         if recorder is not None:
             recorder.record(self.stats)
         self.state.calls += 1
-        # not a view of the loss (FSDP2 warns that in-place ops on a view drop its pre-backward hook)
-        return self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
+        # not a view of the loss (FSDP2 warns that in-place ops on a view drop its pre-backward hook); a DTensor
+        # where nn.Linear would return one, for the output hooks of tensor-parallel styles
+        empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
+        return like_linear_output(empty, head_input, weight)
 
     # ---------------------------------------------------------------------------- the model's loss_function
 
@@ -112,7 +116,7 @@ class FusedCall:
             raise RuntimeError("dft_ops.patch: the forward passed its loss function other labels, num_items_in_batch "
                                "or ignore_index than it was called with; the fused loss used the call's")
         # an exact 0 whose backward reaches the head's output, where engines re-gather the head for backward
-        self.link = logits.sum().to(torch.float32)
+        self.link = local(logits).sum().to(torch.float32)
         if not self.per_token:
             return self.loss + self.link
         # per-token values for the caller's protocol; the usual mean (over num_items_in_batch) as `loss`
@@ -159,17 +163,3 @@ def _same(a, b) -> bool:
         t, n = (a, b) if isinstance(a, Tensor) else (b, a)
         return n is not None and t.numel() == 1 and t.item() == n
     return a == b
-
-
-def _refuse_sharded(weight: Tensor) -> None:
-    """The head's weight as its own forward sees it must be whole: a DTensor here is tensor parallelism."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # older torch
-        return
-    if isinstance(weight, DTensor):
-        raise NotImplementedError(
-            f"model: the output head's weight is a DTensor ({weight.placements}) inside the head's own forward: the "
-            "head is tensor/vocabulary parallel (tp_plan, ColwiseParallel), which dft_ops.patch does not support yet. "
-            "Keep lm_head out of the tensor-parallel plan (FSDP2, DDP and DeepSpeed are supported)."
-        )

@@ -21,7 +21,7 @@ from .probe import HeadTransform, probe_head_transform
 
 STATE_ATTR = "_dft_ops_patch"
 # what the model or each forward call decides: never a patch option (every other LossOptions field is one)
-_MODEL_OPTIONS = ("softcap", "shift")
+_MODEL_OPTIONS = ("softcap", "shift", "vocab_parallel")
 _CALL_INPUTS = ("bias", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
 
 
@@ -167,7 +167,8 @@ def _validate_options(objective, loss_options: dict) -> LossOptions:
         if name in _MODEL_OPTIONS or name in _CALL_INPUTS:
             raise ValueError(
                 f"{name}: is not a patch option; dft-ops reads it from the model or the forward call "
-                "(soft-cap and logit scale from the model, labels / shift_labels / num_items_in_batch / position_ids "
+                "(soft-cap and logit scale from the model, the vocabulary split from a tensor-parallel head's DTensor "
+                "weight, labels / shift_labels / num_items_in_batch / position_ids "
                 "from the call)"
             )
     user_options = tuple(n for n in LossOptions.names() if n not in _MODEL_OPTIONS and n != "objective")

@@ -1,0 +1,333 @@
+"""One rank of the vocabulary-parallel tests (spawned by tests/test_vocab_parallel.py, gloo on CPU, world size 2).
+
+Usage: python vocab_parallel_worker.py OUT.json CASE [CASE ...], with torchrun's
+environment. Every rank draws the same random inputs, computes the loss with its
+rows of the head (the explicit ``VocabParallel`` option, or a DTensor head) and
+compares the loss, the TokenStats and every gradient (d(weight) and d(bias)
+gathered over the ranks) with the loss over the whole vocabulary computed in
+this same process on the same backend. Error cases expect the same exception on
+every rank. Rank 0 writes {case: {"errors": {quantity: relative error}},
+{"raised": message} or {"error": traceback}} to OUT.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():  # the Triton cases run on the interpreter, as in tests/conftest.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dft_ops
+from dft_ops import VocabParallel, objectives
+from helpers import make_inputs, rel_err  # tests/ is this script's directory, so first on sys.path
+from rank_harness import serve
+
+V, D, SHAPE = 131, 32, (3, 9)  # not multiples of any block size; rank 0 holds rows [0, 70) unless said
+CUT = 70
+
+
+def inputs(dtype=torch.float32, shape=SHAPE, vocab=V):
+    """The same random hidden (*shape, D), weight (vocab, D), labels, bias on every rank; logits of order 3."""
+    torch.manual_seed(1234)
+    hidden, weight, labels, bias = make_inputs(shape, D, vocab, dtype, "cpu", bias=True, scale=3.0)
+    return hidden, weight, labels, bias
+
+
+def gather_rows(local, start, stop, total):
+    """The whole (total, ...) tensor from each rank's rows [start, stop) (the slices tile it: an exact sum)."""
+    full = torch.zeros(total, *local.shape[1:], dtype=torch.float64)
+    full[start:stop] = local.double()
+    dist.all_reduce(full)
+    return full
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def loss_stats_grads(hidden, weight, bias, labels, upstream_seed=7, **options):
+    """(loss, stats or None, [d hidden, d weight, d bias]) of one call, on fresh leaves."""
+    h, w, b = leaves(hidden, weight, bias)
+    out = dft_ops.linear_cross_entropy(h, w, labels, bias=b, **options)
+    loss, stats = out if isinstance(out, tuple) else (out, None)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_seed))
+    (loss * upstream).sum().backward()
+    return loss.detach(), stats, [h.grad, w.grad, None if b is None else b.grad]
+
+
+def stats_errors(stats, ref) -> dict:
+    if stats is None:
+        return {}
+    return {"logprob": rel_err(stats.logprob, ref.logprob), "entropy": rel_err(stats.entropy, ref.entropy),
+            "is_top1_mismatches": float((stats.is_top1 != ref.is_top1).sum()),
+            "mask_mismatches": float((stats.mask != ref.mask).sum())}
+
+
+def errors_against_whole(loss, stats, grads, ref, start, stop, *, hidden_grad=None) -> dict:
+    """Relative errors of the rank's results vs the whole-vocabulary run ``ref``; row gradients gathered first."""
+    ref_loss, ref_stats, (rh, rw, rb) = ref
+    gh, gw, gb = grads
+    out = {"loss": rel_err(loss, ref_loss), "hidden": rel_err(gh if hidden_grad is None else hidden_grad, rh),
+           "weight": rel_err(gather_rows(gw, start, stop, rw.shape[0]), rw)}
+    if rb is not None:
+        out["bias"] = rel_err(gather_rows(gb, start, stop, rb.shape[0]), rb)
+    return {**out, **stats_errors(stats, ref_stats)}
+
+
+def judge(run, errors):
+    return {"errors": errors}
+
+
+# ---------------------------------------------------------------------------------------- the explicit option
+
+
+def explicit(bounds=((0, CUT), (CUT, V)), *, dtype=torch.float32, all_ignored=False, objective="dft",
+             make_objective=None, **options):
+    """The explicit option: rank r passes weight[start:stop], bias[start:stop] and VocabParallel(*bounds[r]).
+
+    ``make_objective``: builds an objective holding per-token tensors (drawn when the case runs)."""
+
+    def run(rank, world):
+        hidden, weight, labels, bias = inputs(dtype)
+        if all_ignored:
+            labels.fill_(-100)
+        obj = objective if make_objective is None else make_objective()
+        ref = loss_stats_grads(hidden, weight, bias, labels, objective=obj, **options)
+        start, stop = bounds[rank]
+        got = loss_stats_grads(hidden, weight[start:stop], bias[start:stop], labels, objective=obj,
+                               vocab_parallel=VocabParallel(start, stop), **options)
+        return (errors_against_whole(*got, ref, start, stop),)
+
+    return run
+
+
+def psft():
+    torch.manual_seed(99)
+    return objectives.PSFT(old_logprobs=torch.randn(SHAPE) - 3.0)
+
+
+def packed_position_ids():
+    ids = torch.arange(SHAPE[1]).repeat(SHAPE[0], 1)
+    ids[:, 5:] -= 5  # two packed documents per row
+    return ids
+
+
+class GatherTokens(torch.autograd.Function):
+    """A sequence-parallel all-gather along dim 1 (forward) whose backward reduce-scatters: what a caller
+    brings with ``reduce_hidden_grad=False``."""
+
+    @staticmethod
+    def forward(ctx, shard):
+        world = dist.get_world_size()
+        parts = shard.transpose(0, 1).contiguous()
+        full = parts.new_empty(world * parts.shape[0], *parts.shape[1:])
+        dist.all_gather_into_tensor(full, parts)
+        return full.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size()
+        parts = grad.transpose(0, 1).contiguous()
+        mine = parts.new_empty(parts.shape[0] // world, *parts.shape[1:])
+        dist.reduce_scatter_tensor(mine, parts)
+        return mine.transpose(0, 1)
+
+
+def explicit_sequence_parallel():
+    """Hidden states split along the sequence (10 positions, 5 per rank), gathered by the caller's GatherTokens;
+    the loss leaves d(hidden) unreduced and the gather's backward reduce-scatters it."""
+
+    def run(rank, world):
+        hidden, weight, labels, bias = inputs(shape=(3, 10))
+        ref = loss_stats_grads(hidden, weight, bias, labels, shift=True, return_stats=True)
+        start, stop = (0, CUT) if rank == 0 else (CUT, V)
+        chunk = 10 // world
+        shard = hidden[:, rank * chunk:(rank + 1) * chunk].clone().requires_grad_()
+        w, b = leaves(weight[start:stop], bias[start:stop])
+        loss, stats = dft_ops.linear_cross_entropy(
+            GatherTokens.apply(shard), w, labels, bias=b, shift=True, return_stats=True,
+            vocab_parallel=VocabParallel(start, stop, reduce_hidden_grad=False))
+        (loss * torch.randn(loss.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+        d_hidden = torch.zeros_like(hidden, dtype=torch.float64)
+        d_hidden[:, rank * chunk:(rank + 1) * chunk] = shard.grad
+        dist.all_reduce(d_hidden)
+        return (errors_against_whole(loss, stats, [None, w.grad, b.grad], ref, start, stop, hidden_grad=d_hidden),)
+
+    return run
+
+
+def peer_options():
+    """The peers' options under vocabulary parallelism: class_weight is the whole (V,) vector on every rank."""
+    torch.manual_seed(3)
+    class_weight = torch.rand(V) + 0.5
+    class_weight[::9] = 0.0
+    return dict(label_smoothing=0.1, z_loss=1e-3, temperature=1.7, class_weight=class_weight)
+
+
+# --------------------------------------------------------------------------------------------------- DTensors
+
+
+def dtensor(weight_placement="shard", hidden_placement=None, backend="torch"):
+    """A DTensor weight and bias (distribute_tensor; "shard": Shard(0), "replicate"); hidden plain or a DTensor
+    ("replicate", or "sequence": Shard(1) with 9 positions, an uneven split). Each gradient must come back with
+    its input's placement; its full value is compared."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        placement = {"shard": Shard(0), "replicate": Replicate()}
+        hidden, weight, labels, bias = inputs()
+        options = dict(objective="dft", shift=True, return_stats=True, reduction="none", backend=backend)
+        ref = loss_stats_grads(hidden, weight, bias, labels, **options)
+        w = distribute_tensor(weight, mesh, [placement[weight_placement]]).requires_grad_()
+        b = distribute_tensor(bias, mesh, [placement[weight_placement]]).requires_grad_()
+        h = hidden.clone()
+        if hidden_placement is not None:
+            h = distribute_tensor(h, mesh, [{"replicate": Replicate(), "sequence": Shard(1)}[hidden_placement]])
+        h.requires_grad_()
+        loss, stats = dft_ops.linear_cross_entropy(h, w, labels, bias=b, **options)
+        assert type(loss) is torch.Tensor and type(stats.logprob) is torch.Tensor, "results are plain tensors"
+        (loss * torch.randn(loss.shape, generator=torch.Generator().manual_seed(7))).sum().backward()
+        for name, leaf in (("weight", w), ("bias", b), ("hidden", h)):
+            got = getattr(leaf.grad, "placements", None)
+            if got != getattr(leaf, "placements", None):
+                raise AssertionError(f"d({name}) placements {got}, its input's {getattr(leaf, 'placements', None)}")
+        full = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in (h.grad, w.grad, b.grad)]
+        ref_loss, ref_stats, ref_grads = ref
+        errors = {"loss": rel_err(loss, ref_loss), **stats_errors(stats, ref_stats)}
+        errors.update({n: rel_err(g, r) for n, g, r in zip(("hidden", "weight", "bias"), full, ref_grads)})
+        return (errors,)
+
+    return run
+
+
+def dtensor_refused(what):
+    """DTensor inputs the rules refuse, each with its error."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        hidden, weight, labels, bias = inputs()
+        w = distribute_tensor(weight, mesh, [Shard(1 if what == "shard1-weight" else 0)])
+        b = distribute_tensor(bias, mesh, [Shard(0)])
+        options = {}
+        if what == "plain-bias":
+            b = bias
+        elif what == "with-option":
+            options["vocab_parallel"] = VocabParallel(0, CUT) if rank == 0 else VocabParallel(CUT, V)
+        elif what == "hidden-features":
+            hidden = distribute_tensor(hidden, mesh, [Shard(2)])
+        dft_ops.linear_cross_entropy(hidden, w, labels, bias=b, **options)
+
+    run.expect_error = {"shard1-weight": (ValueError, r"^weight: a DTensor with placements \(Shard\(dim=1\),\)"),
+                        "plain-bias": (TypeError, r"^bias: with a weight sharded over the vocabulary"),
+                        "with-option": (ValueError, r"^vocab_parallel: given together with a Shard\(0\)"),
+                        "hidden-features": (ValueError, r"^hidden: a DTensor with placements")}[what]
+    return run
+
+
+# --------------------------------------------------------------------------------------- errors of the option
+
+
+def refused(expect, *, bounds=((0, CUT), (CUT, V)), rows=None, labels_of_rank1=None, vocab_size=None,
+            hidden_of_rank1=None):
+    """A call the group check must refuse on every rank (never a hang, never a wrong loss)."""
+
+    def run(rank, world):
+        hidden, weight, labels, bias = inputs()
+        start, stop = bounds[rank]
+        w = weight[start:stop] if rows is None or rank == 0 else weight[:rows]
+        if rank == 1 and labels_of_rank1 is not None:
+            labels = labels_of_rank1(labels)
+        if rank == 1 and hidden_of_rank1 is not None:
+            hidden = hidden_of_rank1(hidden)
+        dft_ops.linear_cross_entropy(hidden, w, labels, vocab_parallel=VocabParallel(start, stop, vocab_size=vocab_size))
+
+    run.expect_error = expect
+    return run
+
+
+def _relabel(labels):
+    labels = labels.clone()
+    labels[0, 0] = (labels[0, 0] + 1) % V if labels[0, 0] >= 0 else 3
+    return labels
+
+
+def group_of_one():
+    """A group holding rank 0 only: there, the whole vocabulary on one rank (exact); rank 1 is not a member and
+    passing that group is refused."""
+
+    def run(rank, world):
+        group = dist.new_group([0])  # every rank takes part in creating it
+        hidden, weight, labels, bias = inputs()
+        if rank == 1:
+            try:
+                dft_ops.linear_cross_entropy(hidden, weight, labels, vocab_parallel=VocabParallel(0, V, group=group))
+            except ValueError as exc:
+                if str(exc).startswith("group: this process is not a member"):
+                    return ({},)
+                raise
+            raise AssertionError("a rank outside the group was not refused")
+        (ref_loss, ref_stats, ref_grads) = loss_stats_grads(hidden, weight, bias, labels, return_stats=True)
+        loss, stats, grads = loss_stats_grads(hidden, weight, bias, labels, return_stats=True,
+                                              vocab_parallel=VocabParallel(0, V, group=group))
+        # no gather: rank 1 is not in this group, and holds every row anyway
+        errors = {n: rel_err(g, r) for n, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads)}
+        return ({"loss": rel_err(loss, ref_loss), **errors, **stats_errors(stats, ref_stats)},)
+
+    return run
+
+
+CASES = {}
+for backend in ("torch", "triton"):
+    CASES.update({
+        f"{backend}-ce": explicit(objective="ce", backend=backend),
+        f"{backend}-dft-bias-softcap-shift": explicit(softcap=4.0, shift=True, backend=backend),
+        f"{backend}-chord-none-upstream-stats": explicit(objective="chord", reduction="none", return_stats=True,
+                                                         backend=backend),
+        f"{backend}-psft-per-token-input": explicit(make_objective=psft, return_stats=True, backend=backend),
+        f"{backend}-sequence-dft-packed": explicit(objective=objectives.SequenceDFT("geometric"),
+                                                   position_ids=packed_position_ids(), backend=backend),
+        f"{backend}-dft-empty-slice": explicit(((0, V), (V, V)), return_stats=True, backend=backend),
+        f"{backend}-dft-peer-options-stats": explicit(softcap=5.0, return_stats=True, backend=backend,
+                                                      **peer_options()),
+    })
+CASES.update({
+    "torch-dft-reversed-slices": explicit(((61, V), (0, 61)), return_stats=True),
+    "torch-dft-all-ignored": explicit(all_ignored=True, return_stats=True, reduction="sum"),
+    "torch-dft-bf16": explicit(dtype=torch.bfloat16, return_stats=True),
+    "torch-explicit-sequence-parallel": explicit_sequence_parallel(),
+    "dtensor-shard0": dtensor("shard"),
+    "dtensor-shard0-replicated-hidden": dtensor("shard", "replicate", backend="triton"),
+    "dtensor-shard0-sequence-parallel": dtensor("shard", "sequence"),
+    "dtensor-replicate": dtensor("replicate", "replicate"),
+    "dtensor-refused-shard1-weight": dtensor_refused("shard1-weight"),
+    "dtensor-refused-plain-bias": dtensor_refused("plain-bias"),
+    "dtensor-refused-with-option": dtensor_refused("with-option"),
+    "dtensor-refused-hidden-features": dtensor_refused("hidden-features"),
+    "refused-overlap": refused((ValueError, r"^vocab_parallel: .* do not tile \[0, V\): an overlap"),
+                               bounds=((0, CUT), (CUT - 10, V))),
+    "refused-gap": refused((ValueError, r"^vocab_parallel: .* do not tile \[0, V\): a gap"),
+                           bounds=((0, CUT - 10), (CUT, V))),
+    "refused-weight-rows": refused((ValueError, r"^weight: rank 1 .* holds 50 rows"), rows=50),
+    "refused-labels-differ": refused((ValueError, r"^labels: the ranks .* disagree"), labels_of_rank1=_relabel),
+    "refused-hidden-differs": refused((ValueError, r"^hidden: the ranks .* disagree on the token count"),
+                                      hidden_of_rank1=lambda h: h[:2], labels_of_rank1=lambda y: y[:2]),
+    "refused-vocab-size": refused((ValueError, r"^vocab_size: 140, but the group's slices tile \[0, 131\)"),
+                                  vocab_size=140),
+    "refused-label-outside-vocabulary": refused((ValueError, r"^labels: \d+ value\(s\) outside \[0, 100\)"),
+                                                bounds=((0, CUT), (CUT, 100))),
+    "group-of-one": group_of_one(),
+})
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], sys.argv[2:], CASES, judge)
