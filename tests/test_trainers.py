@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -60,6 +61,25 @@ def test_trainer_trains_a_patched_model(tmp_path):
     first, last = first_and_last_losses(trainer)
     assert last < first - 0.5, (first, last)
     assert patch_state(model).calls == 15  # every step's loss came from dft-ops
+
+
+def test_trainer_computing_its_own_loss_is_warned_about(tmp_path):
+    # label_smoothing_factor makes Trainer pop the labels and smooth full logits itself: not the patch's objective
+    model = dft_ops.patch(tiny_llama(), objective="dft")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          label_smoothing_factor=0.1, **COMMON_ARGS)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(8, 16, [0, 3]))
+    with pytest.warns(UserWarning, match="label_smoothing=") as record:
+        trainer.train()
+    assert sum("without labels returns full logits" in str(w.message) for w in record) == 1  # once per patch
+    assert patch_state(model).calls == 0
+    # the fix the warning names: smoothing inside the fused loss, no warning
+    dft_ops.patch(model, objective="dft", label_smoothing=0.1)
+    trainer.label_smoother = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="dft_ops.patch")
+        trainer.train()
+    assert patch_state(model).calls == 2
 
 
 class GradientSnapshot(transformers.TrainerCallback):

@@ -109,7 +109,8 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
         )
     if getattr(trainer, "compute_loss_func", None) is not None or getattr(args, "label_smoothing_factor", 0) > 0:
         raise ValueError("trainer: compute_loss_func / label_smoothing_factor compute the loss from full logits, "
-                         "outside the fused head; remove them to have dft-ops compute the loss")
+                         "outside the fused head; remove them to have dft-ops compute the loss (label smoothing: "
+                         "patch_sft_trainer(trainer, objective, label_smoothing=eps))")
     if loss_options.get("reduction", "mean") != "mean":
         raise ValueError("reduction: SFTTrainer reduces the per-token loss itself (a mean over num_items_in_batch)")
     patching.patch(trainer.model, objective, **loss_options)

@@ -9,9 +9,11 @@ the forward it wraps untouched.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..options import LossOptions
@@ -37,6 +39,7 @@ class PatchState:
         forward: the function installed as ``model.forward``.
         calls: fused loss computations so far.
         active: patched forward calls in progress (the backbone running with none is a bypass).
+        warned_unfused: a training call without labels (a loss computed from logits elsewhere) was warned about.
     """
 
     options: LossOptions
@@ -46,6 +49,7 @@ class PatchState:
     forward: Any = None
     calls: int = field(default=0)
     active: int = field(default=0)
+    warned_unfused: bool = field(default=False)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -230,6 +234,8 @@ class _PatchedForward:
 
         labels, shift_labels = bound.get("labels"), argument("shift_labels")
         if protocol is None and not (model.training and (labels is not None or shift_labels is not None)):
+            if model.training and torch.is_grad_enabled() and not state.warned_unfused:
+                _warn_unfused_training_call(state)
             return previous(*args, **kwargs)
         if labels is None and shift_labels is None:
             raise ValueError("labels: a fused head call needs labels or shift_labels")
@@ -238,6 +244,18 @@ class _PatchedForward:
             ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
             token_tensors=token_tensors)
         return fused_call.run(model, previous, args, kwargs, labels, call)
+
+
+def _warn_unfused_training_call(state: PatchState) -> None:
+    # A training-mode call without labels returns logits for a loss computed elsewhere, e.g.
+    # transformers.Trainer with label_smoothing_factor or compute_loss_func pops the labels first:
+    # that loss is not the patch's objective, and nothing else would say so.
+    state.warned_unfused = True
+    warnings.warn(
+        "dft_ops.patch: a training-mode forward without labels returns full logits, so its loss is computed by the "
+        "caller, not by dft-ops' fused objective. transformers.Trainer does this when label_smoothing_factor or "
+        "compute_loss_func is set: use dft_ops.patch(model, objective=..., label_smoothing=...) instead. Shown once "
+        "per patch.", stacklevel=4)
 
 
 def _var_keyword(signature: inspect.Signature) -> str | None:
