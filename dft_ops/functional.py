@@ -3,8 +3,9 @@
 Validates the tensors (a clear TypeError/ValueError naming the argument, never
 a kernel reading out of bounds), builds the :class:`~dft_ops.LossOptions` and
 the :class:`~dft_ops.TokenLayout` of the call (causal shift, ignored tokens
-dropped from the work; the hidden states and the head are never copied, cast or
-sliced), runs the autograd Function on the chosen backend, reduces, and returns
+dropped from the work; the head is never copied, cast or sliced, and the hidden
+states are only viewed as (N, D) - copied by that reshape alone when their
+leading dimensions cannot be flattened into a view), runs the autograd Function on the chosen backend, reduces, and returns
 the :class:`TokenStats` when asked.
 """
 

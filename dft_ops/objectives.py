@@ -99,16 +99,29 @@ class Objective:
             setattr(clone, name, _token_tensor(name, value))
         return clone
 
-    def __repr__(self) -> str:
-        params = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
-                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    def _parameters(self) -> tuple[str, ...]:
+        """The constructor's parameter names: each is an attribute of the same name."""
+        return tuple(p.name for p in inspect.signature(type(self).__init__).parameters.values()
+                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
+    def __eq__(self, other):
+        # the same row with the same parameters (a per-token tensor only as the same object: comparing
+        # values would read the device), so options built from the same names compare equal
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same_parameter(getattr(self, n), getattr(other, n)) for n in self._parameters())
+
+    def __hash__(self):
+        return hash((type(self), *(id(v) if isinstance(v, Tensor) else v for v in map(self.__getattribute__,
+                                                                                         self._parameters()))))
+
+    def __repr__(self) -> str:
         def show(v):
             if isinstance(v, Tensor):
                 return f"Tensor(shape={tuple(v.shape)}, dtype={v.dtype})"
             return repr(v)
 
-        return f"{type(self).__name__}({', '.join(f'{p}={show(getattr(self, p))}' for p in params)})"
+        return f"{type(self).__name__}({', '.join(f'{p}={show(getattr(self, p))}' for p in self._parameters())})"
 
 
 class CE(Objective):
@@ -129,7 +142,7 @@ class DFT(Objective):
     name = "dft"
 
     def value(self, t):
-        return -t.p * t.logp
+        return _weighted_nll(t.p, t.logp)
 
     def weight(self, t):
         return t.p
@@ -165,7 +178,7 @@ class Chord(Objective):
     name = "chord"
 
     def value(self, t):
-        return -self.weight(t) * t.logp
+        return _weighted_nll(self.weight(t), t.logp)
 
     def weight(self, t):
         return t.p * _one_minus_p(t.logp)
@@ -300,7 +313,7 @@ class ImportanceWeighted(Objective):
         self.clamp = (lo, hi)
 
     def value(self, t):
-        return -self.weight(t) * t.logp
+        return _weighted_nll(self.weight(t), t.logp)
 
     def weight(self, t):
         return torch.exp(t.logp - t.inputs["ref_logprobs"]).clamp(*self.clamp)
@@ -326,7 +339,7 @@ class SequenceDFT(Objective):
         self.mode = mode
 
     def value(self, t):
-        return -self.weight(t) * t.logp
+        return _weighted_nll(self.weight(t), t.logp)
 
     def weight(self, t):
         seg = t.segments
@@ -336,6 +349,22 @@ class SequenceDFT(Objective):
             count = torch.zeros_like(t.logp).index_add_(0, seg, torch.ones_like(t.logp))
             seq_logp = seq_logp / count.clamp(min=1.0)
         return torch.exp(seq_logp)[seg]
+
+
+def _same_parameter(a, b) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    return a == b
+
+
+def _weighted_nll(w: Tensor, logp: Tensor) -> Tensor:
+    """``-w * log p`` for a detached weight ``w``, 0 where ``w`` is 0.
+
+    A label whose logit is -inf (a class masked by the bias) has p = 0 and
+    log p = -inf: DFT's ``-p log p`` tends to 0 there (and its gradient, weight
+    p, is 0), where the product alone would be 0 * inf = NaN.
+    """
+    return torch.where(w == 0, torch.zeros_like(logp), -w * logp)
 
 
 def _one_minus_p(logp: Tensor) -> Tensor:

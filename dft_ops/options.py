@@ -183,8 +183,9 @@ class LossOptions:
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
     :meth:`replace` returns a checked copy with some fields changed. Two
-    instances are equal when their fields are; ``class_weight`` (like an
-    objective) compares by identity, so no tensor is ever read to compare.
+    instances are equal when their fields are (objectives: the same row with
+    the same parameters); tensors (``class_weight``, an objective's per-token
+    inputs) compare by identity, so no tensor is ever read to compare.
     """
 
     objective: _objectives.Objective = _option("dft", _objective)

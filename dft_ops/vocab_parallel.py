@@ -285,7 +285,7 @@ class ShardedBackend:
             d_weight = torch.zeros_like(weight) if need_weight else None
             d_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
         if d_hidden is not None and self.vp.reduce_hidden_grad:
-            # summed in fp32 whatever hidden's dtype: one rounding, not one per rank
+            # summed in fp32 whatever hidden's dtype: the share's own rounding and one more, not one per rank
             total = d_hidden.float()
             dist.all_reduce(total, group=self.group)
             d_hidden = total.to(d_hidden.dtype)

@@ -368,3 +368,26 @@ def test_per_token_input_left_for_the_batch_must_arrive():
     got = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=obj.with_token_tensors(ref_logprobs=ref))
     want = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted(ref))
     assert torch.equal(got, want) and obj.ref_logprobs is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", [o.DFT(), o.Chord(), o.Threshold("dft", max_p=0.9), o.SequenceDFT("geometric")],
+                         ids=lambda ob: type(ob).__name__)
+def test_a_label_masked_to_minus_inf_contributes_zero(backend, objective, device):
+    """p = 0 exactly (the label's logit is -inf): -sg(p) log p tends to 0, never 0 * inf = NaN."""
+    hidden, weight, labels, bias = make_inputs((2, 11), D, V, torch.float32, device, bias=True, ignore_frac=0.1)
+    masked = torch.arange(0, V, 5, device=device)
+    bias[masked] = float("-inf")  # classes 0, 5, 10, ... can never be predicted
+    labels[:, ::3] = masked[: labels[:, ::3].shape[1]]
+    values, grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, torch.ones(labels.shape),
+                                   labels=labels, objective=objective, reduction="none", backend=backend)
+    hit = torch.isin(labels, masked)
+    assert hit.sum() >= 4 and torch.isfinite(values).all()
+    assert (values[hit] == 0).all()
+    assert not any(torch.isnan(g).any() for g in grads)
+    # the other tokens are as if the masked ones were ignored
+    clean = labels.masked_fill(hit, -100)
+    ref, _ = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, torch.ones(labels.shape),
+                            labels=clean, objective=objective, reduction="none", backend=backend)
+    if not isinstance(objective, o.SequenceDFT):  # a sequence's weight is its product of p: 0 for the whole row
+        assert rel_err(values[~hit], ref[~hit]) < 1e-5

@@ -244,3 +244,14 @@ def test_recorder_uses_the_stats_mask(device):
     assert got == want and got["token_count"] == int((labels[..., 1:] != -100).sum())
     with pytest.raises(ValueError, match="^mask"):
         implicit.record(dft_ops.TokenStats(stats.logprob, stats.entropy, stats.is_top1))
+
+
+def test_options_built_from_the_same_names_are_equal():
+    assert LossOptions() == LossOptions(objective="dft") and hash(LossOptions()) == hash(LossOptions(objective="dft"))
+    assert LossOptions(objective="ce") != LossOptions()
+    assert LossOptions(objective=o.Power(2)) == LossOptions(objective=o.Power(2.0))
+    assert LossOptions(objective=o.Power(2)) != LossOptions(objective=o.Power(3))
+    old = torch.zeros(3)
+    assert o.PSFT(old) == o.PSFT(old) != o.PSFT(old.clone())  # tensors: the same object
+    assert o.Threshold("dft", min_p=0.1) != o.Threshold("ce", min_p=0.1)
+

@@ -257,6 +257,9 @@ def test_the_loss_is_computed_inside_the_heads_forward_call(head_forward_calls):
         events.append(("post-forward", patch_state(model).calls, tuple(out.shape), out.requires_grad))
         out.register_hook(lambda grad: events.append(("output-grad",)))
 
+    # registered as an engine's hooks are (torch.distributed, deepspeed, accelerate): part of how the head runs,
+    # not of what it computes, so the head probe leaves them out
+    pre_hook.__module__ = post_hook.__module__ = "torch.distributed.emulated_engine"
     dft_ops.patch(model, objective="dft")
     head.register_forward_pre_hook(pre_hook)
     head.register_forward_hook(post_hook)
@@ -359,6 +362,31 @@ def test_refuses_adapters_on_the_output_head():
 class ScaledLinear(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
+
+
+def test_head_hooks_changed_after_patching_are_measured_again():
+    """A hook added (or removed) on the head after patch() changes the logits: the fused loss follows it."""
+    model = build("llama")
+    input_ids, labels = make_batch()
+
+    def own_loss():
+        dft_ops.unpatch(model)
+        try:
+            return model(input_ids=input_ids, labels=labels).loss
+        finally:
+            dft_ops.patch(model, objective="ce")
+
+    dft_ops.patch(model, objective="ce")
+    model.train()
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out * 3)
+    assert rel_err(model(input_ids=input_ids, labels=labels).loss, own_loss()) < 1e-5
+    assert patch_state(model).transform.scale == pytest.approx(3.0)
+    handle.remove()
+    assert rel_err(model(input_ids=input_ids, labels=labels).loss, own_loss()) < 1e-5
+    assert patch_state(model).transform.scale == 1.0
+    model.lm_head.register_forward_hook(lambda module, args, out: out[..., :-1])  # a vocabulary slice: refused
+    with pytest.raises(dft_ops.PatchError, match="slices or masks the vocabulary"):
+        model(input_ids=input_ids, labels=labels)
 
 
 def test_refuses_a_head_that_is_not_a_plain_linear():

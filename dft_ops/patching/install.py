@@ -19,7 +19,7 @@ from torch import nn
 from ..options import LossOptions
 from . import fused_call, protocols
 from .head import PatchError, check_head, output_head
-from .probe import HeadTransform, probe_head_transform
+from .probe import HeadTransform, probe_head_transform, transform_inputs
 
 STATE_ATTR = "_dft_ops_patch"
 # what the model or each forward call decides: never a patch option (every other LossOptions field is one)
@@ -34,6 +34,7 @@ class PatchState:
     Attributes:
         options: the :class:`dft_ops.LossOptions` of the patch (``softcap`` and ``shift`` are set per call).
         transform: the head transform the probe measured.
+        transform_inputs: what the transform depends on (head hooks, config numbers) when it was measured.
         previous_forward: the instance attribute ``forward`` the patch replaced, or None (the class's forward).
         protocol: the caller protocol (e.g. TRL's fused head) this patch answers, or None.
         forward: the function installed as ``model.forward``.
@@ -44,6 +45,7 @@ class PatchState:
 
     options: LossOptions
     transform: HeadTransform
+    transform_inputs: tuple
     previous_forward: Any
     protocol: protocols.CallerProtocol | None = None
     forward: Any = None
@@ -64,12 +66,16 @@ def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
             a ``DistributedDataParallel`` / DeepSpeed engine wrapping either
             (its ``.module`` is patched).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
-        **loss_options: ``ignore_index``, ``reduction`` ("mean" | "sum"),
-            ``return_stats`` (attach :class:`dft_ops.TokenStats` to the output
-            as ``output.token_stats``), ``backend``, ``filter_eps`` - as in
-            :func:`dft_ops.linear_cross_entropy`. The soft-cap, logit scale,
+        **loss_options: every :class:`dft_ops.LossOptions` field but
+            ``softcap`` and ``shift``, as in :func:`dft_ops.linear_cross_entropy`:
+            ``ignore_index``, ``reduction`` ("mean" | "sum"), ``return_stats``
+            (attach :class:`dft_ops.TokenStats` to the output as
+            ``output.token_stats``), ``backend``, ``filter_eps``,
+            ``label_smoothing``, ``z_loss``, ``temperature``, ``class_weight``,
+            ``precise`` (and the backward options). The soft-cap, logit scale,
             bias, shift, ``num_items_in_batch`` and ``position_ids`` come from
-            the model and the call.
+            the model and the call; ``vocab_parallel`` from a tensor-parallel
+            head's DTensor weight.
 
     Returns:
         ``model`` itself. Patching again replaces the options (it never stacks).
@@ -91,12 +97,13 @@ def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
     # an older patch that something else wrapped (e.g. TRL) must be inert while probing and after
     causal_lm.__dict__.pop(STATE_ATTR, None)
     try:
-        transform = probe_head_transform(causal_lm)
+        transform, measured = probe_head_transform(causal_lm), transform_inputs(causal_lm)
     except BaseException:
         if existing is not None:
             causal_lm.__dict__[STATE_ATTR] = existing
         raise
-    state = PatchState(options=options, transform=transform, previous_forward=causal_lm.__dict__.get("forward"))
+    state = PatchState(options=options, transform=transform, transform_inputs=measured,
+                       previous_forward=causal_lm.__dict__.get("forward"))
     state.forward = _PatchedForward(causal_lm, state)
     causal_lm.__dict__[STATE_ATTR] = state
     causal_lm.forward = state.forward
@@ -239,11 +246,23 @@ class _PatchedForward:
             return previous(*args, **kwargs)
         if labels is None and shift_labels is None:
             raise ValueError("labels: a fused head call needs labels or shift_labels")
+        measured = transform_inputs(model)
+        if measured != state.transform_inputs:  # a head hook or a config number changed since the last probe
+            state.transform, state.transform_inputs = _probe_again(model, state), measured
         call = fused_call.FusedCall(
             model, state, labels=labels, shift_labels=shift_labels, num_items_in_batch=argument("num_items_in_batch"),
             ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
             token_tensors=token_tensors)
         return fused_call.run(model, previous, args, kwargs, labels, call)
+
+
+def _probe_again(causal_lm: nn.Module, state: PatchState) -> HeadTransform:
+    """The head transform measured now; the patch is inert meanwhile (the probe runs the wrapped forward)."""
+    del causal_lm.__dict__[STATE_ATTR]
+    try:
+        return probe_head_transform(causal_lm)
+    finally:
+        causal_lm.__dict__[STATE_ATTR] = state
 
 
 def _warn_unfused_training_call(state: PatchState) -> None:

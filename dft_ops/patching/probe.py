@@ -108,14 +108,35 @@ def _call_with_model_hooks(module: nn.Module, forward, args: tuple, kwargs: dict
     return out
 
 
-def _softcap_candidates(config) -> list[float]:
-    """Positive numbers in config attributes named like a soft-cap, most likely first."""
+def transform_inputs(causal_lm: nn.Module) -> tuple:
+    """What a measured :class:`HeadTransform` depends on that can change after patching.
+
+    The head's own forward hooks (the model's and the user's, not the
+    engines') and the numbers in the config (soft-caps, logit scales): the
+    patched forward compares this with its value at the last probe and probes
+    again when it differs, so a hook added or removed later is never silently
+    ignored. Cheap: dict keys and a config's scalar attributes.
+    """
+    head = output_head(causal_lm)
+    hooks = tuple((kind, key) for kind in ("_forward_pre_hooks", "_forward_hooks")
+                  for key, hook in getattr(head, kind).items() if not _is_engine_hook(hook))
+    return hooks + tuple((name, value) for cfg in _configs(causal_lm.config) for name, value in sorted(vars(cfg).items())
+                         if isinstance(value, numbers.Real))
+
+
+def _configs(config) -> list:
+    """The config, and its text config first when it has a separate one (multimodal models)."""
     configs = [config]
     get_text_config = getattr(config, "get_text_config", None)
     if callable(get_text_config) and get_text_config() is not config:
         configs.insert(0, get_text_config())
+    return configs
+
+
+def _softcap_candidates(config) -> list[float]:
+    """Positive numbers in config attributes named like a soft-cap, most likely first."""
     found = []
-    for cfg in configs:
+    for cfg in _configs(config):
         for name, value in sorted(vars(cfg).items(), key=lambda kv: ("final" not in kv[0], kv[0])):
             if ("softcap" in name or "soft_cap" in name) and isinstance(value, numbers.Real) \
                     and not isinstance(value, bool) and value > 0 and math.isfinite(value):
