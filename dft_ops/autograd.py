@@ -15,8 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import torch_backend
-from .backend_contract import GradCoefficients
+from .backend_contract import GradCoefficients, select_backend
 from .layout import TokenLayout
 from .loss_terms import token_loss
 from .options import LossOptions
@@ -32,22 +31,6 @@ class HeadGrads(NamedTuple):
 
 # the Function's inputs after the three tensors (layout, options): never differentiable
 _NOT_DIFFERENTIABLE = (None, None)
-
-
-def backend_module(backend: str, device: torch.device):
-    """The module implementing ``lse_forward`` / ``grad_backward`` for a backend name and the inputs' device."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        return torch_backend
-    from . import kernels  # imports triton: only when asked for
-
-    if device.type != "cuda" and not kernels.interpreting():
-        raise ValueError(
-            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
-            f"interpreter); hidden is on {device}. Use backend='torch' or 'auto'."
-        )
-    return kernels
 
 
 def _no_autocast(device: torch.device):
@@ -66,7 +49,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         layout: a :class:`~dft_ops.layout.TokenLayout` of N positions, already
         compacted (its rows and targets, in [0, V), are what the kernels compute);
         options: :class:`~dft_ops.LossOptions` (objective, softcap, return_stats,
-        backend, filter_eps are read here; the reduction is the caller's).
+        backend, filter_eps, backward_mode, workspace_mb are read here; the
+        reduction is the caller's).
 
     Outputs, all (N,) and zero at positions not computed: value (float32, the
     only differentiable output), logprob (float32), entropy (float32 | None),
@@ -78,7 +62,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, layout: TokenLayout, options: LossOptions):
-        backend = backend_module(options.backend, hidden.device)
+        backend = select_backend(options, hidden.device)
         objective = options.objective
         # every check of the objective's inputs happens here, before any kernel runs
         inputs = layout.objective_inputs(objective)

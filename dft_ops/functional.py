@@ -69,6 +69,8 @@ def linear_cross_entropy(
     return_stats: bool = UNSET["return_stats"],
     backend: str = UNSET["backend"],
     filter_eps: float | None = UNSET["filter_eps"],
+    backward_mode: str = UNSET["backward_mode"],
+    workspace_mb: float = UNSET["workspace_mb"],
     position_ids: Tensor | None = None,
     options: LossOptions | None = None,
 ):
@@ -99,6 +101,10 @@ def linear_cross_entropy(
         filter_eps: gradient filtering for the Triton backward: skip a
             (tokens x vocabulary) tile when every gradient entry in it is below
             ``filter_eps * max|upstream x weight|``. None (default) is exact.
+        backward_mode: the Triton backward: "auto" ("gemm", or "fused" with
+            filter_eps), "gemm" (vocabulary splits, cuBLAS products, a bounded
+            workspace) or "fused" (one kernel, no workspace); docs/backward.md.
+        workspace_mb: bound of the "gemm" backward's workspace, MiB (default 256).
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
             Only sequence-level objectives use it; without it the sequences
@@ -122,7 +128,7 @@ def linear_cross_entropy(
     """
     opts = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                            softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                           filter_eps=filter_eps)
+                           filter_eps=filter_eps, backward_mode=backward_mode, workspace_mb=workspace_mb)
     _check_tensors(hidden, weight, labels, bias)
     num_items = _check_num_items(num_items_in_batch)
     layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)

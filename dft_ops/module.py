@@ -25,11 +25,12 @@ class LinearCrossEntropy(nn.Module):
     def __init__(self, objective=UNSET["objective"], *, ignore_index=UNSET["ignore_index"],
                  reduction=UNSET["reduction"], softcap=UNSET["softcap"], shift=UNSET["shift"],
                  return_stats=UNSET["return_stats"], backend=UNSET["backend"], filter_eps=UNSET["filter_eps"],
+                 backward_mode=UNSET["backward_mode"], workspace_mb=UNSET["workspace_mb"],
                  options: LossOptions | None = None):
         super().__init__()
         self.options = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                                        softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                                       filter_eps=filter_eps)
+                                       filter_eps=filter_eps, backward_mode=backward_mode, workspace_mb=workspace_mb)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
                 num_items_in_batch=None, position_ids: Tensor | None = None):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from . import objectives as _objectives
+from .backend_contract import BACKWARD_MODES, DEFAULT_WORKSPACE_MB
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -89,6 +90,13 @@ def _positive_finite(name, value) -> float | None:
     return value
 
 
+def _workspace_mb(name, value) -> float:
+    value = _real(name, value, "a positive number of MiB")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a positive finite number of MiB, got {value}")
+    return value
+
+
 def _open_unit_interval(name, value) -> float | None:
     if value is None:
         return None
@@ -117,6 +125,11 @@ class LossOptions:
         backend: "auto", "triton" or "torch".
         filter_eps: gradient filtering threshold in (0, 1) of the Triton
             backward, or None (exact).
+        backward_mode: the Triton backward: "auto" (= "gemm", or "fused" with
+            filter_eps), "gemm" (vocabulary splits and cuBLAS products, a
+            bounded workspace) or "fused" (one atomic kernel, no workspace).
+            See docs/backward.md.
+        workspace_mb: bound of the "gemm" backward's workspace in MiB (default 256).
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
@@ -131,6 +144,8 @@ class LossOptions:
     return_stats: bool = _option(False, _bool)
     backend: str = _option("auto", _one_of(BACKENDS))
     filter_eps: float | None = _option(None, _open_unit_interval)
+    backward_mode: str = _option("auto", _one_of(BACKWARD_MODES))
+    workspace_mb: float = _option(float(DEFAULT_WORKSPACE_MB), _workspace_mb)
 
     def __post_init__(self):
         for f in fields(self):
