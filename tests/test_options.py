@@ -28,7 +28,9 @@ def test_defaults_and_normalization():
     power = o.Power(2.0)
     assert LossOptions(objective=power).objective is power
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
-                                   "backend", "filter_eps")
+                                   "backend", "filter_eps", "backward_mode", "workspace_mb")
+    assert (opts.backward_mode, opts.workspace_mb) == ("auto", 256.0)
+    assert type(LossOptions(workspace_mb=64).workspace_mb) is float
 
 
 BAD_OPTIONS = [
@@ -47,6 +49,10 @@ BAD_OPTIONS = [
     (ValueError, "backend", dict(backend="cuda")),
     (TypeError, "filter_eps", dict(filter_eps=True)),
     (ValueError, "filter_eps", dict(filter_eps=0.0)),
+    (ValueError, "backward_mode", dict(backward_mode="cublas")),
+    (TypeError, "workspace_mb", dict(workspace_mb="256")),
+    (ValueError, "workspace_mb", dict(workspace_mb=0)),
+    (ValueError, "workspace_mb", dict(workspace_mb=float("inf"))),
 ]
 
 
@@ -84,7 +90,8 @@ def test_signature_shows_the_defaults():
     params = inspect.signature(dft_ops.linear_cross_entropy).parameters
     shown = {name: repr(params[name].default) for name in LossOptions.names()}
     assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
-                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None"}
+                     "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
+                     "backward_mode": "'auto'", "workspace_mb": "256.0"}
     assert params["options"].default is None
 
 
