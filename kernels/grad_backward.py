@@ -25,7 +25,8 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, family, round_down, torch_to_tl, unit_stride_inputs
+from .launch import Config, Launch, Tuner, bucket, family, round_down, unit_stride_inputs
+from .logit_grad import gradient_inputs
 from .tile import dot, grouped_tile, logit_grad_tile, round_to, token_terms
 
 
@@ -191,33 +192,23 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     precise = bool(precise) and compute != torch.float32
     narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
-    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
+                                       softcap=softcap, temperature=temperature, compute=compute)
     return Launch(
         kernel=_grad_backward_kernel,
         args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else any_buf,
-            rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
-            coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
-            coef_c_ptr=coef.uniform if coef.uniform is not None else any_buf,
-            cw_ptr=class_weight if class_weight is not None else any_buf,
+            args,
             filter_ptr=filter_threshold if filter_threshold is not None else any_buf,
             dh_ptr=d_hidden if d_hidden is not None else any_buf,
             dw_ptr=d_weight_chunk if d_weight_chunk is not None else any_buf,
             db_ptr=d_bias_chunk if d_bias_chunk is not None else any_buf,
-            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-            inv_temperature=inv_temperature, M=M, D=D, v_lo=v_lo, v_hi=v_hi,
-            stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
-            stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+            M=M, v_lo=v_lo, v_hi=v_hi,
             stride_dhn=d_hidden.stride(0) if d_hidden is not None else 0,
             stride_dwv=d_weight_chunk.stride(0) if d_weight_chunk is not None else 0,
         ),
         constexprs=dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
-            HAS_UNIFORM=coef.uniform is not None, HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
-            HAS_FILTER=filter_threshold is not None, GRAD_HIDDEN=d_hidden is not None,
-            GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None,
-            PRECISE=precise, COMPUTE_DTYPE=torch_to_tl(compute),
-            FP32_PRECISION="tf32x3",
+            constexprs, HAS_FILTER=filter_threshold is not None, GRAD_HIDDEN=d_hidden is not None,
+            GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None, PRECISE=precise,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
         per_config=lambda c: _d_blocks(c, D, narrow),

@@ -84,39 +84,51 @@ INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "GROUP_N
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
 
 
+def gradient_inputs(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, *, softcap,
+                    temperature, compute) -> tuple[dict, dict]:
+    """(arguments, constexprs) of :func:`~dft_ops.kernels.tile.logit_grad_tile`'s inputs, for any kernel using it.
+
+    The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
+    (:func:`dft_ops.kernels.launch.unit_stride_inputs`); coefficients and lse fp32.
+    Pointers a flag switches off point at ``lse`` (never read).
+    """
+    unused = lse
+    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    args = dict(
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else unused,
+        rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
+        coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
+        coef_c_ptr=coef.uniform if coef.uniform is not None else unused,
+        cw_ptr=class_weight if class_weight is not None else unused,
+        softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
+        inv_temperature=inv_temperature, D=hidden.shape[1],
+        stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+    )
+    constexprs = dict(
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
+        HAS_UNIFORM=coef.uniform is not None, HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
+        COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
+    )
+    return args, constexprs
+
+
 def logit_grad_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, g, g_lo,
                       t_lo, t_hi, v_lo, v_hi, *, softcap, temperature, compute):
     """The launch writing G of computed tokens [t_lo, t_hi) x vocabulary rows [v_lo, v_hi).
 
     g (and g_lo when precise): (t_hi - t_lo, v_hi - v_lo) views of the
-    workspace in ``compute`` dtype, unit stride along the vocabulary. The (M,) /
-    (V,) tensors must have unit stride and targets lie in [-1, V]
-    (:func:`dft_ops.kernels.launch.unit_stride_inputs`); coefficients, lse fp32.
+    workspace in ``compute`` dtype, unit stride along the vocabulary. The other
+    inputs as in :func:`gradient_inputs`.
     """
     D = hidden.shape[1]
-    any_buf = lse  # stands in for pointers a flag switches off
-    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
     t_count, v_count = t_hi - t_lo, v_hi - v_lo
+    args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
+                                       softcap=softcap, temperature=temperature, compute=compute)
     return Launch(
         kernel=_logit_grad_kernel,
-        args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else any_buf,
-            rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
-            coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
-            coef_c_ptr=coef.uniform if coef.uniform is not None else any_buf,
-            cw_ptr=class_weight if class_weight is not None else any_buf,
-            g_ptr=g, g_lo_ptr=g_lo if g_lo is not None else g,
-            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-            inv_temperature=inv_temperature, t_lo=t_lo, t_count=t_count, v_lo=v_lo, v_count=v_count, D=D,
-            stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
-            stride_wv=weight.stride(0), stride_wd=weight.stride(1), stride_gn=g.stride(0),
-        ),
-        constexprs=dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
-            HAS_UNIFORM=coef.uniform is not None,
-            HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
-            PRECISE=g_lo is not None, COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
-        ),
+        args=dict(args, g_ptr=g, g_lo_ptr=g_lo if g_lo is not None else g, t_lo=t_lo, t_count=t_count, v_lo=v_lo,
+                  v_count=v_count, stride_gn=g.stride(0)),
+        constexprs=dict(constexprs, PRECISE=g_lo is not None),
         grid=lambda c: (triton.cdiv(t_count, c.blocks["BLOCK_N"]) * triton.cdiv(v_count, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0},
         family=family(compute),
