@@ -167,7 +167,9 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
     acc_hidden = torch.zeros(M, D, **f32) if need_hidden else None
     d_weight = None
     if need_weight:
-        d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
+        # contiguous whatever weight's strides: each split writes whole rows of it (cuBLAS out=)
+        d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else \
+            torch.empty(V, D, dtype=weight.dtype, device=weight.device)
     d_bias = torch.zeros(V, **f32) if need_bias else None
     if M == 0:
         if need_weight and weight.dtype != torch.float32:

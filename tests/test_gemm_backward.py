@@ -137,6 +137,23 @@ def test_fp32_gradients_are_fp32_accurate(device):
             assert rel_err(got, ref) < 2e-6
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_strided_hidden_and_weight(dtype, device):
+    """Views (a transposed hidden, every other column of a weight) give the contiguous inputs' gradients."""
+    hidden, weight, bias, targets, rows, _ = backend_inputs(dtype, dtype, dict(rows=True), device)
+    hidden_view = hidden.T.contiguous().T
+    weight_view = torch.stack([weight, torch.zeros_like(weight)], dim=2).reshape(V, 2 * D)[:, ::2]
+    assert not hidden_view.is_contiguous() and not weight_view.is_contiguous()
+    assert torch.equal(hidden_view, hidden) and torch.equal(weight_view, weight)
+    lse = kernels.lse_forward(hidden, weight, None, targets, rows).lse
+    coef = random_coefficients(targets.numel(), device, uniform=False)
+    for budget in (1 << 20, 3000):
+        want = grads_of(hidden, weight, None, targets, rows, lse, coef, budget)
+        got = grads_of(hidden_view, weight_view, None, targets, rows, lse, coef, budget)
+        for g, w in zip(got[:2], want[:2]):
+            assert g.is_contiguous() and rel_err(g, w) < (1e-6 if dtype == F32 else 4e-3)
+
+
 def test_only_the_gradients_asked_for(device):
     hidden, weight, bias, targets, _, _ = backend_inputs(BF16, BF16, dict(bias=True), device)
     lse = kernels.lse_forward(hidden, weight, bias, targets).lse
