@@ -39,10 +39,17 @@ $(DS_STAMP): $(STAMP)
 test: venv $(DS_STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
-# The main job: the full benchmark on a CUDA GPU, a small CPU run otherwise
-# (results, table and plots in docs/benchmarks/; see docs/benchmarks/README.md).
+# The main job: the full benchmark on a CUDA GPU; without one, a small CPU run (dft-ops runs its
+# PyTorch backend there) and a check of every Triton backward mode on the interpreter. Results,
+# tables and plots go to a scratch folder (python -m bench --help); BENCH_ARGS="--out docs/benchmarks"
+# updates the tracked ones (see docs/benchmarks/README.md).
+BENCH_ARGS ?=
 bench: venv
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
+ifneq ($(HAS_GPU),1)
+	$(PY) -m bench --interpret --device cpu --shapes 64x1000 --tokens 48 \
+		--providers dft-ops-gemm dft-ops-fused dft-ops-filter $(BENCH_ARGS)
+endif
 
 # One GPU window without network: carried wheels (.whl/, from bench/fetch_wheels.sh), GPU tests,
 # the benchmark within a time budget, the goal lines; everything in $(BENCH_OUT).

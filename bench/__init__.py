@@ -4,7 +4,8 @@ Every provider (plain PyTorch, torch.compile, PyTorch's chunked
 ``F.linear_cross_entropy``, Liger-Kernel, Cut Cross-Entropy, TRL's fused LM
 head, dft-ops) is run on the same inputs in one process: first checked
 against dft-ops, then timed and its peak memory taken. Results go to
-``docs/benchmarks/<device>.json`` with a Markdown table and PNG plots.
+``<out>/<device>.json`` with a Markdown table and PNG plots (``--out``: a scratch
+folder by default; ``docs/benchmarks`` holds the tracked results).
 
 Modules: :mod:`bench.cases` (heads, suites, inputs), :mod:`bench.providers`,
 :mod:`bench.measure` (timers, memory, the correctness check),

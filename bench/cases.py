@@ -79,6 +79,10 @@ _GOAL_GROUPS = [
 ]
 _REAL_HEADS = tuple(h for h in HEADS if h != "tiny")
 
+# the "gemm" backward's workspace sizes of --workspace-sweep (MiB), and its cases: time and
+# memory of the backward against the workspace, where it matters (long sequences, large heads)
+WORKSPACE_SWEEP_MB = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
 SUITES: dict[str, list[Group]] = {
     # `make bench` without a GPU: every CPU-capable provider on the tiny head, in a few minutes
     "cpu": [Group(("tiny",), (256, 1024, 2048))],
@@ -92,6 +96,9 @@ SUITES: dict[str, list[Group]] = {
         Group(_REAL_HEADS, (4 * K, 16 * K), modes=("forward", "backward")),
         Group(_REAL_HEADS, (128 * K,), modes=("forward+backward",)),
     ],
+    # --workspace-sweep
+    "workspace": [Group(("llama3-8b",), (16 * K,), ("dft",), ("backward",)),
+                  Group(("qwen2.5-7b",), (64 * K,), ("dft",), ("backward",))],
 }
 
 

@@ -13,23 +13,30 @@ from pathlib import Path
 import torch
 
 from . import goals, report
-from .cases import DTYPES, HEADS, INPUT_KINDS, MODES, OBJECTIVES, SUITES, Group, expand, parse_head, parse_tokens
-from .environment import RESULTS_DIR, git_commit, slug, versions
-from .providers import PROVIDERS
+from .cases import (DTYPES, HEADS, INPUT_KINDS, MODES, OBJECTIVES, SUITES, WORKSPACE_SWEEP_MB, Group, expand,
+                    parse_head, parse_tokens)
+from .environment import RESULTS_DIR, SCRATCH_DIR, git_commit, slug, versions
+from .providers import PROVIDERS, dft_ops_workspace_provider
 from .run import Session, run_case
 
 EPILOG = """
+results go to a scratch folder (--out, default {scratch}); the tracked results change only with
+--out docs/benchmarks.
+
 suites: cpu   - the tiny head, 256/1k/2k tokens, every mode (the default without a GPU; minutes)
         gpu   - the goal cases, then the four real heads at 1k..64k tokens forward+backward,
                 forward and backward at 4k/16k, then 128k (the default with a GPU; use --time-budget)
         goals - only what --goals reads: llama3-8b @16k, gemma2-2b @8k (all providers), qwen2.5-7b @128k (dft-ops)
+        workspace - the "gemm" backward at each --workspace-sweep size (what --workspace-sweep runs by default)
 --shapes/--tokens replace the suite's heads and token counts; --objectives/--modes filter it.
 
 examples:
   python -m bench                                   # CPU: tiny preset; GPU: the full sweep
   python -m bench --suite goals && python -m bench --goals
   python -m bench --shapes llama3-8b --tokens 4k 16k --modes forward+backward --providers liger dft-ops
-"""
+  python -m bench --workspace-sweep 32 128 512 --shapes llama3-8b --tokens 16k   # GPU: memory vs time
+  python -m bench --out docs/benchmarks             # update the tracked results
+""".format(scratch=SCRATCH_DIR)
 
 
 def parse_args(argv=None):
@@ -51,7 +58,12 @@ def parse_args(argv=None):
                    help="random (flat softmax) and/or peaked (hidden states correlated with the label rows); "
                         "default peaked")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default docs/benchmarks)")
+    p.add_argument("--out", type=Path, default=SCRATCH_DIR,
+                   help=f"results folder (default {SCRATCH_DIR}; {RESULTS_DIR.relative_to(RESULTS_DIR.parents[1])} "
+                        "holds the tracked ones)")
+    p.add_argument("--workspace-sweep", nargs="*", type=float, metavar="MB",
+                   help="time and peak memory of the 'gemm' backward at each workspace size in MiB (default "
+                        f"{' '.join(f'{mb:g}' for mb in WORKSPACE_SWEEP_MB)}): <out>/<device>-workspace.*")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="start no provider after this many seconds; what was measured is written")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against dft-ops")
@@ -99,13 +111,23 @@ def main(argv=None) -> int:
             print(f"{name:14s} {p.description:55s} {'runs here' if why is None else 'skipped: ' + why}")
         return 0
 
-    suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
+    sweep = args.workspace_sweep
+    if sweep is not None:
+        sweep = sweep or list(WORKSPACE_SWEEP_MB)
+        if any(mb <= 0 for mb in sweep):
+            print("--workspace-sweep: sizes must be positive MiB", file=sys.stderr)
+            return 2
+        for mb in sweep:
+            provider = dft_ops_workspace_provider(mb)
+            PROVIDERS[provider.name] = provider
+        stem += "-workspace"
+    suite = args.suite or ("workspace" if sweep is not None else "gpu" if device.type == "cuda" else "cpu")
     groups = SUITES[suite]
     if args.shapes or args.tokens:
         groups = [Group(tuple(h.name if h.name in HEADS else f"{h.hidden}x{h.vocab}" for h in args.shapes)
                         if args.shapes else tuple(dict.fromkeys(h for g in groups for h in g.heads)),
                         tuple(args.tokens) if args.tokens else tuple(sorted({n for g in groups for n in g.tokens})),
-                        modes=tuple(args.modes or MODES))]
+                        modes=tuple(args.modes or (("backward",) if sweep is not None else MODES)))]
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cases = []
     for case in expand(groups, args.inputs, dtype):
@@ -115,7 +137,10 @@ def main(argv=None) -> int:
             case.modes = tuple(m for m in case.modes if m in args.modes)
         if case.modes:
             cases.append(case)
-    providers = list(args.providers or PROVIDERS)
+    if sweep is not None:
+        providers = [dft_ops_workspace_provider(mb).name for mb in sweep]
+    else:
+        providers = list(args.providers or (p for p in PROVIDERS if "@" not in p))
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"dft-ops benchmark on {meter.name()} ({device.type}), suite {suite}, {len(cases)} cases, "
@@ -161,7 +186,8 @@ def main(argv=None) -> int:
         data = report.merge(json_path, records, run_info)
         report.write_markdown(args.out / f"{stem}.md", data, sorted(args.out.glob(f"{stem}-*.png")))
     data = report.merge(json_path, records, run_info)
-    plots = [] if args.no_plots else report.write_plots(args.out, stem, data)
+    plots = [] if args.no_plots else (report.write_workspace_plots if sweep is not None else report.write_plots)(
+        args.out, stem, data)
     report.write_markdown(args.out / f"{stem}.md", data, plots or sorted(args.out.glob(f"{stem}-*.png")))
 
     skipped = report.skipped_providers(records)
@@ -202,7 +228,8 @@ def _rebuild_reports(out: Path, plots: bool) -> int:
         return 2
     for path in paths:
         data = report.load(path)
-        pngs = report.write_plots(out, path.stem, data) if plots else sorted(out.glob(f"{path.stem}-*.png"))
+        writer = report.write_workspace_plots if path.stem.endswith("-workspace") else report.write_plots
+        pngs = writer(out, path.stem, data) if plots else sorted(out.glob(f"{path.stem}-*.png"))
         report.write_markdown(path.with_suffix(".md"), data, pngs)
         print(f"rebuilt {path.with_suffix('.md')} and {len(pngs)} plot(s)")
     return 0

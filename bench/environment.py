@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ import torch
 from .providers import PROVIDERS, package_version
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "docs" / "benchmarks"
+RESULTS_DIR = REPO / "docs" / "benchmarks"  # the tracked results: written only when --out names it
+SCRATCH_DIR = Path(tempfile.gettempdir()) / "dft-ops-bench"  # python -m bench's default --out
 
 
 def slug(device_name: str) -> str:

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# One short GPU window, one command: check, benchmark, write everything to one folder.
+# A short GPU window: check, benchmark, write everything to one folder.
 #
-#   bash bench/gpu_run.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else /tmp/dft-ops-bench-gpu-out
+#   bash bench/gpu_run.sh [STEP] [OUT_DIR]   # OUT_DIR defaults to $OUT, else /tmp/dft-ops-bench-gpu-out
+#
+# STEP, one per device command so that neither starves the other (each has the whole budget):
+#   tests  - the GPU test suite: pytest -q tests
+#   bench  - the benchmark, suite "gpu" (every provider, every dft-ops mode: dft-ops as shipped,
+#            dft-ops-gemm, dft-ops-fused, dft-ops-filter): the goal cases first, cut by the time left;
+#            then the goal lines (python -m bench --goals)
+#   sweep  - the "gemm" backward's workspace sweep (python -m bench --workspace-sweep): memory vs time
+#   all    - (the default) tests for at most BENCH_TEST_S seconds, then bench with the time left
 #
 # For a GPU machine that has python3 with torch and triton but no network: the peers come as
 # wheels in .whl/ (bench/fetch_wheels.sh makes them; carry .whl along), dft-ops is installed from
-# this tree without network. Steps, each logged:
-#   1. install .whl/*.whl into /tmp/site (PYTHONPATH) and dft-ops itself (pip -e ., no index);
-#   2. the GPU test suite: pytest -q tests (at most BENCH_TEST_S seconds);
-#   3. the benchmark, suite "gpu": the goal cases first, then the sweep, cut by the time left;
-#   4. the goal lines (python -m bench --goals).
-# The whole script keeps within BENCH_BUDGET_S seconds (default 540, under a 10-minute command
-# limit). Results merge into a copy of docs/benchmarks, so earlier GPU results are kept.
+# this tree without network (every step first installs .whl/*.whl into /tmp/site (PYTHONPATH) and
+# dft-ops itself, pip -e . without an index). A step keeps within BENCH_BUDGET_S seconds (default
+# 540, under a 10-minute command limit). Results merge into a copy of docs/benchmarks, so earlier
+# GPU results are kept.
 #
 # In OUT_DIR (at most 8 files, flat): gpu_run.log, goals.txt, <gpu>.json, <gpu>.md and
-# bench-results.tar.gz (the GPU JSON and Markdown, their PNG plots, goals.txt, gpu-tests.log).
+# bench-results.tar.gz (the GPU JSON and Markdown files, their PNG plots, goals.txt, gpu-tests.log).
 # Unpack it into docs/benchmarks/ and commit:  tar xzf bench-results.tar.gz -C docs/benchmarks
 #
-# Environment: PYTHON (default python3), BENCH_BUDGET_S, BENCH_TEST_S (default 150),
+# Environment: PYTHON (default python3), BENCH_BUDGET_S, BENCH_TEST_S (default 150, step "all"),
 # DFT_OPS_COMMIT (the commit being measured, when the tree has no .git), BENCH_ARGS (extra
 # arguments for python -m bench, e.g. "--inputs peaked random"), BENCH_SUITE_ARGS (default
 # "--suite gpu"; setting it also lets the script run without a GPU, as a dry run of the script:
@@ -25,6 +30,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+what=all
+case "${1:-}" in
+    all|tests|bench|sweep) what=$1; shift ;;
+esac
 out=${1:-${OUT:-/tmp/dft-ops-bench-gpu-out}}
 budget=${BENCH_BUDGET_S:-540}
 test_budget=${BENCH_TEST_S:-150}
@@ -66,21 +75,32 @@ fi
 echo "commit: $DFT_OPS_COMMIT"
 "$PY" -m bench --list
 
-step "GPU tests (at most ${test_budget} s)"
-timeout --signal=INT "$test_budget" "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$work/gpu-tests.log"
-test_rc=${PIPESTATUS[0]}
-[ "$test_rc" = 124 ] && echo "GPU tests: stopped after ${test_budget} s"
-echo "GPU tests exit status: $test_rc"
+test_rc=skipped
+if [ "$what" = tests ] || [ "$what" = all ]; then
+    [ "$what" = tests ] && test_budget=$(( $(left) - 30 ))
+    step "GPU tests (at most ${test_budget} s)"
+    timeout --signal=INT "$test_budget" "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$work/gpu-tests.log"
+    test_rc=${PIPESTATUS[0]}
+    [ "$test_rc" = 124 ] && echo "GPU tests: stopped after ${test_budget} s"
+    echo "GPU tests exit status: $test_rc"
+fi
 
 # margin for the provider running when the budget ends, the plots and the archive
 bench_budget=$(( $(left) - 60 ))
-suite_args=${BENCH_SUITE_ARGS:---suite gpu}
-step "benchmark: $suite_args, time budget ${bench_budget} s"
-if [ "$bench_budget" -gt 30 ]; then
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    suite_args=${BENCH_SUITE_ARGS:---suite gpu}
+    step "benchmark: $suite_args, time budget ${bench_budget} s"
+    if [ "$bench_budget" -gt 30 ]; then
+        # shellcheck disable=SC2086
+        "$PY" -m bench $suite_args --out "$work" --time-budget "$bench_budget" ${BENCH_ARGS:-}
+    else
+        echo "no time left for the benchmark"
+    fi
+fi
+if [ "$what" = sweep ]; then
+    step "workspace sweep, time budget ${bench_budget} s"
     # shellcheck disable=SC2086
-    "$PY" -m bench $suite_args --out "$work" --time-budget "$bench_budget" ${BENCH_ARGS:-}
-else
-    echo "no time left for the benchmark"
+    "$PY" -m bench --workspace-sweep --out "$work" --time-budget "$bench_budget" ${BENCH_ARGS:-}
 fi
 
 step "goals"
@@ -99,7 +119,8 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
 EOF
 )
 # the archive holds what this run made or changed: the GPU result files, their plots, the logs
-files=(gpu-tests.log goals.txt)
+files=(goals.txt)
+[ -e "$work/gpu-tests.log" ] && files+=(gpu-tests.log)
 for f in $gpu_json; do
     cp "$f" "${f%.json}.md" "$out/" 2>/dev/null
     stem=$(basename "${f%.json}")
@@ -110,7 +131,7 @@ done
 tar czf "$out/bench-results.tar.gz" -C "$work" "${files[@]}"
 tar tzf "$out/bench-results.tar.gz"
 ls -l "$out"
-echo "done in $((SECONDS - start)) s; tests exit status $test_rc"
+echo "step $what done in $((SECONDS - start)) s; tests exit status $test_rc"
 }
 
 main 2>&1 | tee "$out/gpu_run.log"

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# TRITON_INTERPRET=1 (``--interpret``): Triton kernels run on the CPU, for checking only
+from dft_ops.backend_contract import interpreting as triton_interpreting
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -36,11 +38,6 @@ def dft_from_token_nll(token_nll: Tensor) -> Tensor:
 
 def reduce_token_nll(token_nll: Tensor, objective: str) -> Tensor:
     return token_nll.float().mean() if objective == "ce" else dft_from_token_nll(token_nll)
-
-
-def triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1 (``--interpret``): Triton kernels run on the CPU, for checking only."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def package_version(dist: str) -> str | None:
@@ -60,6 +57,7 @@ class Provider:
     needs_cuda: bool
     build: Callable[[str, torch.device], tuple[LossFn, str]]
     probe: Callable[[], str | None]  # why it cannot run on any device, or None
+    params: dict = field(default_factory=dict)  # copied into its records (e.g. workspace_mb)
 
     def unavailable(self, device: torch.device) -> str | None:
         """None when the provider can run on ``device``, else the reason it is skipped."""
@@ -148,17 +146,20 @@ def _build_liger(objective, device):
 
 # --- Cut Cross-Entropy -------------------------------------------------------------------------------
 
-def _build_cce(objective, device):
-    from cut_cross_entropy import linear_cross_entropy
+def _cce(**options):
+    """Cut Cross-Entropy with these options: its Triton kernel on CUDA, its torch.compile implementation elsewhere."""
+    def build(objective, device):
+        from cut_cross_entropy import linear_cross_entropy
 
-    # the Triton kernel on CUDA; CCE's own torch.compile implementation elsewhere
-    impl = "cce" if device.type == "cuda" else "torch_compile"
-    if objective == "ce":
-        return (lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl)), f"impl={impl}"
+        impl = "cce" if device.type == "cuda" else "torch_compile"
+        note = ", ".join([f"impl={impl}"] + [f"{k}={v}" for k, v in options.items()])
+        if objective == "ce":
+            return (lambda h, w, y: linear_cross_entropy(h, w, y, impl=impl, **options)), note
 
-    def dft(h, w, y):
-        return dft_from_token_nll(linear_cross_entropy(h, w, y, reduction="none", impl=impl))
-    return dft, f"impl={impl}, reduction='none' + DFT weighting"
+        def dft(h, w, y):
+            return dft_from_token_nll(linear_cross_entropy(h, w, y, reduction="none", impl=impl, **options))
+        return dft, note + ", reduction='none' + DFT weighting"
+    return build
 
 
 # --- TRL's fused LM head -----------------------------------------------------------------------------
@@ -194,28 +195,36 @@ def _build_trl(objective, device):
     return loss, f"ChunkedLogProbFunction, chunk_size={TRL_VOCAB_CHUNK}, outputs=('log_probs',)"
 
 
-# --- dft-ops -----------------------------------------------------------------------------------------
+# --- dft-ops ----------------------------------------------------------------------------------------
 
 def dft_ops_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" or triton_interpreting() else "torch"
 
 
-def _build_dft_ops(objective, device):
-    import dft_ops
+def _dft_ops(*, filtered: bool = False, **options) -> Callable[[str, torch.device], tuple[LossFn, str]]:
+    """dft-ops with these options; backend "auto" unless given (Triton on CUDA, PyTorch on CPU).
 
-    backend = dft_ops_backend(device)
-    return ((lambda h, w, y: dft_ops.linear_cross_entropy(h, w, y, objective=objective, backend=backend)),
-            f"backend={backend}")
+    ``filtered``: gradient filtering at Cut Cross-Entropy's default threshold ("high"),
+    the inputs' dtype's machine epsilon / 32.
+    """
+    def build(objective, device):
+        import dft_ops
+
+        opts = {"backend": dft_ops_backend(device), **options}
+
+        def loss(h, w, y):
+            extra = dict(filter_eps=torch.finfo(h.dtype).eps / 32) if filtered else {}
+            return dft_ops.linear_cross_entropy(h, w, y, objective=objective, **opts, **extra)
+        notes = [f"{k}={v}" for k, v in opts.items()] + (["filter_eps=finfo(dtype).eps/32"] if filtered else [])
+        return loss, ", ".join(notes)
+    return build
 
 
-def _build_dft_ops_filter(objective, device):
-    import dft_ops
-
-    # Cut Cross-Entropy's default threshold ("high"): the dtype's machine epsilon / 32
-    def loss(h, w, y):
-        return dft_ops.linear_cross_entropy(h, w, y, objective=objective, backend="triton",
-                                            filter_eps=torch.finfo(h.dtype).eps / 32)
-    return loss, "backend=triton, filter_eps=finfo(dtype).eps/32"
+def dft_ops_workspace_provider(workspace_mb: float) -> Provider:
+    """The GEMM backward with a given workspace (the workspace sweep, ``--workspace-sweep``)."""
+    return Provider(f"dft-ops-gemm@{workspace_mb:g}MB", f"dft-ops, backward_mode='gemm', workspace_mb={workspace_mb:g}",
+                    "dft-ops", True, _dft_ops(backend="triton", backward_mode="gemm", workspace_mb=workspace_mb),
+                    _importable("dft_ops", "dft-ops"), params={"workspace_mb": float(workspace_mb)})
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -227,14 +236,21 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              _probe_torch_lce),
     Provider("liger", "Liger-Kernel LigerFusedLinearCrossEntropyLoss", "liger-kernel", True, _build_liger,
              _importable("liger_kernel.transformers", "liger-kernel")),
-    Provider("cce", "Cut Cross-Entropy linear_cross_entropy", "cut-cross-entropy", False, _build_cce,
-             _importable("cut_cross_entropy", "cut-cross-entropy")),
+    Provider("cce", "Cut Cross-Entropy linear_cross_entropy (default gradient filtering)", "cut-cross-entropy",
+             False, _cce(), _importable("cut_cross_entropy", "cut-cross-entropy")),
+    Provider("cce-exact", "Cut Cross-Entropy without gradient filtering (filter_eps=None)", "cut-cross-entropy",
+             False, _cce(filter_eps=None), _importable("cut_cross_entropy", "cut-cross-entropy")),
     Provider("trl", "TRL fused LM head (ChunkedLogProbFunction)", "trl", False, _build_trl, _probe_trl),
-    Provider("dft-ops", "dft-ops linear_cross_entropy", "dft-ops", False, _build_dft_ops,
-             _importable("dft_ops", "dft-ops")),
-    # opt-in gradient filtering, at CCE's default threshold (the torch backend is always exact)
-    Provider("dft-ops-filter", "dft-ops with filter_eps (gradient filtering)", "dft-ops", True,
-             _build_dft_ops_filter, _importable("dft_ops", "dft-ops")),
+    Provider("dft-ops", "dft-ops linear_cross_entropy as shipped (gemm on CUDA, PyTorch on CPU)", "dft-ops",
+             False, _dft_ops(), _importable("dft_ops", "dft-ops")),
+    # one provider per Triton backward mode (docs/backward.md)
+    Provider("dft-ops-gemm", "dft-ops, backward_mode='gemm' (vocabulary splits, cuBLAS)", "dft-ops", True,
+             _dft_ops(backend="triton", backward_mode="gemm"), _importable("dft_ops", "dft-ops")),
+    Provider("dft-ops-fused", "dft-ops, backward_mode='fused' (one atomic kernel, no workspace)", "dft-ops", True,
+             _dft_ops(backend="triton", backward_mode="fused"), _importable("dft_ops", "dft-ops")),
+    # opt-in gradient filtering (fused mode), at CCE's default threshold (the torch backend is always exact)
+    Provider("dft-ops-filter", "dft-ops with filter_eps (gradient filtering, fused mode)", "dft-ops", True,
+             _dft_ops(backend="triton", filtered=True), _importable("dft_ops", "dft-ops")),
 )}
 
 REFERENCE = "dft-ops"

@@ -11,7 +11,10 @@ from .cases import HEADS, MODES
 from .run import MODE_SHORT
 
 KEY_FIELDS = ("provider", "objective", "shape", "hidden", "vocab", "tokens", "dtype", "mode", "inputs")
-PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "trl", "dft-ops", "dft-ops-filter")
+PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "cce-exact", "trl", "dft-ops", "dft-ops-gemm",
+                  "dft-ops-fused", "dft-ops-filter")
+CPU_NOTE = ("CPU run: dft-ops runs its PyTorch fallback (backend='torch') here; the Triton modes need a GPU. "
+            "Times are CPU times, not the GPU kernels'.")
 
 
 def record_key(rec: dict) -> tuple:
@@ -44,7 +47,7 @@ def _sort_key(r: dict):
     shape_rank = list(HEADS).index(r["shape"]) if r["shape"] in HEADS else len(HEADS)
     prov_rank = PROVIDER_ORDER.index(r["provider"]) if r["provider"] in PROVIDER_ORDER else len(PROVIDER_ORDER)
     return (shape_rank, r["shape"], r["dtype"], r["inputs"], r["objective"], MODES.index(r["mode"]), r["tokens"],
-            prov_rank)
+            prov_rank, r.get("workspace_mb") or 0.0)
 
 
 # --- tables -------------------------------------------------------------------------------------------
@@ -187,6 +190,26 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
 
 # --- plots --------------------------------------------------------------------------------------------
 
+def _figure_notes(fig, data: dict, legend_handles) -> None:
+    """The legend below the axes (it never covers a line) and, for a CPU run, what ran."""
+    handles, labels = legend_handles
+    notes = [CPU_NOTE] if data.get("device_kind") == "cpu" else []
+    if handles:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 5),
+                   fontsize=8, frameon=False)
+    if notes:
+        fig.text(0.5, -0.06 if handles else 0.0, "\n".join(notes), ha="center", va="top", fontsize=8, style="italic")
+
+
+def _legend_entries(axes) -> tuple[list, list]:
+    """One legend entry per label across every axis, in plotting order."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
 def write_plots(out_dir: Path, stem: str, data: dict) -> list[Path]:
     """One PNG per dtype x inputs x objective x mode: time and peak memory against tokens, one column per head."""
     import matplotlib
@@ -228,11 +251,50 @@ def write_plots(out_dir: Path, stem: str, data: dict) -> list[Path]:
                 ax.grid(True, which="both", alpha=0.3)
                 if col == 0:
                     ax.set_ylabel(label)
-        axes[0][0].legend(fontsize=8)
         fig.suptitle(f"{data['device']}: {objective}, {mode}, {dtype}, {inputs} inputs", fontsize=11)
         fig.tight_layout()
+        _figure_notes(fig, data, _legend_entries(axes.flat))
         path = out_dir / f"{stem}-{dtype}-{inputs}-{objective}-{MODE_SHORT[mode].replace('+', '-')}.png"
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_workspace_plots(out_dir: Path, stem: str, data: dict) -> list[Path]:
+    """The workspace sweep: time and peak memory of the "gemm" backward against its workspace, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in data["records"] if r["status"] == "ok" and r.get("workspace_mb")]
+    groups = defaultdict(list)
+    for r in ok:
+        groups[(r["dtype"], r["inputs"], r["objective"], r["mode"])].append(r)
+    paths = []
+    for (dtype, inputs, objective, mode), recs in sorted(groups.items()):
+        fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+        cases = sorted({(r["shape"], r["tokens"]) for r in recs},
+                       key=lambda c: (list(HEADS).index(c[0]) if c[0] in HEADS else 99, c[1]))
+        for shape, tokens in cases:
+            pts = sorted((r["workspace_mb"], r["ms_median"], r.get("peak_mb")) for r in recs
+                         if (r["shape"], r["tokens"]) == (shape, tokens))
+            label = f"{shape} @ {_tokens(tokens)}"
+            ax_time.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            if all(p[2] is not None for p in pts):
+                ax_mem.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+        for ax, ylabel in ((ax_time, "time (ms, median)"), (ax_mem, "peak memory over inputs (MB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("workspace_mb (MiB)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"{data['device']}: backward_mode='gemm' against its workspace; {objective}, {mode}, {dtype}, "
+                     f"{inputs} inputs", fontsize=10)
+        fig.tight_layout()
+        _figure_notes(fig, data, _legend_entries([ax_time, ax_mem]))
+        path = out_dir / f"{stem}-{dtype}-{inputs}-{objective}-{MODE_SHORT[mode].replace('+', '-')}.png"
+        fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths

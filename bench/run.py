@@ -175,6 +175,7 @@ def _finish(case: Case, provider: str, mode: str, s: Session, fields: dict) -> d
         "inputs": case.inputs, "status": "ok", "reason": None, "impl": None,
         "lower_bound_mb": lower_bound_bytes(case, mode) / MB,
     }
+    rec.update(PROVIDERS[provider].params if provider in PROVIDERS else {})
     rec.update(fields)
     if rec["status"] == "ok":
         seconds = rec["ms_median"] / 1e3

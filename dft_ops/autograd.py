@@ -15,8 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import torch_backend
-from .backend_contract import GradCoefficients
+from .backend_contract import GradCoefficients, select_backend
 from .layout import TokenLayout
 from .loss_terms import token_loss
 from .options import LossOptions
@@ -55,22 +54,6 @@ class HeadGrads(NamedTuple):
 _NOT_DIFFERENTIABLE = (None, None)
 
 
-def backend_module(backend: str, device: torch.device):
-    """The module implementing ``lse_forward`` / ``grad_backward`` for a backend name and the inputs' device."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "torch":
-        return torch_backend
-    from . import kernels  # imports triton: only when asked for
-
-    if device.type != "cuda" and not kernels.interpreting():
-        raise ValueError(
-            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
-            f"interpreter); hidden is on {device}. Use backend='torch' or 'auto'."
-        )
-    return kernels
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The float dtype autocast runs ``nn.Linear`` in on ``device`` now, or None (autocast off)."""
     if torch.is_autocast_enabled(device.type):
@@ -100,7 +83,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         compacted (its rows and targets, in [0, V), are what the kernels compute);
         options: :class:`~dft_ops.LossOptions`, every field but shift,
         ignore_index (the layout's) and reduction (the caller's) read here;
-        ``class_weight`` already checked against V and hidden's device.
+        ``class_weight`` already checked against V and hidden's device; the
+        backend from ``backend``, ``backward_mode`` and ``workspace_mb``.
         With ``vocab_parallel`` (checked: ``vocab_size`` set) weight, bias and
         the backends' share of ``class_weight`` are the rank's rows and both
         passes are collectives; ``class_weight`` itself is the whole (V,) vector.
@@ -113,7 +97,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, layout: TokenLayout, options: LossOptions):
-        backend = backend_module(options.backend, hidden.device)
+        backend = select_backend(options, hidden.device)
         vocab_size = weight.shape[0]
         if options.vocab_parallel is not None:  # weight holds rows of a vocabulary split over ranks
             backend, vocab_size = ShardedBackend(backend, options.vocab_parallel), options.vocab_parallel.vocab_size

@@ -1,7 +1,8 @@
 """The contract both backends implement, and the PyTorch pieces they share.
 
-A backend is a module with two functions (``dft_ops.kernels`` for Triton,
-``dft_ops.torch_backend`` for chunked PyTorch)::
+A backend is an object with two methods (the :class:`Backend` protocol;
+:class:`dft_ops.kernels.TritonBackend` in its backward modes,
+:class:`dft_ops.torch_backend.TorchBackend`, and wrappers of either)::
 
     lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None,
                 with_stats=False, smoothing=False, class_weight=None, compute_dtype=None) -> ForwardStats
@@ -10,6 +11,10 @@ A backend is a module with two functions (``dft_ops.kernels`` for Triton,
                   need_weight=True, need_bias=False, filter_eps=None, precise=False,
                   compute_dtype=None)
         -> (d_hidden, d_weight, d_bias)
+
+:func:`select_backend` builds the one a call's options ask for. How each
+backend runs its passes (Triton's backward mode, its workspace, chunk sizes)
+is set when it is built, never through these calls.
 
 Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
 ``z = softcap * tanh(u / softcap)`` if softcap, then ``z = z / temperature`` if
@@ -33,12 +38,29 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+import os
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKWARD_MODES = ("auto", "gemm", "fused")
+"""Backward modes of the Triton backend (docs/backward.md): "gemm" = vocabulary splits, G in a
+bounded workspace, cuBLAS products; "fused" = one kernel, fp32 atomics, no workspace;
+"auto" = "gemm", or "fused" when gradient filtering is asked for."""
+DEFAULT_WORKSPACE_MB = 256
+"""Default bound of the "gemm" backward's workspace, MiB (G in the compute dtype, staged rows, scratch)."""
+MB = 2**20
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1).
+
+    The one place that reads the variable: Triton reads it when ``@triton.jit``
+    decorates a kernel, so it must be set before ``dft_ops.kernels`` is imported.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class ForwardStats(NamedTuple):
@@ -73,6 +95,73 @@ class GradCoefficients(NamedTuple):
     softmax: Tensor
     target: Tensor
     uniform: Tensor | None = None
+
+
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The two passes of the contract (module docstring); implementations keep their own settings.
+
+    ``name`` says what runs (e.g. "torch", "triton-gemm"): benchmarks and errors report it.
+    """
+
+    name: str
+
+    def lse_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                    rows: Tensor | None = None, *, softcap: float | None = None, temperature: float | None = None,
+                    with_stats: bool = False, smoothing: bool = False, class_weight: Tensor | None = None,
+                    compute_dtype: torch.dtype | None = None) -> ForwardStats: ...
+
+    def grad_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                      rows: Tensor | None, lse: Tensor, coef: GradCoefficients, *, softcap: float | None = None,
+                      temperature: float | None = None, class_weight: Tensor | None = None, need_hidden: bool = True,
+                      need_weight: bool = True, need_bias: bool = False, filter_eps: float | None = None,
+                      precise: bool = False, compute_dtype: torch.dtype | None = None) -> Grads: ...
+
+
+def resolve_backward_mode(mode: str, filter_eps) -> str:
+    """The Triton backward that runs: "gemm" or "fused" ("auto": gemm, fused when filtering is asked for).
+
+    Gradient filtering skips negligible tiles of the fused kernel; the GEMM
+    backward has no tiles to skip (cuBLAS computes every product), so asking
+    for both is an error rather than a silently ignored option.
+    """
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward_mode: expected one of {BACKWARD_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "fused" if filter_eps is not None else "gemm"
+    if mode == "gemm" and filter_eps is not None:
+        raise ValueError("filter_eps: gradient filtering skips tiles of backward_mode='fused'; the 'gemm' backward "
+                         "computes every product in cuBLAS. Use backward_mode='fused' (or 'auto') with filter_eps.")
+    return mode
+
+
+def select_backend(options, device: torch.device) -> Backend:
+    """The :class:`Backend` of one call, from its :class:`~dft_ops.LossOptions` and the inputs' device.
+
+    ``options.backend``: "torch", "triton", or "auto" (Triton on CUDA tensors,
+    PyTorch elsewhere). The Triton backend takes ``backward_mode`` and
+    ``workspace_mb``; the PyTorch backend has a single way to run (they do
+    not apply to it). Raises ValueError naming the option before any work.
+    """
+    name = options.backend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend()
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the CPU "
+            f"interpreter); hidden is on {device}. Use backend='torch' or 'auto'."
+        )
+    resolve_backward_mode(options.backward_mode, options.filter_eps)
+    from .kernels import TritonBackend  # imports triton: only when asked for
+
+    return TritonBackend(options.backward_mode, workspace_bytes=max(1, int(options.workspace_mb * MB)))
 
 
 def product_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype,

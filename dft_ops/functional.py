@@ -103,6 +103,8 @@ def linear_cross_entropy(
     class_weight: Tensor | None = UNSET["class_weight"],
     precise: bool = UNSET["precise"],
     vocab_parallel: _vocab_parallel.VocabParallel | None = UNSET["vocab_parallel"],
+    backward_mode: str = UNSET["backward_mode"],
+    workspace_mb: float = UNSET["workspace_mb"],
     position_ids: Tensor | None = None,
     options: LossOptions | None = None,
 ):
@@ -154,6 +156,10 @@ def linear_cross_entropy(
             vocabulary's on every rank (a collective: every rank calls it with
             the same hidden states and labels). ``class_weight`` stays the whole
             (V,) vector. See docs/distributed.md.
+        backward_mode: the Triton backward: "auto" ("gemm", or "fused" with
+            filter_eps), "gemm" (vocabulary splits, cuBLAS products, a bounded
+            workspace) or "fused" (one kernel, no workspace); docs/backward.md.
+        workspace_mb: bound of the "gemm" backward's workspace, MiB (default 256).
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
             Only sequence-level objectives use it; without it the sequences
@@ -186,7 +192,8 @@ def linear_cross_entropy(
                            softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
                            filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
                            temperature=temperature, class_weight=class_weight, precise=precise,
-                           vocab_parallel=vocab_parallel)
+                           vocab_parallel=vocab_parallel, backward_mode=backward_mode,
+                           workspace_mb=workspace_mb)
     hidden, weight, bias, labels, split = localize(hidden, weight, bias, labels, opts.vocab_parallel)
     _check_tensors(hidden, weight, labels, bias, vocab_rows=split is not None)
     num_items = _check_num_items(num_items_in_batch)

@@ -24,6 +24,7 @@ from torch import Tensor
 from . import objectives as _objectives
 from .loss_terms import check_options as _check_loss_options
 from .vocab_parallel import VocabParallel
+from .backend_contract import BACKWARD_MODES, DEFAULT_WORKSPACE_MB
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -90,6 +91,13 @@ def _positive_finite(name, value) -> float | None:
     value = _real(name, value, "a positive float or None")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: must be a positive finite number, got {value}")
+    return value
+
+
+def _workspace_mb(name, value) -> float:
+    value = _real(name, value, "a positive number of MiB")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: must be a positive finite number of MiB, got {value}")
     return value
 
 
@@ -179,6 +187,11 @@ class LossOptions:
             products as a high and a low part (elementwise-accurate gradients).
         vocab_parallel: a :class:`dft_ops.VocabParallel` (the weight and bias
             are this rank's rows of a head split over a process group), or None.
+        backward_mode: the Triton backward: "auto" (= "gemm", or "fused" with
+            filter_eps), "gemm" (vocabulary splits and cuBLAS products, a
+            bounded workspace) or "fused" (one atomic kernel, no workspace).
+            See docs/backward.md.
+        workspace_mb: bound of the "gemm" backward's workspace in MiB (default 256).
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name); instances are immutable:
@@ -203,6 +216,8 @@ class LossOptions:
     class_weight: Tensor | None = _option(None, _class_weight)
     precise: bool = _option(False, _bool)
     vocab_parallel: VocabParallel | None = _option(None, _vocab_parallel)
+    backward_mode: str = _option("auto", _one_of(BACKWARD_MODES))
+    workspace_mb: float = _option(float(DEFAULT_WORKSPACE_MB), _workspace_mb)
 
     def __post_init__(self):
         for f in fields(self):

@@ -8,7 +8,8 @@ this backend is also the accurate oracle the kernels are tested against (next
 to naive.py's float64 reference).
 
 Same contract as ``dft_ops.kernels.lse_forward`` / ``grad_backward``
-(see :mod:`dft_ops.backend_contract`).
+(see :mod:`dft_ops.backend_contract`); :class:`TorchBackend` is its
+:class:`~dft_ops.backend_contract.Backend`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend_contract import (ForwardStats, GradCoefficients, check_backward_args, check_forward_args,
+from .backend_contract import (ForwardStats, GradCoefficients, Grads, check_backward_args, check_forward_args,
                                combine_partials, logit_scales, product_dtype)
 
 TOKEN_CHUNK = 1024
@@ -56,8 +57,8 @@ def _label_columns(y: Tensor, v_lo: int, v_hi: int) -> tuple[Tensor, Tensor]:
 
 
 def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
-                smoothing=False, class_weight=None, compute_dtype=None, token_chunk=None, vocab_chunk=None,
-                **_) -> ForwardStats:
+                smoothing=False, class_weight=None, compute_dtype=None, token_chunk=None,
+                vocab_chunk=None) -> ForwardStats:
     """Per-token :class:`~dft_ops.backend_contract.ForwardStats` (see ``dft_ops.kernels.lse_forward``).
 
     Each vocabulary chunk yields online-softmax partials (max, sum-exp,
@@ -106,7 +107,7 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
 
 def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  filter_eps=None, precise=False, compute_dtype=None, token_chunk=None, vocab_chunk=None, **_):
+                  filter_eps=None, precise=False, compute_dtype=None, token_chunk=None, vocab_chunk=None) -> Grads:
     """(d_hidden, d_weight, d_bias) for ``G = (a softmax - b onehot - c u) dz/du`` (see kernels.grad_backward).
 
     ``filter_eps`` and ``precise`` are accepted for interface parity and have
@@ -151,3 +152,30 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
     return grad if grad is None else grad.to(like.dtype)
+
+
+class TorchBackend:
+    """The :class:`~dft_ops.backend_contract.Backend` of this module.
+
+    Args:
+        token_chunk / vocab_chunk: the (tokens x vocabulary) block of each step
+            (None: TOKEN_CHUNK / VOCAB_CHUNK, read at call time).
+    """
+
+    name = "torch"
+
+    def __init__(self, *, token_chunk: int | None = None, vocab_chunk: int | None = None):
+        self.token_chunk, self.vocab_chunk = token_chunk, vocab_chunk
+
+    def __repr__(self) -> str:
+        return f"TorchBackend(token_chunk={self.token_chunk}, vocab_chunk={self.vocab_chunk})"
+
+    def lse_forward(self, hidden, weight, bias, targets, rows=None, **options) -> ForwardStats:
+        """:func:`lse_forward` with this backend's chunks (keywords of the contract only)."""
+        return lse_forward(hidden, weight, bias, targets, rows, token_chunk=self.token_chunk,
+                           vocab_chunk=self.vocab_chunk, **options)
+
+    def grad_backward(self, hidden, weight, bias, targets, rows, lse, coef, **options) -> Grads:
+        """:func:`grad_backward` with this backend's chunks (keywords of the contract only)."""
+        return grad_backward(hidden, weight, bias, targets, rows, lse, coef, token_chunk=self.token_chunk,
+                             vocab_chunk=self.vocab_chunk, **options)

@@ -245,8 +245,8 @@ class ShardedBackend:
     """A backend over one rank's vocabulary rows whose statistics are the whole vocabulary's.
 
     Args:
-        local: the backend module computing the rank's rows (``dft_ops.kernels``
-            or ``dft_ops.torch_backend``).
+        local: the :class:`~dft_ops.backend_contract.Backend` computing the
+            rank's rows (``kernels.TritonBackend`` or ``torch_backend.TorchBackend``).
         vp: a :class:`VocabParallel` checked by :func:`check_group` (``vocab_size`` set).
 
     ``lse_forward`` / ``grad_backward`` take the arguments of the backend
@@ -258,6 +258,7 @@ class ShardedBackend:
     def __init__(self, local, vp: VocabParallel):
         self.local, self.vp = local, _checked(vp)
         self.group, self.rank, self.world = _group_of(vp)
+        self.name = f"{local.name} over {self.world} vocabulary shards"
 
     def _rows_of(self, class_weight: Tensor | None) -> Tensor | None:
         return None if class_weight is None else class_weight[self.vp.start:self.vp.stop]

@@ -1,20 +1,25 @@
 """Triton kernels of dft-ops (imported as ``dft_ops.kernels``).
 
-Two passes over (token tile x vocabulary tile) blocks of the logits, neither of
-which writes the tokens x vocabulary logits to global memory:
+Passes over (token tile x vocabulary tile) blocks of the logits, none of which
+writes the tokens x vocabulary logits to global memory:
 
 - :func:`lse_forward` - per-token log-sum-exp, label logit, and optionally entropy,
   max logit, argmax and the label-smoothing sum (``ForwardStats``).
-- :func:`grad_backward` - d(hidden), d(weight), d(bias) from recomputed tiles, given
-  per-token coefficients of softmax, one-hot and class weights (``GradCoefficients``).
+- :func:`gemm_backward` - the default backward: per vocabulary split, the logit
+  gradient G of (tokens x split) into a bounded workspace (kernels/logit_grad.py),
+  then cuBLAS products for d(hidden), d(weight), d(bias).
+- :func:`grad_backward` - the fused backward: d(hidden), d(weight), d(bias) from
+  recomputed tiles with fp32 atomics, no workspace (the memory-first mode).
 
-The contract both backends share is :mod:`dft_ops.backend_contract`.
-
+:class:`TritonBackend` joins them as one :class:`dft_ops.backend_contract.Backend`.
 No autograd, nn.Module or transformers here: see ``dft_ops`` for those.
 """
 
+from dft_ops.backend_contract import interpreting
+
+from .backend import TritonBackend
+from .gemm_backward import gemm_backward, plan_splits
 from .grad_backward import grad_backward
-from .launch import interpreting
 from .lse_forward import lse_forward
 
-__all__ = ["lse_forward", "grad_backward", "interpreting"]
+__all__ = ["TritonBackend", "lse_forward", "gemm_backward", "grad_backward", "plan_splits", "interpreting"]

@@ -25,8 +25,9 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, family, torch_to_tl, unit_stride_inputs
-from .tile import cap_and_temper, cap_and_temper_slope, class_weights, dot, logit_tile, round_to
+from .launch import Config, Launch, Tuner, bucket, family, round_down, unit_stride_inputs
+from .logit_grad import gradient_inputs
+from .tile import dot, grouped_tile, logit_grad_tile, round_to, token_terms
 
 
 @triton.jit
@@ -42,56 +43,29 @@ def _grad_backward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr,
 ):
-    # Grouped order: GROUP_N token tiles sweep the vocabulary together, so a
-    # weight tile is read from HBM once per group and the group's hidden tiles
-    # stay in L2.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(M, BLOCK_N)
-    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    per_group = GROUP_N * v_tiles
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(n_tiles - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < M
-    coef_a = tl.load(coef_a_ptr + offs, mask=row_mask, other=0.0)
-    coef_b = tl.load(coef_b_ptr + offs, mask=row_mask, other=0.0)
+    rows, y, lse, coef_a, coef_b, coef_c = token_terms(
+        offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
     size = tl.abs(coef_a) + tl.abs(coef_b)
     if HAS_UNIFORM:
-        coef_c = tl.load(coef_c_ptr + offs, mask=row_mask, other=0.0)
         size += tl.abs(coef_c)
     # tiles of ignored tokens (or zero upstream gradient) add exactly nothing
     if tl.max(size, axis=0) == 0.0:
         return
-
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
-    else:
-        rows = offs.to(tl.int64)
-    lse = tl.load(lse_ptr + offs, mask=row_mask, other=0.0)
 
     # tile-local int32 column indices for compares, int64 only for addresses
     v0 = v_lo + pid_v * BLOCK_V
     local = tl.arange(0, BLOCK_V)
     cols = v0 + local.to(tl.int64)
     col_mask = local < v_hi - v0
-    # targets were clamped to [-1, V]: outside [0, V) matches no column
-    y_local = tl.load(targets_ptr + offs, mask=row_mask, other=-1).to(tl.int32) - v0
-    u = logit_tile(
-        h_ptr, w_ptr, b_ptr, rows * stride_hn, row_mask, cols, col_mask,
-        D, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS, COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
+    g = logit_grad_tile(
+        h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, cols, col_mask, y - v0, lse,
+        coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
     )
-    z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
-    # exp(-inf - lse) = 0: masked-vocabulary (-inf) logits get no gradient
-    g = coef_a[:, None] * tl.exp(z - lse[:, None])
-    g -= tl.where(local[None, :] == y_local[:, None], coef_b[:, None], 0.0)
-    if HAS_UNIFORM:
-        g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
-    g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
     if HAS_FILTER:
         # gradient filtering (opt-in): skip tiles whose every entry is negligible
         if tl.max(tl.max(tl.abs(g), axis=1), axis=0) < tl.load(filter_ptr):
@@ -181,8 +155,9 @@ _CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def default_vocab_chunk(vocab: int, hidden_size: int) -> int:
-    rows = max(1024, _CHUNK_BYTES // (4 * hidden_size))
-    return min(vocab, rows)
+    """Vocabulary rows per launch: about 32 MB of fp32 d(weight) buffer, in whole tiles of every configuration."""
+    tile = max(c.blocks["BLOCK_V"] for cs in CONFIGS.values() for c in cs)
+    return min(vocab, round_down(max(1024, _CHUNK_BYTES // (4 * hidden_size)), tile))
 
 
 def _d_blocks(config: Config, D: int, narrow: bool) -> dict:
@@ -217,33 +192,23 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     precise = bool(precise) and compute != torch.float32
     narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
-    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
+                                       softcap=softcap, temperature=temperature, compute=compute)
     return Launch(
         kernel=_grad_backward_kernel,
         args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else any_buf,
-            rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
-            coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
-            coef_c_ptr=coef.uniform if coef.uniform is not None else any_buf,
-            cw_ptr=class_weight if class_weight is not None else any_buf,
+            args,
             filter_ptr=filter_threshold if filter_threshold is not None else any_buf,
             dh_ptr=d_hidden if d_hidden is not None else any_buf,
             dw_ptr=d_weight_chunk if d_weight_chunk is not None else any_buf,
             db_ptr=d_bias_chunk if d_bias_chunk is not None else any_buf,
-            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-            inv_temperature=inv_temperature, M=M, D=D, v_lo=v_lo, v_hi=v_hi,
-            stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
-            stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+            M=M, v_lo=v_lo, v_hi=v_hi,
             stride_dhn=d_hidden.stride(0) if d_hidden is not None else 0,
             stride_dwv=d_weight_chunk.stride(0) if d_weight_chunk is not None else 0,
         ),
         constexprs=dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
-            HAS_UNIFORM=coef.uniform is not None, HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
-            HAS_FILTER=filter_threshold is not None, GRAD_HIDDEN=d_hidden is not None,
-            GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None,
-            PRECISE=precise, COMPUTE_DTYPE=torch_to_tl(compute),
-            FP32_PRECISION="tf32x3",
+            constexprs, HAS_FILTER=filter_threshold is not None, GRAD_HIDDEN=d_hidden is not None,
+            GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None, PRECISE=precise,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
         per_config=lambda c: _d_blocks(c, D, narrow),
@@ -313,6 +278,10 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         fp32_weight = weight.dtype == torch.float32
         chunk = V if fp32_weight else (vocab_chunk or default_vocab_chunk(V, D))
         scratch = torch.empty(min(chunk, V), D, **f32) if need_weight and not fp32_weight else None
+        key = (D, V, chunk, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
+               softcap is not None, temperature is not None, coef.uniform is not None, class_weight is not None,
+               need_hidden, need_weight, need_bias, filter_eps is not None, precise)
+        config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)
             dw = None
@@ -324,10 +293,10 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
                 d_hidden, dw, db, v_lo, v_hi, softcap=softcap, temperature=temperature, precise=precise,
                 compute_dtype=compute_dtype,
             )
-            key = (D, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None, softcap is not None,
-                   coef.uniform is not None, class_weight is not None, need_hidden, need_weight, need_bias,
-                   filter_eps is not None, precise)
-            TUNER.run(launch, key)
+            if config is None:
+                # tuned on the first chunk, before anything is accumulated (the tuner zeroes its trials)
+                config = TUNER.pick(launch, key)
+            launch.run(config)
             if uniform is not None:
                 uniform.add_to_weight_rows(dw, db, v_lo, v_hi)
             if need_weight and not fp32_weight:

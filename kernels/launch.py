@@ -17,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from dft_ops.backend_contract import interpreting
 
 
 def family(dtype: torch.dtype) -> str:
@@ -38,18 +35,24 @@ def torch_to_tl(dtype: torch.dtype):
 
 @dataclass(frozen=True)
 class Config:
-    """One tile configuration: block sizes (constexprs) plus warps and pipeline stages."""
+    """One tile configuration: block sizes (constexprs), warps, pipeline stages.
+
+    ``min_arch``: the smallest compute capability (major * 10 + minor) it is
+    offered on; tiles that only fit Hopper's register file and shared memory
+    say 90 (tests/compile_check.py applies the no-spill rule per target).
+    """
 
     blocks: dict[str, int]
     num_warps: int = 4
     num_stages: int = 3
+    min_arch: int = 0
 
     def kwargs(self) -> dict[str, int]:
         return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def __str__(self) -> str:
         b = ",".join(f"{k}={v}" for k, v in self.blocks.items())
-        return f"{b},w{self.num_warps},s{self.num_stages}"
+        return f"{b},w{self.num_warps},s{self.num_stages}" + (f",sm{self.min_arch}+" if self.min_arch else "")
 
 
 @dataclass
@@ -63,7 +66,8 @@ class Launch:
     # constexprs that depend on the tile sizes (e.g. EVEN_D = D % BLOCK_D == 0); may
     # also adjust a block size of the config to the problem
     per_config: Callable[[Config], dict[str, Any]] = lambda config: {}
-    # tensors the kernel adds into: restored after tuning trials
+    # tensors the kernel adds into: the tuner zeroes them after its trials, so a launch
+    # is tuned only while they are still zero (before accumulation starts)
     accumulators: list[torch.Tensor] = field(default_factory=list)
     # which list of tile configurations applies: "16bit" (bf16/fp16) or "fp32"
     family: str = "16bit"
@@ -75,15 +79,36 @@ class Launch:
     def run(self, config: Config) -> None:
         self.kernel[self.grid(config)](**self.kwargs(config))
 
+    @property
+    def device(self) -> torch.device:
+        return next(t.device for t in self.args.values() if isinstance(t, torch.Tensor))
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as major * 10 + minor (90 for H100); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 class Tuner:
-    """Picks the fastest configuration per key by timing each once on the GPU.
+    """Picks the fastest configuration per key by timing each on the GPU, once per process.
 
-    Kernels that accumulate with atomics (the backward) cannot be re-run on
-    their real buffers: Triton's autotuner would leave trial results behind.
-    This tuner snapshots the launch's accumulators before timing and restores
-    them afterwards, so the real run adds to exactly what was there. Under the
-    interpreter it always returns ``interpret_config``.
+    The key is the caller's (every size and feature the best tiles depend on)
+    plus the configuration family and the GPU's architecture; configurations
+    whose ``min_arch`` the GPU does not reach are never tried. Trials run on the
+    launch's real buffers: kernels that only write (the forward, the logit
+    gradient) need nothing more; a launch with ``accumulators`` must be tuned
+    before accumulation starts (they are zero), and they are zeroed after the
+    trials - no copy of them is ever made. ``DFT_OPS_CONFIG=i`` forces the i-th
+    allowed configuration (bench/, debugging). Under the interpreter it always
+    returns ``interpret_config``.
     """
 
     def __init__(self, configs: dict[str, list[Config]], interpret_config: Config):
@@ -91,27 +116,31 @@ class Tuner:
         self.interpret_config = interpret_config
         self.best: dict[tuple, Config] = {}
 
+    def allowed(self, family: str, arch: int) -> list[Config]:
+        return [c for c in self.configs[family] if c.min_arch <= arch]
+
     def pick(self, launch: Launch, key: tuple) -> Config:
         if interpreting():
             return self.interpret_config
-        configs = self.configs[launch.family]
+        arch = device_arch(launch.device)
+        configs = self.allowed(launch.family, arch)
         forced = os.environ.get("DFT_OPS_CONFIG")
         if forced is not None:
-            # bench/ and debugging: "i" picks configs[i] for every launch
             return configs[int(forced) % len(configs)]
-        key = (launch.family, *key)
+        key = (launch.family, arch, *key)
         if key not in self.best:
             if len(configs) == 1:
                 self.best[key] = configs[0]
             else:
-                saved = [t.clone() for t in launch.accumulators]
                 self.best[key] = min(configs, key=lambda c: self._time(launch, c))
-                for t, s in zip(launch.accumulators, saved):
-                    t.copy_(s)
+                for t in launch.accumulators:
+                    t.zero_()
         return self.best[key]
 
-    def run(self, launch: Launch, key: tuple) -> None:
-        launch.run(self.pick(launch, key))
+    def run(self, launch: Launch, key: tuple) -> Config:
+        config = self.pick(launch, key)
+        launch.run(config)
+        return config
 
     @staticmethod
     def _time(launch: Launch, config: Config) -> float:
@@ -141,5 +170,10 @@ def next_power_of_2(n: int) -> int:
 
 
 def bucket(n: int) -> int:
-    """Coarse size class for tuning keys: token counts vary every step, tiles should not retune."""
-    return min(next_power_of_2(n), 1 << 16)
+    """Size class of a token count for tuning keys (a power of two: 64k and 128k differ, 100k and 128k do not)."""
+    return next_power_of_2(n)
+
+
+def round_down(n: int, multiple: int) -> int:
+    """n rounded down to a multiple (at least one multiple)."""
+    return max(multiple, n // multiple * multiple)

@@ -23,7 +23,8 @@ import triton.language as tl
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_partials, logit_scales,
                                      product_dtype)
-from .launch import Config, Launch, Tuner, bucket, family, interpreting, torch_to_tl, unit_stride_inputs
+from .launch import (Config, Launch, Tuner, bucket, device_arch, family, interpreting, sm_count, torch_to_tl,
+                     unit_stride_inputs)
 from .tile import cap_and_temper, class_weights, logit_tile
 
 
@@ -137,14 +138,23 @@ INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_war
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
 
 
-def default_splits(n_tokens: int, vocab: int, device: torch.device) -> int:
-    """How many vocabulary slices to split the forward over (>= 1)."""
-    if interpreting():
-        return 2 if vocab > 64 else 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    token_tiles = triton.cdiv(n_tokens, 128)
-    # two waves of programs; the (splits, tokens) partials stay <= 32 per token
-    return max(1, min(triton.cdiv(2 * sms, token_tiles), 32, triton.cdiv(vocab, 1024)))
+MAX_SPLITS = 32  # partials per token: (splits, M) floats each
+
+
+def forward_splits(config: Config, n_tokens: int, vocab: int, sms: int) -> int:
+    """How many vocabulary slices the forward splits over (>= 1), for this configuration's tiles.
+
+    Each program streams vocab / splits rows, so a launch takes about
+    waves / splits time units, waves = ceil(token tiles x splits / SMs) (one
+    program per SM at these tile sizes): whole waves. The smallest count within
+    5% of the best (more slices only shave a partial last wave); each slice
+    keeps at least 8 tiles, and at most MAX_SPLITS slices.
+    """
+    token_tiles = triton.cdiv(n_tokens, config.blocks["BLOCK_N"])
+    most = max(1, min(MAX_SPLITS, triton.cdiv(vocab, config.blocks["BLOCK_V"]) // 8))
+    cost = {s: triton.cdiv(token_tiles * s, sms) / s for s in range(1, most + 1)}
+    best = min(cost.values())
+    return min(s for s, c in cost.items() if c <= 1.05 * best)
 
 
 def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
@@ -167,8 +177,17 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
     M = targets.numel()
     D = hidden.shape[1]
     V = weight.shape[0]
-    S = splits or default_splits(M, V, hidden.device)
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+
+    def splits_for(config: Config) -> int:
+        if splits:
+            return splits
+        # the interpreter: a fixed small count, so tests combine several slices
+        return (2 if V > 64 else 1) if interpreting() else forward_splits(config, M, V, sm_count(hidden.device))
+
+    # partials for the most splits any allowed configuration takes; the picked one fills the first rows
+    S = max(splits_for(c) for c in TUNER.allowed(family(compute), device_arch(hidden.device))) \
+        if not interpreting() else splits_for(INTERPRET_CONFIG)
     targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
     class_weight = class_weight.contiguous() if smoothing and class_weight is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -191,7 +210,7 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
             part_max_ptr=out["part_max"], part_sumexp_ptr=out["part_sumexp"], part_ent_ptr=out["part_ent"],
             part_arg_ptr=out["part_arg"], part_smooth_ptr=out["part_smooth"], target_logit_ptr=out["target_logit"],
             softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-            inv_temperature=inv_temperature, M=M, D=D, V=V, SPLITS=S,
+            inv_temperature=inv_temperature, M=M, D=D, V=V,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         ),
@@ -200,11 +219,11 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
             WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
             COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
         ),
-        grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * S,),
-        per_config=lambda c: _tile_blocks(c, D, heavy_epilogue=with_stats or smoothing),
+        grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * splits_for(c),),
+        per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing), "SPLITS": splits_for(c)},
         family=family(compute),
     )
-    return launch, out
+    return launch, out, splits_for
 
 
 def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
@@ -229,7 +248,8 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         compute_dtype: the dtype of the products (e.g. autocast's bf16 for
             fp32 inputs), None for product_dtype's rule; operands are rounded
             in registers, never copied.
-        splits: vocabulary slices to split over (default: by device size).
+        splits: vocabulary slices to split over (default: from the picked tiles and the SM count,
+            :func:`forward_splits`).
 
     Returns:
         :class:`~dft_ops.backend_contract.ForwardStats`, each field (M,).
@@ -241,16 +261,16 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
             return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
         return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
                             empty(with_stats, torch.int64), empty(smoothing))
-    launch, out = forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                                 with_stats=with_stats, smoothing=smoothing, class_weight=class_weight,
-                                 compute_dtype=compute_dtype, splits=splits)
+    launch, out, splits_for = forward_launch(
+        hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature, with_stats=with_stats,
+        smoothing=smoothing, class_weight=class_weight, compute_dtype=compute_dtype, splits=splits)
     key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
-           softcap is not None, with_stats, smoothing, class_weight is not None)
-    TUNER.run(launch, key)
+           softcap is not None, temperature is not None, with_stats, smoothing, class_weight is not None, splits)
+    S = splits_for(TUNER.run(launch, key))
     lse, max_logit, entropy, argmax = combine_partials(
-        out["part_max"], out["part_sumexp"], out["part_ent"] if with_stats else None,
-        out["part_arg"] if with_stats else None)
+        out["part_max"][:S], out["part_sumexp"][:S], out["part_ent"][:S] if with_stats else None,
+        out["part_arg"][:S] if with_stats else None)
     return ForwardStats(
         lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
-        argmax=argmax, smooth_sum=out["part_smooth"].sum(dim=0) if smoothing else None,
+        argmax=argmax, smooth_sum=out["part_smooth"][:S].sum(dim=0) if smoothing else None,
     )

@@ -6,17 +6,18 @@ in fp32 from a loop over the hidden dimension. Both passes build it the same
 way, so the backward recomputes exactly the logits the forward normalised.
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+# absolute: see kernels/grad_backward.py
+from dft_ops.backend_contract import interpreting
 
 # The interpreter (TRITON_INTERPRET=1) stores bfloat16 as raw uint16 bits and
 # its tl.dot multiplies those bits as integers; it also rounds fp32->bf16 by
 # truncation. Upcasting the operands of a dot to fp32 is exact (products of
 # bf16 values are exact in fp32), so under the interpreter we do that, and
 # round_to() rounds to nearest-even by hand as a GPU does.
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRET = tl.constexpr(interpreting())
 
 # tanh(x) = x + x * s * P(s), s = x^2, for |x| < _TANH_SMALL: a least-squares fit in
 # float64 over [0, 0.55], within 1.1 ulp of tanh in fp32 there. Above, the
@@ -155,3 +156,72 @@ def class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT: tl.constexpr):
         return tl.load(cw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     else:
         return tl.where(col_mask, 1.0, 0.0)
+
+
+@triton.jit
+def grouped_tile(pid, n_tiles, v_tiles, GROUP_N: tl.constexpr):
+    """(token tile, vocabulary tile) of program ``pid`` in grouped order.
+
+    GROUP_N token tiles sweep the vocabulary together, so a weight tile is read
+    from HBM once per group and the group's hidden tiles stay in L2.
+    """
+    per_group = GROUP_N * v_tiles
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_tiles - first_n, GROUP_N)
+    return first_n + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def token_terms(offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr,
+                HAS_ROWS: tl.constexpr, HAS_UNIFORM: tl.constexpr):
+    """Per-token inputs of the logit gradient for computed tokens ``offs`` (BLOCK_N,).
+
+    Returns (h_row, y, lse, a, b, c): the row of hidden (int64), the target
+    (int32; targets were clamped to [-1, V], so outside [0, V) matches no
+    column), the log-sum-exp and the coefficients (c is 0 without a uniform term).
+    Masked tokens get a = b = c = 0.
+    """
+    if HAS_ROWS:
+        h_row = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    else:
+        h_row = offs.to(tl.int64)
+    y = tl.load(targets_ptr + offs, mask=row_mask, other=-1).to(tl.int32)
+    lse = tl.load(lse_ptr + offs, mask=row_mask, other=0.0)
+    coef_a = tl.load(coef_a_ptr + offs, mask=row_mask, other=0.0)
+    coef_b = tl.load(coef_b_ptr + offs, mask=row_mask, other=0.0)
+    if HAS_UNIFORM:
+        coef_c = tl.load(coef_c_ptr + offs, mask=row_mask, other=0.0)
+    else:
+        coef_c = tl.zeros_like(coef_a)
+    return h_row, y, lse, coef_a, coef_b, coef_c
+
+
+@triton.jit
+def logit_grad_tile(
+    h_ptr, w_ptr, b_ptr, cw_ptr,
+    h_rows, row_mask, cols, col_mask, y_local, lse, coef_a, coef_b, coef_c,
+    softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """The logit gradient G of one tile, (BLOCK_N, BLOCK_V) fp32, 0 outside the masks.
+
+    ``G = (a softmax - b onehot - c u) dz/du`` (dft_ops.backend_contract), from
+    logits rebuilt exactly as the forward built them. y_local: (BLOCK_N,) int32
+    target minus the tile's first column.
+    """
+    u = logit_tile(
+        h_ptr, w_ptr, b_ptr, h_rows, row_mask, cols, col_mask,
+        D, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
+    )
+    z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
+    # exp(-inf - lse) = 0: masked-vocabulary (-inf) logits get no gradient
+    g = coef_a[:, None] * tl.exp(z - lse[:, None])
+    g -= tl.where(tl.arange(0, BLOCK_V)[None, :] == y_local[:, None], coef_b[:, None], 0.0)
+    if HAS_UNIFORM:
+        g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
+    g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
+    return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

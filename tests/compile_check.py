@@ -34,10 +34,11 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 # the modules, not the launcher functions dft_ops.kernels re-exports under the same names
-from dft_ops.backend_contract import GradCoefficients
+from dft_ops.backend_contract import GradCoefficients, product_dtype
 
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
 bwd = importlib.import_module("dft_ops.kernels.grad_backward")
+lgrad = importlib.import_module("dft_ops.kernels.logit_grad")
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,13 +71,22 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool):
     temperature = 0.7 if features else None
     class_weight = torch.rand(V) if features else None
     if kernel == "lse_forward":
-        launch, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                                       with_stats=features, smoothing=features, class_weight=class_weight,
-                                       compute_dtype=compute_dtype, splits=4)
+        launch, _, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
+                                          temperature=temperature, with_stats=features, smoothing=features,
+                                          class_weight=class_weight, compute_dtype=compute_dtype, splits=4)
         return launch
     M, N = targets.numel(), hidden.shape[0]
     f32 = torch.float32
     coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None)
+    if kernel == "logit_grad":
+        # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
+        compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
+        g = torch.empty(2, 32, V + 64, dtype=compute)
+        split = slice(0, V - 16)
+        return lgrad.logit_grad_launch(
+            hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight, g[0, :, split],
+            g[1, :, split] if features and compute != f32 else None, 8, 40, 16, V, softcap=softcap,
+            temperature=temperature, compute=compute)
     return bwd.backward_launch(
         hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
         torch.ones(1) if features else None,
@@ -109,7 +119,8 @@ def resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-KERNELS = {"lse_forward": fwd, "grad_backward": bwd}
+KERNELS = {"lse_forward": fwd, "grad_backward": bwd, "logit_grad": lgrad}
+ARCHS = (80, 90)
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",)}
 # hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
 # operands are rounded to bf16 in registers, so their wider tiles in shared memory and
@@ -139,12 +150,14 @@ def jobs(quick: bool):
     filtering, d(bias), precise), also with mixed hidden/weight dtypes, with none, and with a
     hidden size no block divides (208: the masked tail step).
     Hidden sizes that are not multiples of 16 work but lose vectorized loads (a
-    slower path, not held to the no-spill rule); real heads use multiples of 64."""
+    slower path, not held to the no-spill rule); real heads use multiples of 64.
+    A configuration is built for the architectures it is offered on (``min_arch``):
+    the no-spill rule holds per target."""
     for kernel, module in KERNELS.items():
         for family, configs in module.CONFIGS.items():
             dtypes = FAMILY_DTYPES[family][:1] if quick else FAMILY_DTYPES[family]
-            for index in range(len(configs)):
-                for arch in (80, 90):
+            for index, config in enumerate(configs):
+                for arch in (a for a in ARCHS if a >= config.min_arch):
                     for dtype in dtypes:
                         yield kernel, family, index, dtype, 256, True, arch
                     if not quick and family == "16bit":
@@ -160,9 +173,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one dtype per family, all features on")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     args = parser.parse_args()
     with ProcessPoolExecutor(args.workers) as pool:
-        for result in pool.map(check, list(jobs(args.quick))):
+        todo = [job for job in jobs(args.quick) if job[0] in args.kernels]
+        for result in pool.map(check, todo):
             print(json.dumps(result), flush=True)
     return 0
 

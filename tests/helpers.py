@@ -64,14 +64,16 @@ def loss_and_grads(fn, hidden, weight, bias, upstream=None, **kwargs):
     return out, grads
 
 
-def check_against_reference(hidden, weight, labels, bias, *, backend, upstream=None, tol=None, **opts):
+def check_against_reference(hidden, weight, labels, bias, *, backend, upstream=None, tol=None, backend_options=None,
+                            **opts):
     """Our loss/grads vs the float64 reference on the same inputs; returns (ours, ref) outputs.
 
-    ``tol``: relative tolerance of the gradients (default by dtype, TOL).
+    ``tol``: relative tolerance of the gradients (default by dtype, TOL). ``backend_options``:
+    options of how dft-ops runs (backward_mode, workspace_mb), not given to the reference.
     """
     dtype = hidden.dtype
     ours, g = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, upstream,
-                             labels=labels, backend=backend, **opts)
+                             labels=labels, backend=backend, **(backend_options or {}), **opts)
     # options of how the fused backward computes, not of what: the reference has no such thing
     math_opts = {k: v for k, v in opts.items() if k not in ("precise", "filter_eps")}
     ref, gr = loss_and_grads(dft_ops.naive.linear_cross_entropy, hidden.double(), weight.double(),

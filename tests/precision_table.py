@@ -2,6 +2,8 @@
 
 Run as ``python tests/precision_table.py`` (CPU, Triton interpreter, ~1 minute). Uses the
 same inputs and error measure as tests/test_backends.py's precise-mode test.
+``python tests/precision_table.py modes``: the norm-wise errors of every backward mode per input
+dtype, the table in docs/backward.md.
 """
 
 import os
@@ -46,5 +48,47 @@ def main():
             print(f"| {peak} | {p:.3f} | {name} | {med:.1e} | {p99:.1e} | {mx:.1e} | {norm:.1e} |")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:] != ["modes"]:
     main()
+
+
+def mode_table(n=128, d=64, v=1000, seed=0):
+    """Norm-wise relative error of every backward against float64, per input dtype (docs/backward.md).
+
+    Peaked inputs (label probabilities spread over (0, 1)), DFT coefficients a = b = p / n (a mean
+    over n tokens); the gradients come back in the inputs' dtype, so 16-bit rows include that
+    final rounding.
+    """
+    from dft_ops.backend_contract import GradCoefficients
+    from test_backends import reference
+
+    print("| inputs | backward | G stored as | d(hidden) | d(weight) |")
+    print("|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(seed)
+        weight = (torch.randn(v, d) / d**0.5).to(dtype)
+        targets = torch.randint(0, v, (n,))
+        hidden = (1.5 * weight[targets].float() * d**0.5 + torch.randn(n, d)).to(dtype)
+        stats = kernels.lse_forward(hidden, weight, None, targets)
+        p = (stats.target_logit - stats.lse).exp()
+        coef = GradCoefficients(p / n, p / n)
+        _, want = reference(hidden, weight, None, targets, None, coef)
+        g16 = "fp32" if dtype == torch.float32 else ("bf16" if dtype == torch.bfloat16 else "fp16")
+        runs = {
+            ("gemm", g16): lambda: kernels.gemm_backward(hidden, weight, None, targets, None, stats.lse, coef),
+            ("gemm, precise", f"{g16} hi + lo"): lambda: kernels.gemm_backward(
+                hidden, weight, None, targets, None, stats.lse, coef, precise=True),
+            ("fused", g16): lambda: kernels.grad_backward(hidden, weight, None, targets, None, stats.lse, coef),
+            ("torch backend", "fp32"): lambda: torch_backend.grad_backward(
+                hidden, weight, None, targets, None, stats.lse, coef),
+        }
+        for (mode, stored), run in runs.items():
+            if dtype == torch.float32 and "precise" in mode:
+                continue  # nothing to split: the products run in fp32
+            d_hidden, d_weight, _ = run()
+            errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip((d_hidden, d_weight), want)]
+            print(f"| {g16} | {mode} | {stored} | {errs[0]:.1e} | {errs[1]:.1e} |")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["modes"]:
+    mode_table()

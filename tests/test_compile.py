@@ -34,16 +34,17 @@ def _name(r):
 
 
 def test_every_configuration_was_compiled(results):
-    from dft_ops.kernels import grad_backward, lse_forward  # noqa: F401  (launchers; modules below)
     import importlib
 
     expected = 0
-    for mod in ("lse_forward", "grad_backward"):
+    for mod in ("lse_forward", "grad_backward", "logit_grad"):
         configs = importlib.import_module(f"dft_ops.kernels.{mod}").CONFIGS
-        # per architecture: 16-bit configs x (bf16, fp16, three mixed dtypes with every feature; bf16 and
-        # bf16 hidden + fp32 head with none; D=208), fp32 configs x (every feature, none, D=208)
-        expected += 2 * (8 * len(configs["16bit"]) + 3 * len(configs["fp32"]))
+        # per architecture it is offered on: a 16-bit config x (bf16, fp16, three mixed dtypes with every
+        # feature; bf16 and bf16 hidden + fp32 head with none; D=208), an fp32 config x (every feature, none, D=208)
+        for family, per_arch in (("16bit", 8), ("fp32", 3)):
+            expected += sum(per_arch * sum(arch >= c.min_arch for arch in (80, 90)) for c in configs[family])
     assert len(results) == expected
+    assert {r["kernel"] for r in results} == {"lse_forward", "grad_backward", "logit_grad"}
 
 
 def test_compiles_without_errors(results):

@@ -153,9 +153,13 @@ def test_gradient_filtering_is_exact_when_off_and_active_when_on(device):
     assert g_all[1].abs().max() < g_exact[1].abs().max()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_never_builds_tokens_by_vocab(backend, device, monkeypatch):
-    """No torch op in forward or backward produces a tensor with tokens x vocab elements."""
+@pytest.mark.parametrize("backend, backward_mode", [("torch", "auto"), ("triton", "gemm"), ("triton", "fused")])
+def test_never_builds_tokens_by_vocab(backend, backward_mode, device, monkeypatch):
+    """No torch op in forward or backward produces a tensor with tokens x vocab elements.
+
+    The gemm backward's workspace holds a (token chunk x vocabulary split) block of G, bounded by
+    workspace_mb: here 6 KiB, a fraction of tokens x vocab.
+    """
     from dft_ops import torch_backend
 
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 16)
@@ -166,7 +170,8 @@ def test_never_builds_tokens_by_vocab(backend, device, monkeypatch):
     weight.requires_grad_()
 
     with OutputsSeen() as watch:
-        loss = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, return_stats=True)[0]
+        loss = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, return_stats=True,
+                                            backward_mode=backward_mode, workspace_mb=6 / 1024)[0]
         loss.backward()
     largest = [numel for numel, _ in watch.seen]
     # the interpreter's own byte copies of weight (V * D * 4 elements) are the largest

@@ -31,10 +31,13 @@ def test_defaults_and_normalization():
     assert LossOptions(objective=power).objective is power
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
                                    "backend", "filter_eps", "label_smoothing", "z_loss", "temperature",
-                                   "class_weight", "precise", "vocab_parallel")
+                                   "class_weight", "precise", "vocab_parallel",
+                                   "backward_mode", "workspace_mb")
     opts = LossOptions(label_smoothing=torch.tensor(0.25).item(), z_loss=1, temperature=2)
     assert (opts.label_smoothing, opts.z_loss, opts.temperature) == (0.25, 1.0, 2.0)
     assert type(opts.z_loss) is float and type(opts.temperature) is float
+    assert (LossOptions().backward_mode, LossOptions().workspace_mb) == ("auto", 256.0)
+    assert type(LossOptions(workspace_mb=64).workspace_mb) is float
 
 
 BAD_OPTIONS = [
@@ -71,6 +74,10 @@ BAD_OPTIONS = [
     (ValueError, "class_weight", dict(class_weight=torch.ones(5, device="meta"))),
     (TypeError, "precise", dict(precise=1)),
     (TypeError, "vocab_parallel", dict(vocab_parallel=(0, 10))),
+    (ValueError, "backward_mode", dict(backward_mode="cublas")),
+    (TypeError, "workspace_mb", dict(workspace_mb="256")),
+    (ValueError, "workspace_mb", dict(workspace_mb=0)),
+    (ValueError, "workspace_mb", dict(workspace_mb=float("inf"))),
 ]
 
 
@@ -110,7 +117,8 @@ def test_signature_shows_the_defaults():
     assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
                      "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
                      "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
-                     "precise": "False", "vocab_parallel": "None"}
+                     "precise": "False", "vocab_parallel": "None",
+                     "backward_mode": "'auto'", "workspace_mb": "256.0"}
     assert params["options"].default is None
     module_params = inspect.signature(dft_ops.LinearCrossEntropy).parameters
     assert set(LossOptions.names()) | {"options"} == set(module_params)

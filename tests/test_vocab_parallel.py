@@ -21,7 +21,7 @@ import torch
 
 import dft_ops
 from dft_ops import VocabParallel
-from dft_ops.autograd import backend_module
+from dft_ops.backend_contract import select_backend
 from dft_ops.vocab_parallel import ShardedBackend, merge_partials, shard_partials
 from helpers import make_inputs, rel_err
 from rank_harness import run_ranks
@@ -83,7 +83,7 @@ def test_merged_slices_equal_the_whole_vocabulary(backend, with_stats, device):
                                                scale=3.0)
     bias[97:] = float("-inf")  # a slice that contributes no probability at all
     class_weight = torch.rand(V, device=device) + 0.5
-    module = backend_module(backend, hidden.device)
+    module = select_backend(dft_ops.LossOptions(backend=backend), hidden.device)
     options = dict(with_stats=with_stats, smoothing=True, softcap=8.0)
     whole = module.lse_forward(hidden, weight, bias, labels, class_weight=class_weight, **options)
     parts = []
