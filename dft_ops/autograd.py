@@ -125,7 +125,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if options.return_stats:
             out = out._replace(entropy=layout.scatter(stats.entropy),
                                is_top1=layout.scatter(stats.target_logit >= stats.max_logit),
-                               lse=layout.scatter(stats.lse), predicted=layout.scatter(stats.argmax),
+                               # a copy: stats.lse is saved for backward, and the caller may edit what it gets
+                               lse=layout.scatter(stats.lse.clone()), predicted=layout.scatter(stats.argmax),
                                z_loss=None if terms.z_loss is None else layout.scatter(terms.z_loss))
         ctx.mark_non_differentiable(*[t for t in out[1:] if t is not None])
         return tuple(out)

@@ -35,7 +35,9 @@ _T6 = tl.constexpr(0.002403673017397523)
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
     """fp32 tile -> ``dtype``, rounding to nearest-even (as the GPU's cvt.rn does)."""
-    if INTERPRET and dtype == tl.bfloat16 and x.dtype == tl.float32:
+    if INTERPRET and dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
+        # the interpreter's casts to bf16 truncate; fp16 -> fp32 is exact, so one rounding remains
+        x = x.to(tl.float32)
         # add half an ulp of bf16 (minus one on ties to even), then drop 16 bits
         bits = x.to(tl.int32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)

@@ -498,9 +498,13 @@ def test_precise_mode_is_elementwise_accurate_where_terms_cancel(device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_interpreter_rounds_bf16_to_nearest_even():
-    x = torch.cat([torch.randn(1000), torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3e38, 0.0])])
-    x = torch.cat([x, torch.zeros(1024 - x.numel())])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_interpreter_rounds_bf16_to_nearest_even(dtype):
+    # fp16 sources too: fp16 hidden states under bf16 autocast are rounded this way
+    big = 3e38 if dtype == F32 else 6e4
+    x = torch.cat([torch.randn(1000), torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), big, 0.0])])
+    x = torch.cat([x, torch.randn(1024 - x.numel())]).to(dtype)
+    assert not torch.equal(x.to(BF16).to(dtype), x)  # some entries need rounding
     y = torch.empty(1024, dtype=BF16)
     _round_kernel[(1,)](x, y, BLOCK=1024)
     assert torch.equal(y, x.to(BF16))

@@ -71,6 +71,24 @@ def test_stats_match_reference(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_editing_returned_stats_leaves_backward_alone(backend, device):
+    """No ignored token and no shift: every returned statistic must still be the caller's own tensor."""
+    hidden, weight, labels, _ = make_inputs((29,), 24, 67, torch.float32, device, scale=4.0)
+    labels = torch.randint(0, 67, (29,), device=device)
+    grads = []
+    for edit in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = dft_ops.linear_cross_entropy(h, w, labels, objective="dft", return_stats=True, backend=backend)
+        if edit:
+            for key in ("logprob", "entropy", "lse"):
+                stats[key].add_(torch.rand_like(stats[key]))
+        loss.backward()
+        grads.append((h.grad, w.grad))
+    for ours, want in zip(grads[1], grads[0]):
+        assert torch.equal(ours, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_gradients(backend, reduction, device):
     hidden, weight, labels, bias = make_inputs((2, 5), 16, 33, torch.float32, device, bias=True)
