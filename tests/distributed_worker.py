@@ -119,6 +119,47 @@ def fsdp2(head="root", reshard=True, patch="before", tied=False):
     return run
 
 
+def fsdp2_bf16():
+    """FSDP2 with a bf16 MixedPrecisionPolicy (fp32 gradient reduction), the head in its own group. The model runs in
+    bf16 either way, so the reference is the unpatched model under the same engine, its DFT loss computed in fp32
+    from its bf16 logits; the test holds this case to bf16 tolerance."""
+
+    def shard(model, mesh):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model.lm_head, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model
+
+    def dft_from_logits(model, rank, world):
+        input_ids, labels, items = local_batch(rank, world)
+        logp = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        keep = target != -100
+        logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep]
+        loss = (-(logp.detach().exp()) * logp).sum() / items * world  # -sg(p) log p, Trainer's normalization
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return total / world
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = shard(dft_ops.patch(tiny_qwen2(), objective=OBJECTIVE), mesh)
+        loss = step(model, rank, world)
+        unpatched = shard(tiny_qwen2(), mesh)
+        ref_loss = dft_from_logits(unpatched, rank, world)
+        return (loss, {n: full(p.grad) for n, p in model.named_parameters()},
+                (ref_loss, {n: full(p.grad) for n, p in unpatched.named_parameters()}))
+
+    return run
+
+
 def fsdp2_full_tensor_outside_the_head():
     """A negative control, not dft-ops' patch: the loss computed after the forward from ``lm_head.weight.full_tensor()``
     (how the patch read a sharded head before it computed the loss inside the head's forward). full_tensor()'s
@@ -261,6 +302,25 @@ def accelerate_ddp():
     return run
 
 
+def accelerate_fsdp2():
+    """accelerate's FSDP plugin (fsdp_version=2, each decoder layer wrapped), the patched model through prepare()."""
+
+    def run(rank, world):
+        from accelerate import Accelerator
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                transformer_cls_names_to_wrap=["Qwen2DecoderLayer"])
+        accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+        model = dft_ops.patch(tiny_qwen2(), objective=OBJECTIVE)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        loss = step(prepared, rank, world, backward=accelerator.backward)
+        return loss, {n: full(p.grad) for n, p in accelerator.unwrap_model(prepared).named_parameters()}
+
+    return run
+
+
 def trainer_ddp():
     """transformers.Trainer, one optimizer step (lr 0) of the whole batch over two processes."""
 
@@ -321,13 +381,15 @@ CASES = {
     "tp-colwise-head-replicated-output": tensor_parallel_head(replicated_output=True),
     "tp-plan-auto": tp_plan_auto(),
     "accelerate-ddp": accelerate_ddp(),
+    "accelerate-fsdp2": accelerate_fsdp2(),
+    "fsdp2-bf16-own-group": fsdp2_bf16(),
     "trainer-ddp": trainer_ddp(),
 }
 
 
-def compare(run, loss, grads) -> dict:
-    tied = getattr(run, "tied", False)
-    ref_loss, ref_grads = reference(tied)
+def compare(run, loss, grads, same_engine_reference=None) -> dict:
+    """Errors against the one-process run of the patched model, or against a reference the case ran itself."""
+    ref_loss, ref_grads = same_engine_reference or reference(getattr(run, "tied", False))
     missing = sorted(set(ref_grads) - {n for n, g in grads.items() if g is not None})
     if missing:
         return {"error": f"no gradient for {missing}"}

@@ -4,11 +4,13 @@ All cases run in one spawned job of two ranks (tests/distributed_worker.py), sha
 the process group: every FSDP2 layout (head in the root's group, in its own, or with
 the embedding it is tied to; resharding after forward or not; patched before or
 after fully_shard), DDP (patching the wrapper or the model), DeepSpeed ZeRO-1/2/3,
-accelerate, transformers.Trainer, and a tensor-parallel (vocabulary-sharded) head:
+accelerate (DDP, and its FSDP plugin with fsdp_version=2), transformers.Trainer, and a tensor-parallel (vocabulary-sharded) head:
 torch's ColwiseParallel and transformers' tp_plan="auto". Each compares the loss and every parameter's
 gathered gradient with the patched model run in one process on the whole batch
 (relative error <= 1e-5, fp32). A negative control reproduces the old failure (the
 head gathered with .full_tensor() outside its forward) and must be seen as wrong.
+FSDP2 with a bf16 MixedPrecisionPolicy runs the model in bf16, so it is compared with the
+unpatched model under the same engine (DFT from its logits) at bf16 tolerance.
 The vocabulary-parallel functional API has its own job (tests/test_vocab_parallel.py).
 """
 
@@ -33,8 +35,11 @@ FSDP2 = ["fsdp2-root", "fsdp2-root-patch-after", "fsdp2-root-no-reshard", "fsdp2
          "fsdp2-own-group-patch-after", "fsdp2-own-group-no-reshard", "fsdp2-own-group-no-reshard-patch-after",
          "fsdp2-tied-root", "fsdp2-tied-with-embedding", "fsdp2-tied-with-embedding-patch-after"]
 EXACT = FSDP2 + ["ddp-patch-wrapper", "ddp-patch-before", "zero1", "zero2", "zero3", "zero3-patch-engine",
-                 "zero3-tied", "accelerate-ddp", "trainer-ddp", "tp-colwise-head", "tp-colwise-head-replicated-output",
+                 "zero3-tied", "accelerate-ddp", "accelerate-fsdp2", "trainer-ddp", "tp-colwise-head",
+                 "tp-colwise-head-replicated-output",
                  "tp-plan-auto"]
+BF16 = ["fsdp2-bf16-own-group"]  # the model itself runs in bf16: compared with the unpatched model at bf16 tolerance
+BF16_TOLERANCE = 3e-2
 CONTROL = "control-fsdp2-full-tensor-outside-the-head"
 
 
@@ -50,7 +55,7 @@ def results(tmp_path_factory):
     """Run every available case once in a two-rank job; {case: result} as the worker reports it."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    cases = [c for c in EXACT + [CONTROL] if _missing_package(c) is None]
+    cases = [c for c in EXACT + BF16 + [CONTROL] if _missing_package(c) is None]
     return run_ranks(WORKER, tmp_path_factory.mktemp("distributed") / "results.json", cases, world_size=WORLD_SIZE)
 
 
@@ -71,6 +76,15 @@ def test_exact_under_engine(results, case):
     assert result["n_grads"] >= 26  # every parameter of the tiny Qwen2 (26 with a tied head)
     assert result["loss_err"] <= TOLERANCE, result
     assert result["grad_err"] <= TOLERANCE, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BF16)
+def test_bf16_engine_matches_the_unpatched_model(results, case):
+    result = _result(results, case)
+    assert result["n_grads"] >= 26
+    assert result["loss_err"] <= BF16_TOLERANCE, result
+    assert result["grad_err"] <= BF16_TOLERANCE, result
 
 
 @pytest.mark.slow
