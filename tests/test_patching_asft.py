@@ -1,0 +1,192 @@
+"""dft_ops.patch with objective ASFT: a frozen reference model, or a PEFT model's adapters disabled (tiny, CPU).
+
+The expected loss and gradients are written out here in float64 from both
+models' materialized logits (the unpatched model's own forward, and the
+reference's forward in eval mode under no_grad): per token the base
+objective's value plus ``kl_coef`` times the KL of the two softmaxes, the
+mean over the non-ignored tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import dft_ops  # noqa: E402
+from dft_ops.objectives import ASFT  # noqa: E402
+from dft_ops.patching import HeadTransform, PatchError, patch_state  # noqa: E402
+
+from helpers import rel_err  # noqa: E402
+from test_patching import V, assert_same_grads, build, grads_of, make_batch  # noqa: E402
+
+
+def token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, direction: str):
+    """Per loss position (causal shift) in float64: DFT's value, the KL, and the mask of non-ignored tokens."""
+    z, r, targets = logits[:, :-1].double(), ref_logits[:, :-1].double(), labels[:, 1:]
+    valid = targets != -100
+    logp_all, logq_all = F.log_softmax(z, -1), F.log_softmax(r, -1)
+    logp = logp_all.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    dft = -logp.exp().detach() * logp
+    if direction == "forward":  # KL(q || p)
+        kl = (logq_all.exp() * (logq_all - logp_all)).sum(-1)
+    else:  # KL(p || q)
+        kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    return dft, kl, valid
+
+
+def asft_from_logits(logits, ref_logits, labels, kl_coef, direction):
+    dft, kl, valid = token_terms(logits, ref_logits, labels, direction)
+    return (dft + kl_coef * kl)[valid].sum() / valid.sum()
+
+
+def reference_logits(reference: nn.Module, input_ids) -> torch.Tensor:
+    training = reference.training
+    reference.eval()
+    with torch.no_grad():
+        logits = reference(input_ids=input_ids).logits
+    reference.train(training)
+    return logits
+
+
+def head_calls(monkeypatch, *heads):
+    """Counts nn.Linear.forward calls of the given heads: neither may run (no logits) in a fused call."""
+    counts = {id(h): 0 for h in heads}
+    original = nn.Linear.forward
+
+    def counting(self, x):
+        if id(self) in counts:
+            counts[id(self)] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counting)
+    return counts
+
+
+# reference family -> the transform the probe must find on it (the model is always llama, D=32)
+REFERENCES = {
+    "qwen2": HeadTransform(),  # another family, same vocabulary
+    "gemma2": HeadTransform(softcap=1.5),  # a soft-capped reference head
+    "cohere": HeadTransform(scale=0.5),  # a logit-scaled reference head
+    "phi": HeadTransform(),  # a reference head with a bias
+}
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("ref_family", REFERENCES)
+def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch):
+    model, reference = build("llama"), build(ref_family, seed=5)
+    input_ids, labels = make_batch()
+    ref_logits = reference_logits(reference, input_ids)
+    logits = model(input_ids=input_ids).logits
+    want = asft_from_logits(logits, ref_logits, labels, 0.3, direction)
+    want_grads = grads_of(model, want)
+    _, want_kl, valid = token_terms(logits.detach(), ref_logits, labels, direction)
+
+    asft = ASFT(0.3, direction=direction)
+    dft_ops.patch(model, objective=asft, reference=reference, return_stats=True)
+    assert patch_state(model).reference.transform == REFERENCES[ref_family]
+    calls = head_calls(monkeypatch, model.get_output_embeddings(), reference.get_output_embeddings())
+    out = model(input_ids=input_ids, labels=labels)
+    assert out.logits is None and set(calls.values()) == {0}, "a head ran: logits were built"
+    assert rel_err(out.loss.detach(), want.detach()) < 1e-5
+    got = grads_of(model, out.loss)
+    assert_same_grads(got, want_grads)
+    assert all(p.grad is None for p in reference.parameters())  # the reference gets no gradient
+    assert reference.training  # its training flag is restored after the eval-mode reference pass
+    kl = out.token_stats.kl
+    assert kl.shape == valid.shape and bool((kl[~valid] == 0).all())
+    assert rel_err(kl[valid], want_kl[valid]) < 1e-4
+    assert asft.ref_hidden is None  # the patch-time objective holds no batch's reference
+
+
+def test_reference_equal_to_the_model_gives_kl_zero_and_the_base_gradient():
+    model = build("gemma2")  # soft-capped: both heads go through the same cap
+    reference = copy.deepcopy(model)
+    input_ids, labels = make_batch()
+    dft_ops.patch(model, objective="dft")
+    plain = model(input_ids=input_ids, labels=labels)
+    plain_grads = grads_of(model, plain.loss)
+    for direction in ("forward", "reverse"):
+        dft_ops.patch(model, objective=ASFT(2.0, direction=direction), reference=reference, return_stats=True)
+        out = model(input_ids=input_ids, labels=labels)
+        assert out.token_stats.kl.abs().max() < 1e-5
+        assert rel_err(out.loss.detach(), plain.loss.detach()) < 1e-5
+        assert_same_grads(grads_of(model, out.loss), plain_grads, tol=1e-4)
+
+
+def lora_model(seed=0):
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(build("llama", seed=seed),
+                               peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero (adapters off = on): make the adapters change the model
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return lora
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_peft_reference_is_the_model_with_adapters_disabled(direction, monkeypatch):
+    lora = lora_model()
+    input_ids, labels = make_batch()
+    with lora.disable_adapter():
+        ref_logits = reference_logits(lora, input_ids)
+    assert rel_err(ref_logits, lora(input_ids=input_ids).logits.detach()) > 1e-2  # the adapters matter
+    want = asft_from_logits(lora(input_ids=input_ids).logits, ref_logits, labels, 0.5, direction)
+    want_grads = grads_of(lora, want)
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+
+    dft_ops.patch(lora, objective=ASFT(0.5, direction=direction), reference="adapters_disabled")
+    calls = head_calls(monkeypatch, lora.get_output_embeddings())
+    out = lora(input_ids=input_ids, labels=labels)
+    assert out.logits is None and set(calls.values()) == {0}
+    assert rel_err(out.loss.detach(), want.detach()) < 1e-5
+    got = grads_of(lora, out.loss)
+    assert any("lora_B" in n for n in got)
+    assert_same_grads(got, want_grads)
+    # the adapters are on again, trainable as before, and the model is in training mode
+    assert {n for n, p in lora.named_parameters() if p.requires_grad} == trainable
+    assert all(not m._disable_adapters for m in dft_ops.patching.reference.adapter_layers(lora))
+    assert all(m.training for m in lora.modules())
+
+
+def test_no_second_copy_and_sharing_under_deepcopy():
+    model, reference = build("llama"), build("qwen2", seed=3)
+    dft_ops.patch(model, objective=ASFT(0.1), reference=reference)
+    # the reference is not a submodule: its parameters never reach the optimizer or the state dict
+    ids = {id(p) for p in model.parameters()}
+    assert not any(id(p) in ids for p in reference.parameters())
+    assert not any(k.startswith("model.layers") and "qwen" in k for k in model.state_dict())
+    clone = copy.deepcopy(model)
+    assert patch_state(clone).reference.model is reference  # the frozen reference is shared, not copied
+
+
+@pytest.mark.parametrize("make, error, fragment", [
+    (lambda m: dict(objective=ASFT(0.1)), ValueError, "^reference: objective ASFT needs"),
+    (lambda m: dict(objective="dft", reference=build("qwen2")), ValueError, "^reference: only ASFT"),
+    (lambda m: dict(objective=ASFT(0.1), reference=m), ValueError, "^reference: is the trained model itself"),
+    (lambda m: dict(objective=ASFT(0.1), reference="adapters_disabled"), PatchError, "^reference: 'adapters_disabled'"),
+    (lambda m: dict(objective=ASFT(0.1), reference="base"), ValueError, "^reference: expected"),
+    (lambda m: dict(objective=ASFT(0.1), reference=3), TypeError, "^reference: expected"),
+    (lambda m: dict(objective=ASFT(0.1).with_reference(torch.randn(2, 32), torch.randn(V, 32)),
+                    reference=build("qwen2")), ValueError, "^objective: "),
+])
+def test_bad_references_are_refused(make, error, fragment):
+    model = build("llama")
+    with pytest.raises(error, match=fragment):
+        dft_ops.patch(model, **make(model))
+
+
+def test_reference_with_another_vocabulary_is_refused():
+    model = build("llama")
+    other = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=V + 1, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    with pytest.raises(PatchError, match="^reference: its output head has 132 rows"):
+        dft_ops.patch(model, objective=ASFT(0.1), reference=other)
