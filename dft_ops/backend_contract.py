@@ -5,11 +5,12 @@ A backend is an object with two methods (the :class:`Backend` protocol;
 :class:`dft_ops.torch_backend.TorchBackend`, and wrappers of either)::
 
     lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None,
-                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None) -> ForwardStats
+                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None,
+                reference: ReferenceHead | None = None) -> ForwardStats
     grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *,
                   softcap=None, temperature=None, class_weight=None, need_hidden=True,
                   need_weight=True, need_bias=False, filter_eps=None, precise=False,
-                  compute_dtype=None)
+                  compute_dtype=None, reference: ReferenceHead | None = None, ref_lse=None)
         -> (d_hidden, d_weight, d_bias)
 
 :func:`select_backend` builds the one a call's options ask for. How each
@@ -20,12 +21,21 @@ Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
 ``z = softcap * tanh(u / softcap)`` if softcap, then ``z = z / temperature`` if
 temperature. The backward writes the logit gradient
 
-    G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j) * dz_tj/du_tj,
+    G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j
+               - e_t * q_tj + f_t * softmax_tj * (z_tj - r_tj)) * dz_tj/du_tj,
 
 ``u_j = class_weight[j]`` (1 without), and accumulates ``d_hidden = G W``,
 ``d_weight = G^T H``, ``d_bias = sum_t G``. Targets outside ``[0, V)`` (ignored
 tokens, or labels owned by another vocabulary shard) have no label logit (0)
 and no one-hot term.
+
+A :class:`ReferenceHead` (ASFT's frozen reference model) adds a second head
+read at the same rows: ``r = ref_weight @ ref_hidden[rows[t]] + ref_bias``,
+capped by its own soft-cap and divided by the same temperature, ``q =
+softmax(r)`` with log-sum-exp R. The forward streams both heads' tiles in one
+pass and returns R and the two expectations of the gap ``z - r`` (under p and
+under q); the backward recomputes both tiles for the ``e`` and ``f`` terms
+(None: 0, and the reference head is not read). The reference gets no gradient.
 
 Mixed dtypes: hidden and weight may differ (autocast gives bf16 hidden states
 with an fp32 head). Both are rounded to :func:`product_dtype` of the pair (or to
@@ -73,6 +83,12 @@ class ForwardStats(NamedTuple):
         max_logit: max_j z_j; with_stats only.
         argmax: int64, first index of the max logit; with_stats only.
         smooth_sum: sum_j u_j z_j with u = class_weight (or 1); smoothing only.
+        ref_lse: R, log-sum-exp of the reference logits r; with a reference only.
+        gap_mean: E_p[z - r] (p = softmax(z)); with a reference only.
+        ref_gap_mean: E_q[z - r] (q = softmax(r)); with a reference only.
+
+    With a reference: KL(q || p) = lse - ref_lse - ref_gap_mean and
+    KL(p || q) = gap_mean - lse + ref_lse.
     """
 
     lse: Tensor
@@ -81,6 +97,9 @@ class ForwardStats(NamedTuple):
     max_logit: Tensor | None = None
     argmax: Tensor | None = None
     smooth_sum: Tensor | None = None
+    ref_lse: Tensor | None = None
+    gap_mean: Tensor | None = None
+    ref_gap_mean: Tensor | None = None
 
 
 class GradCoefficients(NamedTuple):
@@ -90,11 +109,39 @@ class GradCoefficients(NamedTuple):
         softmax: a_t, the factor of softmax(z_t).
         target: b_t, the factor of the one-hot label.
         uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
+        reference: e_t, the factor of the reference's softmax q (forward KL), or None for 0.
+        gap: f_t, the factor of ``softmax * (z - r)`` (reverse KL), or None for 0.
     """
 
     softmax: Tensor
     target: Tensor
     uniform: Tensor | None = None
+    reference: Tensor | None = None
+    gap: Tensor | None = None
+
+    @property
+    def reads_reference(self) -> bool:
+        """The backward must rebuild the reference's logits (an e or f term is present)."""
+        return self.reference is not None or self.gap is not None
+
+
+class ReferenceHead(NamedTuple):
+    """A frozen second head read at the same token rows as the model's (ASFT's reference model).
+
+    Attributes:
+        hidden: (N, D_ref) float32 / bfloat16 / float16, row i for hidden's row i; any strides.
+        weight: (V, D_ref), the same vocabulary as the model's head.
+        bias: (V,) or None.
+        softcap: the reference's own soft-cap, or None. The call's temperature applies to
+            both heads; a logit scale is folded into hidden / bias by the caller.
+
+    Never differentiated: backends read it without tracking gradients.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
@@ -112,13 +159,15 @@ class Backend(Protocol):
     def lse_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                     rows: Tensor | None = None, *, softcap: float | None = None, temperature: float | None = None,
                     with_stats: bool = False, smoothing: bool = False, class_weight: Tensor | None = None,
-                    compute_dtype: torch.dtype | None = None) -> ForwardStats: ...
+                    compute_dtype: torch.dtype | None = None,
+                    reference: ReferenceHead | None = None) -> ForwardStats: ...
 
     def grad_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                       rows: Tensor | None, lse: Tensor, coef: GradCoefficients, *, softcap: float | None = None,
                       temperature: float | None = None, class_weight: Tensor | None = None, need_hidden: bool = True,
                       need_weight: bool = True, need_bias: bool = False, filter_eps: float | None = None,
-                      precise: bool = False, compute_dtype: torch.dtype | None = None) -> Grads: ...
+                      precise: bool = False, compute_dtype: torch.dtype | None = None,
+                      reference: ReferenceHead | None = None, ref_lse: Tensor | None = None) -> Grads: ...
 
 
 def resolve_backward_mode(mode: str, filter_eps) -> str:
@@ -200,7 +249,7 @@ def _check_positive(name: str, value) -> None:
 
 
 def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, temperature=None,
-                       class_weight=None, compute_dtype=None) -> int:
+                       class_weight=None, compute_dtype=None, reference=None) -> int:
     """Validate a backend call's shapes (ValueError / TypeError naming the argument); returns M.
 
     Only shapes, dtypes and devices: nothing that needs a device sync. Values of
@@ -237,20 +286,59 @@ def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, tem
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, "
                         f"got {compute_dtype!r}")
+    if reference is not None:
+        check_reference(reference, hidden, weight)
     return M
 
 
+def check_reference(reference, hidden: Tensor, weight: Tensor) -> None:
+    """A :class:`ReferenceHead` matching the model's rows (N) and vocabulary (V); errors name its field."""
+    if not isinstance(reference, ReferenceHead):
+        raise TypeError(f"reference: expected a ReferenceHead or None, got {type(reference).__name__}")
+    for name, t in (("reference.hidden", reference.hidden), ("reference.weight", reference.weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}")
+    ref_hidden, ref_weight = reference.hidden, reference.weight
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"reference.hidden: {ref_hidden.shape[0]} rows for hidden's {hidden.shape[0]}; "
+                         "expected one reference row per row of hidden")
+    if ref_weight.shape != (weight.shape[0], ref_hidden.shape[1]):
+        raise ValueError(f"reference.weight: expected shape ({weight.shape[0]}, {ref_hidden.shape[1]}) "
+                         f"(the model's V, reference.hidden's D), got {tuple(ref_weight.shape)}")
+    if reference.bias is not None:
+        _check_vector("reference.bias", reference.bias, weight.shape[0], "V, vocabulary size from weight",
+                      device=hidden.device)
+    _check_positive("reference.softcap", reference.softcap)
+
+
 def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softcap=None, temperature=None,
-                        class_weight=None, compute_dtype=None) -> int:
-    """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M."""
+                        class_weight=None, compute_dtype=None, reference=None, ref_lse=None) -> int:
+    """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M.
+
+    Coefficients ``reference`` / ``gap`` need ``reference`` (and ``reference`` needs ``ref_lse``).
+    """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight, compute_dtype=compute_dtype)
+                           class_weight=class_weight, compute_dtype=compute_dtype, reference=reference)
     _check_vector("lse", lse, M, "one per target", device=hidden.device)
     if not isinstance(coef, GradCoefficients):
         raise TypeError(f"coef: expected a GradCoefficients, got {type(coef).__name__}")
-    for field, t in zip(("softmax", "target", "uniform"), coef):
-        if t is not None or field != "uniform":
+    for field, t in zip(GradCoefficients._fields, coef):
+        if t is not None or field in ("softmax", "target"):
             _check_vector(f"coef.{field}", t, M, "one per target", device=hidden.device)
+    if coef.reads_reference and reference is None:
+        raise ValueError("reference: coef has reference / gap terms (a KL to a reference) but no ReferenceHead "
+                         "was given")
+    if coef.reference is not None:
+        if ref_lse is None:
+            raise ValueError("ref_lse: coef.reference (the factor of softmax(r)) needs the reference's "
+                             "log-sum-exp from the forward")
+        _check_vector("ref_lse", ref_lse, M, "one per target", device=hidden.device)
     return M
 
 
@@ -258,6 +346,18 @@ def logit_scales(softcap, temperature) -> tuple[float, float]:
     """(1 / softcap, 1 / temperature) as floats; 1.0 for an option that is off."""
     return (1.0 / float(softcap) if softcap is not None else 1.0,
             1.0 / float(temperature) if temperature is not None else 1.0)
+
+
+def combine_expectation(part_max: Tensor, part_sumexp: Tensor, part_sum: Tensor) -> Tensor:
+    """E[g] under softmax(x), from S vocabulary slices' partials, each (S, M): (M,).
+
+    Slice s holds its max ``m_s`` of x, ``sumexp_s = sum exp(x - m_s)`` and
+    ``sum_s = sum exp(x - m_s) g``. Slices with no finite x contribute nothing.
+    """
+    max_x = part_max.max(dim=0).values
+    shift = torch.where(max_x == float("-inf"), 0.0, max_x)
+    scale = torch.exp(part_max - shift)
+    return (part_sum * scale).sum(dim=0) / (part_sumexp * scale).sum(dim=0)
 
 
 def combine_partials(part_max: Tensor, part_sumexp: Tensor, part_ent: Tensor | None = None,

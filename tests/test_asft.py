@@ -1,0 +1,198 @@
+"""ASFT (a base objective plus a KL to a frozen reference head) against the float64 reference.
+
+dft_ops.naive materializes both heads' logits and writes the KL out
+(``sum q (log q - log p)`` or ``sum p (log p - log q)``), differentiated by
+autograd; the fused paths never see it. Reference heads differ from the
+model's (another hidden size, their own soft-cap, bias and dtype) unless a
+test says otherwise.
+"""
+
+import pytest
+import torch
+
+import dft_ops
+from dft_ops import objectives as o
+from dft_ops import torch_backend
+from dft_ops.autograd import reference_head
+from dft_ops.layout import TokenLayout
+from helpers import check_against_reference, class_weights, loss_and_grads, rel_err
+from test_objectives import CASES, D, V, label_logprobs, peaked_inputs
+
+DIRECTIONS = ["forward", "reverse"]
+# backend name -> linear_cross_entropy keywords
+BACKENDS = {"torch": dict(backend="torch")}
+
+
+def make_reference(hidden, weight, *, D_ref=None, bias=False, dtype=None, near=0.5):
+    """A reference (ref_hidden, ref_weight, ref_bias): the model's head perturbed (KL of order 0.1-1),
+    or with D_ref a head of its own size whose logits are of the model's order."""
+    dtype = dtype or hidden.dtype
+    if D_ref is None:
+        ref_hidden = hidden.float() + near * torch.randn_like(hidden, dtype=torch.float32)
+        ref_weight = weight.float() + near * weight.float().std() * torch.randn_like(weight, dtype=torch.float32)
+    else:
+        ref_hidden = torch.randn(*hidden.shape[:-1], D_ref, device=hidden.device)
+        ref_weight = torch.randn(weight.shape[0], D_ref, device=hidden.device) * 4.0 / D_ref**0.5
+    ref_bias = 0.5 * torch.randn(weight.shape[0], device=hidden.device) if bias else None
+    return ref_hidden.to(dtype), ref_weight.to(dtype), None if ref_bias is None else ref_bias.to(dtype)
+
+
+def asft_case(config, base_case, direction, device):
+    """Inputs, objective and options of one configuration: (hidden, weight, labels, bias, objective, opts)."""
+    opts = dict(config)
+    dtype, shape = opts.pop("dtype"), opts.pop("shape")
+    ref = {k: opts.pop(k) for k in ("D_ref", "ref_bias", "ref_softcap", "ref_dtype") if k in opts}
+    hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
+                                                 bias=opts.pop("bias", False),
+                                                 ignore_index=opts.get("ignore_index", -100))
+    if opts.pop("class_weight", False):
+        opts["class_weight"] = class_weights(V, device)
+    logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
+    ref_hidden, ref_weight, ref_bias = make_reference(hidden, weight, D_ref=ref.get("D_ref"),
+                                                      bias=ref.get("ref_bias", False), dtype=ref.get("ref_dtype"))
+    objective = o.ASFT(0.7, direction, CASES[base_case](logp, valid)).with_reference(
+        ref_hidden, ref_weight, ref_bias, ref_softcap=ref.get("ref_softcap"))
+    return hidden, weight, labels, bias, objective, opts
+
+
+def check_case(config, base_case, direction, backend, device):
+    hidden, weight, labels, bias, objective, opts = asft_case(config, base_case, direction, device)
+    upstream = None
+    if opts.get("reduction") == "none":
+        upstream = torch.randn(labels[..., 1:].shape if opts.get("shift") else labels.shape, device=device)
+    ours, ref = check_against_reference(hidden, weight, labels, bias, upstream=upstream, objective=objective,
+                                        **BACKENDS[backend], **opts)
+    if opts.get("return_stats"):
+        kl, ref_kl = ours[1].kl, ref[1]["kl"]
+        assert kl.shape == ref_kl.shape and kl.dtype == torch.float32
+        assert (ref_kl[ours[1].mask] > 1e-2).all()  # a real KL at every token
+        assert rel_err(kl, ref_kl) < 1e-5, rel_err(kl, ref_kl)
+        assert (kl[~ours[1].mask] == 0).all()
+    return ours, ref
+
+
+# every option, spread over configurations (a cross product would cost interpreter time for nothing)
+CONFIGS = {
+    "fp32-mean-shift-bias-softcaps-stats": dict(dtype=torch.float32, shape=(2, 9), shift=True, bias=True,
+                                                ref_bias=True, softcap=3.0, ref_softcap=2.0, return_stats=True),
+    "bf16-none-temperature-Dref": dict(dtype=torch.bfloat16, shape=(2, 9), reduction="none", temperature=1.6,
+                                       D_ref=40, ref_bias=True, return_stats=True),
+    "fp32-sum-smoothing-classweight-zloss": dict(dtype=torch.float32, shape=(3, 7), reduction="sum",
+                                                 label_smoothing=0.1, class_weight=True, z_loss=1e-3,
+                                                 ref_softcap=4.0, ref_dtype=torch.bfloat16),
+    "bf16-items-ignore5-fp32ref": dict(dtype=torch.bfloat16, shape=(2, 9), shift=True, ignore_index=5,
+                                       num_items_in_batch=23, D_ref=16, ref_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_options_match_reference(backend, direction, config, device):
+    base = {"fp32-sum-smoothing-classweight-zloss": "chord", "bf16-items-ignore5-fp32ref": "ce"}.get(config, "dft")
+    check_case(CONFIGS[config], base, direction, backend, device)
+
+
+@pytest.mark.parametrize("base", list(CASES))
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_every_base_matches_reference(direction, base, device):
+    config = dict(dtype=torch.float32, shape=(2, 9), shift=True, bias=True, ref_bias=True, ref_softcap=3.0,
+                  return_stats=True)
+    check_case(config, base, direction, "torch", device)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_reference_equal_to_model_is_the_base(backend, direction, device):
+    """KL(p || p) = 0 exactly (both heads' tiles are the same numbers) and the gradient is the base's."""
+    hidden, weight, labels, bias = peaked_inputs((2, 9), torch.float32, device, shift=True, bias=True)
+    asft = o.ASFT(0.9, direction, "dft").with_reference(hidden, weight, bias, ref_softcap=2.5)
+    opts = dict(labels=labels, shift=True, softcap=2.5, temperature=1.3, **BACKENDS[backend])
+    (loss, stats), grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, objective=asft,
+                                          return_stats=True, **opts)
+    base, base_grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, objective="dft", **opts)
+    assert (stats.kl == 0).all()
+    assert torch.equal(loss, base)
+    for g, b in zip(grads, base_grads):
+        assert (g - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_torch_backend_vocabulary_chunks(monkeypatch, device):
+    """Both heads' partials merge across vocabulary chunks (one, several, and a ragged last one)."""
+    config = dict(CONFIGS["fp32-mean-shift-bias-softcaps-stats"])
+    for chunk in (16, 50):
+        monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", chunk)
+        for direction in DIRECTIONS:
+            check_case(config, "dft", direction, "torch", device)
+
+
+def test_kl_scales_with_the_mean_divisor(device):
+    """loss = base + kl_coef * KL per token, the mean over the base's count (num_items_in_batch)."""
+    hidden, weight, labels, bias, asft, _ = asft_case(dict(dtype=torch.float32, shape=(2, 9)), "dft", "forward",
+                                                      device)
+    kw = dict(bias=bias, backend="torch", num_items_in_batch=40)
+    loss, stats = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=asft, return_stats=True, **kw)
+    base = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=asft.base, **kw)
+    assert torch.allclose(loss, base + asft.kl_coef * stats.kl.sum() / 40, rtol=1e-6)
+
+
+def test_objective_parameters_and_copies():
+    asft = o.ASFT(0.1)
+    assert asft.direction == "forward" and asft.base == o.DFT() and not asft.has_reference
+    assert o.ASFT(0.1, "reverse", "ce") == o.ASFT(0.1, "reverse", o.CE())
+    assert o.ASFT(0.1) != o.ASFT(0.2)
+    h, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    batch = asft.with_reference(h, w, ref_softcap=30)
+    assert not asft.has_reference and batch.has_reference  # a copy
+    assert not batch.ref_hidden.requires_grad and not batch.ref_weight.requires_grad
+    assert batch != asft and batch == batch and hash(batch) == hash(batch)
+    assert "softcap 30.0" in repr(batch) and "hidden (3, 4)" in repr(batch)
+    # a base with per-token inputs: they are the ASFT's
+    psft = o.ASFT(0.1, base=o.PSFT(None))
+    assert psft.token_inputs == ("old_logprobs",)
+    old = torch.zeros(3)
+    assert psft.with_token_tensors(old_logprobs=old).token_tensors()["old_logprobs"] is old
+    assert o.ASFT(0.1, base=o.SequenceDFT("product")).needs_segments
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((-0.1,), ValueError, "kl_coef:"),
+    (("0.1",), TypeError, "kl_coef:"),
+    ((0.1, "sideways"), ValueError, "direction:"),
+    ((0.1, "forward", "nope"), ValueError, "base:"),
+    ((0.1, "forward", o.ASFT(0.1)), ValueError, "base:"),
+    ((0.1, "forward", "power"), ValueError, "base:"),
+])
+def test_objective_checks(args, error, message):
+    with pytest.raises(error, match=f"^{message}"):
+        o.ASFT(*args)
+
+
+def test_call_checks(device):
+    hidden, weight, labels, _ = peaked_inputs((2, 5), torch.float32, device, shift=False)
+    asft = o.ASFT(0.1)
+
+    def call(objective, **kw):
+        return dft_ops.linear_cross_entropy(hidden, weight, labels, objective=objective, backend="torch", **kw)
+
+    with pytest.raises(ValueError, match="^objective: ASFT needs a reference.*with_reference"):
+        call(asft)
+    rh, rw = torch.randn(2, 5, 6, device=device), torch.randn(V, 6, device=device)
+    with pytest.raises(ValueError, match="^ref_hidden:"):
+        call(asft.with_reference(rh[:, :4], rw))
+    with pytest.raises(ValueError, match="^ref_weight:"):
+        call(asft.with_reference(rh, rw[:-1]))
+    with pytest.raises(ValueError, match="^ref_weight:"):
+        call(asft.with_reference(rh, rw[:, :5]))
+    with pytest.raises(ValueError, match="^ref_bias:"):
+        call(asft.with_reference(rh, rw, torch.zeros(V + 1, device=device)))
+    with pytest.raises(TypeError, match="^ref_hidden:"):
+        call(asft.with_reference(rh.double(), rw))
+    with pytest.raises(TypeError, match="^ref_hidden:"):
+        asft.with_reference(rh.long(), rw)
+    with pytest.raises(ValueError, match="^ref_softcap:"):
+        asft.with_reference(rh, rw, ref_softcap=0.0)
+    # refused before any collective (a two-rank job would only repeat this check)
+    vp = dft_ops.VocabParallel(start=0, stop=V, vocab_size=V)
+    with pytest.raises(ValueError, match="^vocab_parallel:"):
+        reference_head(asft.with_reference(rh, rw), TokenLayout(labels), hidden.reshape(-1, D), weight, vp)
