@@ -96,7 +96,8 @@ def dft_ops_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str) -> Tenso
     import dft_ops
 
     asft = dft_ops.objectives.ASFT(kl_coef, direction=direction).with_reference(ref_h, ref_w)
-    return dft_ops.linear_cross_entropy(h, w, y, objective=asft)
+    # as shipped: the Triton kernels on CUDA; on a CPU the PyTorch backend (also under TRITON_INTERPRET)
+    return dft_ops.linear_cross_entropy(h, w, y, objective=asft, backend="auto" if h.is_cuda else "torch")
 
 
 LOSSES = {"dft-ops": dft_ops_asft, "unsloth-style": unsloth_style_asft, "torch": torch_asft}

@@ -190,3 +190,71 @@ def test_reference_with_another_vocabulary_is_refused():
         num_key_value_heads=2))
     with pytest.raises(PatchError, match="^reference: its output head has 132 rows"):
         dft_ops.patch(model, objective=ASFT(0.1), reference=other)
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+
+
+def test_trainer_logs_the_kl_to_the_reference(tmp_path):
+    """transformers.Trainer + TokenStatsCallback: the reference is the initial model, so the KL starts at 0."""
+    from test_trainers import COMMON_ARGS, Sequences, tiny_llama
+
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    dft_ops.patch(model, objective=ASFT(0.2, direction="reverse"), reference=reference)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, **COMMON_ARGS)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(8, 16, [0, 3, 6]))
+    dft_ops.TokenStatsCallback.add_to(trainer)
+    trainer.train()
+    kl = [entry["token_kl"] for entry in trainer.state.log_history if "token_kl" in entry]
+    assert len(kl) == 8 and abs(kl[0]) < 1e-5 and kl[-1] > 1e-3, kl
+    assert patch_state(model).calls == 8
+    assert all(p.grad is None for p in reference.parameters())
+
+
+@pytest.mark.parametrize("kind", ["frozen", "adapters_disabled"])
+def test_sft_trainer_packed_loss_matches_float64(tmp_path, kind):
+    """patch_sft_trainer with ASFT: one packed, padding-free batch; both models see the same position_ids."""
+    from test_trainers import sft_trainer
+
+    peft = pytest.importorskip("peft")
+    kept = {}
+
+    def wrap(model):
+        if kind == "frozen":
+            kept["reference"] = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in kept["reference"].parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            return model
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        return lora
+
+    reference = (lambda: kept["reference"]) if kind == "frozen" else (lambda: "adapters_disabled")
+    trainer, model = sft_trainer(tmp_path, None, max_steps=1, packing=True, padding_free=True, wrap_model=wrap,
+                                 order="trainer")
+    dft_ops.patch_sft_trainer(trainer, objective=ASFT(0.4), reference=reference())
+    inputs = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in inputs and "attention_mask" not in inputs
+    model.train()
+    loss = trainer.compute_loss(model, dict(inputs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+
+    plain = {k: v for k, v in inputs.items() if k != "labels"}
+    dft_ops.unpatch(model)
+    logits = model(**plain, use_cache=False).logits
+    if kind == "frozen":
+        ref_logits = kept["reference"].eval()(**plain, use_cache=False).logits.detach()
+    else:
+        with model.disable_adapter(), torch.no_grad():
+            ref_logits = model(**plain, use_cache=False).logits
+    want = asft_from_logits(logits, ref_logits, inputs["labels"], 0.4, "forward")
+    assert rel_err(loss.detach(), want.detach()) < 1e-5
+    for got, expected in zip(grads, torch.autograd.grad(want, params)):
+        assert rel_err(got, expected) < 1e-5
