@@ -105,6 +105,29 @@ def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch)
     assert asft.ref_hidden is None  # the patch-time objective holds no batch's reference
 
 
+@pytest.mark.parametrize("reference", ["frozen", "adapters_disabled"])
+def test_no_tokens_x_vocabulary_tensor_for_either_model(reference, monkeypatch):
+    from dft_ops import torch_backend
+
+    from helpers import OutputsSeen
+
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    if reference == "frozen":
+        model, ref = build("llama"), build("gemma2", seed=2)
+    else:
+        model, ref = lora_model(), "adapters_disabled"
+    dft_ops.patch(model, objective=ASFT(0.5, direction="reverse"), reference=ref)
+    input_ids, labels = make_batch(batch=16, seq=10)  # short rows: attention scores stay small too
+    N = labels.numel()
+    with OutputsSeen() as watch:
+        model(input_ids=input_ids, labels=labels).loss.backward()
+    largest = max(numel for numel, _ in watch.seen)
+    # the largest legitimate tensors are the heads' weights (V x D) and gradients; logits would be N x V
+    assert largest < N * V / 2, (largest, N * V)
+    assert largest >= V * 32
+
+
 def test_reference_equal_to_the_model_gives_kl_zero_and_the_base_gradient():
     model = build("gemma2")  # soft-capped: both heads go through the same cap
     reference = copy.deepcopy(model)
