@@ -186,7 +186,7 @@ def test_asft_case_runs_checks_and_plots_on_cpu(tmp_path):
     assert all(r["status"] == "ok" and r["check"]["ok"] and r["check"]["grad_weight_rel_err"] < 1e-5 for r in recs)
     assert all(r["direction"] == "reverse" and r["tokens"] == 40 for r in recs)
     assert "| 32x300 | 40 | fp32 | reverse | dft-ops |" in next(tmp_path.glob("cpu-*-asft.md")).read_text()
-    assert list(tmp_path.glob("cpu-*-asft.png"))
+    assert list(tmp_path.glob("cpu-*-asft-fwd-bwd.png"))
     # a provider computing another loss would be flagged: the check compares against the KL-free DFT
     inputs = asft.make_asft_inputs("32x300", 40, torch.float32, torch.device("cpu"))
     args = [inputs[k] for k in ("hidden", "weight", "labels", "ref_hidden", "ref_weight")]

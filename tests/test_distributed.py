@@ -27,14 +27,16 @@ pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD_SIZE = 2
 TOLERANCE = 1e-5
-NEEDS = {"zero": "deepspeed", "accelerate": "accelerate"}  # case-name prefix -> the package it needs
+NEEDS = {"zero": "deepspeed", "asft-zero": "deepspeed", "accelerate": "accelerate"}  # case-name prefix -> the package it needs
 
 FSDP2 = ["fsdp2-root", "fsdp2-root-patch-after", "fsdp2-root-no-reshard", "fsdp2-own-group",
          "fsdp2-own-group-patch-after", "fsdp2-own-group-no-reshard", "fsdp2-own-group-no-reshard-patch-after",
          "fsdp2-tied-root", "fsdp2-tied-with-embedding", "fsdp2-tied-with-embedding-patch-after"]
 EXACT = FSDP2 + ["ddp-patch-wrapper", "ddp-patch-before", "zero1", "zero2", "zero3", "zero3-patch-engine",
                  "zero3-tied", "accelerate-ddp", "trainer-ddp", "tp-colwise-head", "tp-colwise-head-replicated-output",
-                 "tp-plan-auto"]
+                 "tp-plan-auto",
+                 # ASFT: the model under the engine, its frozen reference model plain on every rank
+                 "asft-fsdp2-own-group", "asft-ddp-patch-wrapper", "asft-zero3"]
 CONTROL = "control-fsdp2-full-tensor-outside-the-head"
 
 
