@@ -50,9 +50,6 @@ class TritonBackend:
 
     def lse_forward(self, hidden, weight, bias, targets, rows=None, **options):
         """:func:`dft_ops.kernels.lse_forward` (keywords of the contract only)."""
-        if options.get("reference") is not None:
-            raise NotImplementedError("backend: the Triton kernels do not stream a reference head (ASFT) yet; "
-                                      "use backend='torch'")
         return lse_forward(hidden, weight, bias, targets, rows, splits=self.splits, **options)
 
     def grad_backward(self, hidden, weight, bias, targets, rows, lse, coef, *, filter_eps=None, **options) -> Grads:
