@@ -8,7 +8,7 @@ tokens the model already likes and drifts away from the base model; the KL
 anchor keeps the fine-tuned distribution near the base model's while it learns.
 
 - A synthetic language with a "pretraining" grammar A: each token has a
-  preferred successor (probability 0.7), the rest is uniform.
+  preferred successor (probability 0.7), otherwise any token follows.
 - A base model (a tiny randomly initialised LlamaForCausalLM) trained on A with
   ``dft_ops.patch(model, objective="ce")``.
 - Fine-tuning data from grammar B, which changes the preferred successor of
@@ -45,18 +45,13 @@ from dft_ops.objectives import ASFT
 VOCAB, SEQ, BINS = 96, 32, 10
 
 
-def grammar(gen: torch.Generator, successor: torch.Tensor, keep: float = 0.7) -> torch.Tensor:
-    """(V, V) next-token probabilities: ``successor[t]`` with probability ``keep``, the rest uniform."""
-    probs = torch.full((VOCAB, VOCAB), (1 - keep) / (VOCAB - 1))
-    probs[torch.arange(VOCAB), successor] = keep
-    return probs
-
-
-def sample_text(probs: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    tokens = torch.empty(n, SEQ, dtype=torch.long)
-    tokens[:, 0] = torch.randint(0, VOCAB, (n,), generator=gen)
+def sample_text(successor: torch.Tensor, n: int, gen: torch.Generator, keep: float = 0.7) -> torch.Tensor:
+    """(n, SEQ) tokens of a grammar: after token t comes ``successor[t]`` with probability ``keep``, else any token."""
+    noise = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    follows = torch.rand(n, SEQ, generator=gen) < keep
+    tokens = noise.clone()
     for t in range(1, SEQ):
-        tokens[:, t] = torch.multinomial(probs[tokens[:, t - 1]], 1, generator=gen).squeeze(1)
+        tokens[:, t] = torch.where(follows[:, t], successor[tokens[:, t - 1]], noise[:, t])
     return tokens
 
 
@@ -163,10 +158,9 @@ def main(argv=None) -> dict:
     successor_b = successor_a.clone()
     changed = torch.randperm(VOCAB, generator=gen)[: VOCAB // 2]
     successor_b[changed] = torch.randint(0, VOCAB, (len(changed),), generator=gen)
-    grammar_a, grammar_b = grammar(gen, successor_a), grammar(gen, successor_b)
-    pretrain = sample_text(grammar_a, args.pretrain_steps * args.batch_size, gen).split(args.batch_size)
-    finetune = sample_text(grammar_b, args.steps * args.batch_size, gen).split(args.batch_size)
-    held_out_a, held_out_b = sample_text(grammar_a, 64, gen), sample_text(grammar_b, 64, gen)
+    pretrain = sample_text(successor_a, args.pretrain_steps * args.batch_size, gen).split(args.batch_size)
+    finetune = sample_text(successor_b, args.steps * args.batch_size, gen).split(args.batch_size)
+    held_out_a, held_out_b = sample_text(successor_a, 64, gen), sample_text(successor_b, 64, gen)
     held_out = torch.cat([held_out_a, held_out_b])
 
     base = dft_ops.patch(tiny_llama(seed=0), objective="ce")

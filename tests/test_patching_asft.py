@@ -79,7 +79,7 @@ REFERENCES = {
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("ref_family", REFERENCES)
-def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch):
+def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch, backend_options=None):
     model, reference = build("llama"), build(ref_family, seed=5)
     input_ids, labels = make_batch()
     ref_logits = reference_logits(reference, input_ids)
@@ -89,7 +89,7 @@ def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch)
     _, want_kl, valid = token_terms(logits.detach(), ref_logits, labels, direction)
 
     asft = ASFT(0.3, direction=direction)
-    dft_ops.patch(model, objective=asft, reference=reference, return_stats=True)
+    dft_ops.patch(model, objective=asft, reference=reference, return_stats=True, **(backend_options or {}))
     assert patch_state(model).reference.transform == REFERENCES[ref_family]
     calls = head_calls(monkeypatch, model.get_output_embeddings(), reference.get_output_embeddings())
     out = model(input_ids=input_ids, labels=labels)
@@ -103,6 +103,14 @@ def test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch)
     assert kl.shape == valid.shape and bool((kl[~valid] == 0).all())
     assert rel_err(kl[valid], want_kl[valid]) < 1e-4
     assert asft.ref_hidden is None  # the patch-time objective holds no batch's reference
+
+
+@pytest.mark.parametrize("backward_mode, ref_family, direction", [("gemm", "gemma2", "reverse"),
+                                                                    ("fused", "phi", "forward")])
+def test_frozen_reference_on_the_triton_backend(backward_mode, ref_family, direction, monkeypatch):
+    """The same through the Triton kernels (the interpreter without a GPU): a soft-capped or biased reference."""
+    test_frozen_reference_loss_and_gradients(ref_family, direction, monkeypatch,
+                                             backend_options=dict(backend="triton", backward_mode=backward_mode))
 
 
 @pytest.mark.parametrize("reference", ["frozen", "adapters_disabled"])

@@ -193,16 +193,21 @@ def capture_head_input(causal_lm: nn.Module, head: nn.Module, kwargs: dict) -> T
 
 
 @contextmanager
-def eval_mode(module: nn.Module):
-    """Every submodule in eval mode for the block, each training flag restored after."""
-    flags = [(m, m.training) for m in module.modules()]
+def attributes_set(objects, name: str, value):
+    """``obj.<name> = value`` on each object for the block, each one's own value restored after."""
+    saved = [(obj, getattr(obj, name)) for obj in objects]
     try:
-        for m, _ in flags:
-            m.training = False
+        for obj, _ in saved:
+            setattr(obj, name, value)
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for obj, previous in saved:
+            setattr(obj, name, previous)
+
+
+def eval_mode(module: nn.Module):
+    """Every submodule in eval mode for the block, each training flag restored after."""
+    return attributes_set(list(module.modules()), "training", False)
 
 
 def adapter_layers(module: nn.Module) -> list[nn.Module]:
@@ -211,7 +216,6 @@ def adapter_layers(module: nn.Module) -> list[nn.Module]:
             if type(m).__module__.startswith("peft") and isinstance(getattr(m, "_disable_adapters", None), bool)]
 
 
-@contextmanager
 def adapters_disabled(module: nn.Module):
     """Every PEFT adapter in ``module`` off for the block, each layer's own flag restored after.
 
@@ -219,11 +223,4 @@ def adapters_disabled(module: nn.Module):
     also change the adapters' ``requires_grad`` and re-enable every layer
     afterwards, which must not happen in the middle of a training step.
     """
-    layers = [(m, m._disable_adapters) for m in adapter_layers(module)]
-    try:
-        for m, _ in layers:
-            m._disable_adapters = True
-        yield
-    finally:
-        for m, flag in layers:
-            m._disable_adapters = flag
+    return attributes_set(adapter_layers(module), "_disable_adapters", True)
