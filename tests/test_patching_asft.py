@@ -138,9 +138,9 @@ def test_no_tokens_x_vocabulary_tensor_for_either_model(reference, monkeypatch):
 
 def test_reference_equal_to_the_model_gives_kl_zero_and_the_base_gradient():
     model = build("gemma2")  # soft-capped: both heads go through the same cap
-    reference = copy.deepcopy(model)
     input_ids, labels = make_batch()
     dft_ops.patch(model, objective="dft")
+    reference = copy.deepcopy(model)  # patched itself: probed and run as the model it wraps
     plain = model(input_ids=input_ids, labels=labels)
     plain_grads = grads_of(model, plain.loss)
     for direction in ("forward", "reverse"):

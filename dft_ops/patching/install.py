@@ -275,9 +275,9 @@ class _PatchedForward:
             raise ValueError("labels: a fused head call needs labels or shift_labels")
         measured = transform_inputs(model)
         if measured != state.transform_inputs:  # a head hook or a config number changed since the last probe
-            state.transform, state.transform_inputs = _probe_again(model, state), measured
+            state.transform, state.transform_inputs = probe_unpatched(model), measured
         reference = None
-        if state.reference is not None:  # before the model's own forward: its hidden states are freed sooner
+        if state.reference is not None:  # first: its activations are gone before the model's are kept for backward
             inputs = {**{k: v for k, v in bound.items() if k != _var_keyword(signature)}, **call_kwargs}
             reference = state.reference.head_for_call(model, state.transform, reference_inputs(inputs))
         call = fused_call.FusedCall(
@@ -287,13 +287,14 @@ class _PatchedForward:
         return fused_call.run(model, previous, args, kwargs, labels, call)
 
 
-def _probe_again(causal_lm: nn.Module, state: PatchState) -> HeadTransform:
-    """The head transform measured now; the patch is inert meanwhile (the probe runs the wrapped forward)."""
-    del causal_lm.__dict__[STATE_ATTR]
+def probe_unpatched(causal_lm: nn.Module) -> HeadTransform:
+    """The head transform measured now; a patch of ``causal_lm`` is inert meanwhile (the probe runs its forward)."""
+    state = causal_lm.__dict__.pop(STATE_ATTR, None)
     try:
         return probe_head_transform(causal_lm)
     finally:
-        causal_lm.__dict__[STATE_ATTR] = state
+        if state is not None:
+            causal_lm.__dict__[STATE_ATTR] = state
 
 
 def _warn_unfused_training_call(state: PatchState) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..dtensor_inputs import is_dtensor
 from .head import PatchError, check_head, forward_slot, head_shape, output_head, replaced_attribute
-from .probe import HeadTransform, probe_head_transform, transform_inputs
+from .probe import HeadTransform, transform_inputs
 
 ADAPTERS_DISABLED = "adapters_disabled"
 
@@ -93,11 +93,12 @@ class FrozenReference(Reference):
         self.model = causal_lm_of(model)
         head = output_head(self.model)
         check_head(head)
+        _check_unsharded(head.weight)
         V, _ = head_shape(head)
         if V != vocab_size:
             raise PatchError(f"reference: its output head has {V} rows, the model's {vocab_size}; ASFT compares the "
                              "two distributions token by token, so both must share the vocabulary")
-        self.transform, self.transform_inputs = probe_head_transform(self.model), transform_inputs(self.model)
+        self.transform, self.transform_inputs = _probe(self.model), transform_inputs(self.model)
         params = inspect.signature(self.model.forward).parameters
         self._var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self._names = frozenset(params)
@@ -109,7 +110,7 @@ class FrozenReference(Reference):
         ref = self.model
         measured = transform_inputs(ref)
         if measured != self.transform_inputs:  # a head hook or a config number of the reference changed
-            self.transform, self.transform_inputs = probe_head_transform(ref), measured
+            self.transform, self.transform_inputs = _probe(ref), measured
         if inputs.get("input_ids") is None:
             raise ValueError("input_ids: a separate reference model needs the token ids (inputs_embeds come from the "
                              "trained model's embeddings, which the reference does not share)")
@@ -120,12 +121,21 @@ class FrozenReference(Reference):
         head = output_head(ref)
         captured = capture_head_input(ref, head, kwargs)
         weight, bias = head.weight, head.bias
-        if is_dtensor(weight) or getattr(weight, "ds_shape", None) is not None:
-            raise PatchError("reference: its output head is sharded by an engine (FSDP / DeepSpeed ZeRO-3); the "
-                             "reference is frozen (no gradients, no optimizer state): keep it unsharded, replicated "
-                             "on each rank")
+        _check_unsharded(weight)  # an engine may have wrapped the reference after patching
         hidden, bias = self.transform.fold(captured, None if bias is None else bias.detach())
         return ReferenceHead(hidden=hidden, weight=weight.detach(), bias=bias, softcap=self.transform.softcap)
+
+
+def _probe(reference: nn.Module) -> HeadTransform:
+    from .install import probe_unpatched  # a reference that is itself patched is probed as the model it wraps
+
+    return probe_unpatched(reference)
+
+
+def _check_unsharded(weight: Tensor) -> None:
+    if is_dtensor(weight) or getattr(weight, "ds_shape", None) is not None:
+        raise PatchError("reference: its output head is sharded by an engine (FSDP / DeepSpeed ZeRO-3); the reference "
+                         "is frozen (no gradients, no optimizer state): keep it unsharded, replicated on each rank")
 
 
 class AdaptersDisabled(Reference):
