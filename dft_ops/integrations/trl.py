@@ -83,7 +83,9 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
             (the objective is chosen here, not by TRL).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
         **loss_options: as for :func:`dft_ops.patch` (``ignore_index``,
-            ``backend``, ``filter_eps``).
+            ``backend``, ``filter_eps``, ...), and ``reference=`` with
+            ``objectives.ASFT`` (a frozen causal LM, or ``"adapters_disabled"``
+            for a PEFT model).
 
     Returns:
         ``trainer``.

@@ -95,8 +95,11 @@ def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> 
         PatchError (a ValueError) naming the reason when the loss cannot be
         computed exactly: adapters or a non-``nn.Linear`` output head, a
         vocabulary slice / mask or unknown transform of the logits, a forward
-        that does not compute its loss through ``self.loss_function``.
-        TypeError / ValueError naming a bad option.
+        that does not compute its loss through ``self.loss_function``; a
+        reference the loss cannot use (another vocabulary, a sharded or
+        non-``nn.Linear`` head, no adapters to disable).
+        TypeError / ValueError naming a bad option, or ``reference:`` for a
+        reference missing (ASFT), given to another objective, or the model itself.
     """
     options = _validate_options(objective, loss_options)
     causal_lm = causal_lm_of(model)
