@@ -132,6 +132,8 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                         fn(leaves[0], leaves[1], y, ref_h, ref_w, kl_coef, direction).backward()
 
                     timing = meter.time(step, grad_to_none=leaves)
+                    for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
+                        leaf.grad = None
                     memory = meter.memory(step)
                     rec.update(status="ok", **timing.summary())
                     if memory is not None:
