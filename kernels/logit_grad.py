@@ -24,8 +24,8 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, logit_scales
-from .launch import Config, Launch, Tuner, family, torch_to_tl
-from .reference import launch_family, reference_even_d, reference_inputs
+from .launch import Config, Launch, Tuner, torch_to_tl
+from .reference import reference_even_d, reference_inputs, tile_family
 from .tile import grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
 
 
@@ -89,6 +89,16 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
     ],
+    # with a reference head (ASFT): its tile stays live through the model's product
+    "16bit+ref": [
+        Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
+    ],
+    "fp32+ref": [
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP_N": 8}, num_warps=4, num_stages=3),
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    ],
 }
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "GROUP_N": 2}, num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
@@ -137,7 +147,7 @@ def gradient_per_config(config: Config, reference) -> dict:
 
 def gradient_family(compute, coef: GradCoefficients, reference, compute_dtype=None) -> str:
     """The tile-configuration family of a launch building G (fp32 when either head's products are)."""
-    return family(launch_family(compute, reference if coef.reads_reference else None, compute_dtype))
+    return tile_family(compute, reference if coef.reads_reference else None, compute_dtype)
 
 
 def logit_grad_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, g, g_lo,

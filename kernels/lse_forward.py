@@ -28,9 +28,9 @@ import triton.language as tl
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_expectation, combine_partials,
                                      logit_scales, product_dtype)
-from .launch import (Config, Launch, Tuner, bucket, device_arch, family, interpreting, sm_count, torch_to_tl,
+from .launch import (Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl,
                      unit_stride_inputs)
-from .reference import launch_family, reference_even_d, reference_inputs, reference_key
+from .reference import reference_even_d, reference_inputs, reference_key, tile_family
 from .tile import cap_and_temper, class_weights, logit_tile, reference_tile
 
 
@@ -88,6 +88,15 @@ def _lse_forward_kernel(
         local = tl.arange(0, BLOCK_V)
         cols = v0 + local.to(tl.int64)
         col_mask = local < v_hi - v0
+        if HAS_REFERENCE:
+            # the reference's tile first: only it stays live through the model's product (after it,
+            # the model's tile, its exponentials and the reference's product would all be)
+            r = reference_tile(
+                rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, row_mask, cols, col_mask,
+                ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
+                REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
+                FP32_PRECISION,
+            )
         u = logit_tile(
             h_ptr, w_ptr, b_ptr, h_rows, row_mask, cols, col_mask,
             D, stride_hd, stride_wv, stride_wd,
@@ -121,12 +130,6 @@ def _lse_forward_kernel(
         sumexp = sumexp * alpha + tl.sum(e, axis=1)
         m = m_new
         if HAS_REFERENCE:
-            r = reference_tile(
-                rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, row_mask, cols, col_mask,
-                ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
-                REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
-                FP32_PRECISION,
-            )
             # masked columns: z is -inf there and r finite, so the gap is -inf (never read), not -inf - -inf
             z_gap = z - r
             r = tl.where(col_mask[None, :], r, float("-inf"))
@@ -171,6 +174,15 @@ CONFIGS = {
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+    ],
+    # with a reference head (ASFT): its tile stays live through the model's product
+    "16bit+ref": [
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    ],
+    "fp32+ref": [
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
 }
 # Small tiles under the interpreter: test shapes span several tiles each way.
@@ -219,7 +231,7 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
     D = hidden.shape[1]
     V = weight.shape[0]
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
-    tiles = family(launch_family(compute, reference, compute_dtype))
+    tiles = tile_family(compute, reference, compute_dtype)
 
     def splits_for(config: Config) -> int:
         if splits:

@@ -17,7 +17,7 @@ import torch
 
 # absolute: see lse_forward.py
 from dft_ops.backend_contract import ReferenceHead, logit_scales, product_dtype
-from .launch import torch_to_tl
+from .launch import family, torch_to_tl
 
 
 def reference_compute_dtype(reference: ReferenceHead, compute_dtype) -> torch.dtype:
@@ -56,15 +56,18 @@ def reference_even_d(reference: ReferenceHead | None, block_d: int) -> bool:
     return reference is None or reference.hidden.shape[1] % block_d == 0
 
 
-def launch_family(compute: torch.dtype, reference: ReferenceHead | None, compute_dtype=None) -> torch.dtype:
-    """The dtype whose tile configurations a launch takes: fp32 when either head's products run in fp32.
+def tile_family(compute: torch.dtype, reference: ReferenceHead | None, compute_dtype=None) -> str:
+    """The list of tile configurations a launch takes (the kernels' ``CONFIGS`` keys).
 
-    fp32 products (tf32x3) hold three times the operand registers; the 16-bit
-    configurations leave no room for them.
+    "fp32" when either head's products run in fp32 (tf32x3 holds three times the
+    operand registers), else "16bit"; with a reference head "+ref": its tile is
+    live through the model's product, and the configurations of those lists
+    leave the registers for it (tests/test_compile.py).
     """
-    if reference is not None and reference_compute_dtype(reference, compute_dtype) == torch.float32:
-        return torch.float32
-    return compute
+    if reference is None:
+        return family(compute)
+    return family(torch.float32 if reference_compute_dtype(reference, compute_dtype) == torch.float32
+                  else compute) + "+ref"
 
 
 def reference_key(reference: ReferenceHead | None, compute_dtype=None) -> tuple:

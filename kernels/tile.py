@@ -255,6 +255,14 @@ def logit_grad_tile(
     (q = exp(r - ref_lse)) only when HAS_REF_Q or HAS_REF_GAP. y_local: (BLOCK_N,)
     int32 target minus the tile's first column.
     """
+    if HAS_REF_Q or HAS_REF_GAP:
+        # the reference's tile first: only it stays live through the model's product
+        r = reference_tile(
+            rh_ptr, rw_ptr, rb_ptr, rh_rows, row_mask, cols, col_mask,
+            ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
+            REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
+            FP32_PRECISION,
+        )
     u = logit_tile(
         h_ptr, w_ptr, b_ptr, h_rows, row_mask, cols, col_mask,
         D, stride_hd, stride_wv, stride_wd,
@@ -267,17 +275,10 @@ def logit_grad_tile(
     g -= tl.where(tl.arange(0, BLOCK_V)[None, :] == y_local[:, None], coef_b[:, None], 0.0)
     if HAS_UNIFORM:
         g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
-    if HAS_REF_Q or HAS_REF_GAP:
-        r = reference_tile(
-            rh_ptr, rw_ptr, rb_ptr, rh_rows, row_mask, cols, col_mask,
-            ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
-            REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
-            FP32_PRECISION,
-        )
-        if HAS_REF_Q:
-            g -= coef_e[:, None] * tl.exp(r - ref_lse[:, None])
-        if HAS_REF_GAP:
-            # a logit without probability gets no gradient, whatever its gap (0 * inf)
-            g += coef_f[:, None] * tl.where(s > 0.0, s * (z - r), 0.0)
+    if HAS_REF_Q:
+        g -= coef_e[:, None] * tl.exp(r - ref_lse[:, None])
+    if HAS_REF_GAP:
+        # a logit without probability gets no gradient, whatever its gap (0 * inf)
+        g += coef_f[:, None] * tl.where(s > 0.0, s * (z - r), 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
