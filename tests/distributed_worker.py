@@ -60,6 +60,21 @@ def patch_args(asft: bool) -> dict:
     return {"objective": dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE), "reference": frozen_reference()}
 
 
+def tiny_lora():
+    """The tiny model with LoRA adapters on q/v (B nonzero, the same on every rank): ASFT's reference is the model
+    with its adapters disabled."""
+    import peft
+
+    model = peft.get_peft_model(tiny_qwen2(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              lora_dropout=0.0))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.train()
+
+
 def global_batch():
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, V, (BATCH, SEQ), generator=g)
@@ -80,13 +95,17 @@ def local_batch(rank: int, world: int):
     return input_ids[rows], labels[rows], n_items(labels)
 
 
-def reference(tied: bool = False, asft: bool = False):
+def reference(tied: bool = False, asft: bool = False, lora: bool = False):
     """The patched model in one process on the whole batch: (loss, {name: grad})."""
-    model = dft_ops.patch(tiny_qwen2(tied), **patch_args(asft))
+    if lora:
+        model = dft_ops.patch(tiny_lora(), objective=dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE),
+                              reference="adapters_disabled")
+    else:
+        model = dft_ops.patch(tiny_qwen2(tied), **patch_args(asft))
     input_ids, labels = global_batch()
     loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=n_items(labels)).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def step(model, rank, world, backward=None):
@@ -133,6 +152,28 @@ def fsdp2(head="root", reshard=True, patch="before", tied=False, asft=False):
         return loss, {n: full(p.grad) for n, p in model.named_parameters()}
 
     run.tied, run.asft = tied, asft
+    return run
+
+
+def fsdp2_lora_adapters_disabled():
+    """FSDP2 (head in its own group) on a PEFT model whose reference is itself with the adapters disabled."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = tiny_lora()
+        dft_ops.patch(model, objective=dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE), reference="adapters_disabled")
+        base = model.get_base_model()
+        for layer in base.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(base.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        loss = step(model, rank, world)
+        return loss, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+    run.lora = True
     return run
 
 
@@ -343,11 +384,13 @@ CASES = {
     "asft-fsdp2-own-group": fsdp2(head="own", asft=True),
     "asft-ddp-patch-wrapper": ddp(patch="after", asft=True),
     "asft-zero3": deepspeed_zero(3, asft=True),
+    "asft-fsdp2-lora-adapters-disabled": fsdp2_lora_adapters_disabled(),
 }
 
 
 def compare(run, loss, grads) -> dict:
-    ref_loss, ref_grads = reference(getattr(run, "tied", False), getattr(run, "asft", False))
+    ref_loss, ref_grads = reference(getattr(run, "tied", False), getattr(run, "asft", False),
+                                    getattr(run, "lora", False))
     missing = sorted(set(ref_grads) - {n for n, g in grads.items() if g is not None})
     if missing:
         return {"error": f"no gradient for {missing}"}
