@@ -15,8 +15,8 @@ from dft_ops import objectives as o
 from dft_ops import torch_backend
 from dft_ops.autograd import reference_head
 from dft_ops.layout import TokenLayout
-from helpers import check_against_reference, class_weights, loss_and_grads, rel_err
-from test_objectives import CASES, D, V, label_logprobs, peaked_inputs
+from helpers import check_against_reference, loss_and_grads, rel_err
+from test_objectives import CASES, D, V, case_inputs, peaked_inputs
 
 DIRECTIONS = ["forward", "reverse"]
 # backend name -> linear_cross_entropy keywords (Triton on the interpreter without a GPU)
@@ -40,15 +40,9 @@ def make_reference(hidden, weight, *, D_ref=None, bias=False, dtype=None, near=0
 
 def asft_case(config, base_case, direction, device):
     """Inputs, objective and options of one configuration: (hidden, weight, labels, bias, objective, opts)."""
-    opts = dict(config)
-    dtype, shape = opts.pop("dtype"), opts.pop("shape")
-    ref = {k: opts.pop(k) for k in ("D_ref", "ref_bias", "ref_softcap", "ref_dtype") if k in opts}
-    hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
-                                                 bias=opts.pop("bias", False),
-                                                 ignore_index=opts.get("ignore_index", -100))
-    if opts.pop("class_weight", False):
-        opts["class_weight"] = class_weights(V, device)
-    logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
+    config = dict(config)
+    ref = {k: config.pop(k) for k in ("D_ref", "ref_bias", "ref_softcap", "ref_dtype") if k in config}
+    hidden, weight, labels, bias, opts, logp, valid = case_inputs(config, device)
     ref_hidden, ref_weight, ref_bias = make_reference(hidden, weight, D_ref=ref.get("D_ref"),
                                                       bias=ref.get("ref_bias", False), dtype=ref.get("ref_dtype"))
     objective = o.ASFT(0.7, direction, CASES[base_case](logp, valid)).with_reference(
