@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backend_contract import FLOAT_DTYPES, GradCoefficients, ReferenceHead, select_backend
+from .dtensor_inputs import replicated_local
 from .layout import TokenLayout, check_dense
 from .loss_terms import token_loss
 from .objectives import ASFT, Objective
@@ -72,7 +73,8 @@ def reference_head(objective: Objective, layout: TokenLayout, hidden: Tensor, we
 
     ``ref_hidden`` (..., D_ref) must have the labels' (hidden's leading) shape;
     it is viewed as (N, D_ref) like hidden (a copy only when it cannot be).
-    Errors name the argument of :meth:`ASFT.with_reference`.
+    ``Replicate()`` DTensors are read as their local tensors; other placements
+    are refused. Errors name the argument of :meth:`ASFT.with_reference`.
     """
     if not isinstance(objective, ASFT):
         return None
@@ -84,7 +86,9 @@ def reference_head(objective: Objective, layout: TokenLayout, hidden: Tensor, we
         raise ValueError("vocab_parallel: ASFT is not supported with a vocabulary-parallel head yet (the reference's "
                          "log-sum-exp and KL sums would need their own all-reduces); gather the heads or use "
                          "another objective")
-    ref_hidden, ref_weight, ref_bias = objective.ref_hidden, objective.ref_weight, objective.ref_bias
+    # replicated DTensors (a reference under tensor parallelism or FSDP's gathered views) compute locally
+    ref_hidden, ref_weight, ref_bias = (replicated_local(name, t) for name, t in (
+        ("ref_hidden", objective.ref_hidden), ("ref_weight", objective.ref_weight), ("ref_bias", objective.ref_bias)))
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if t is None:
             continue

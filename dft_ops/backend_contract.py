@@ -241,6 +241,16 @@ def _check_vector(name: str, t, length: int, what: str, *, integer=False, device
         raise ValueError(f"{name}: on {t.device} but hidden is on {device}")
 
 
+def _check_matrix(name: str, t) -> None:
+    """A 2-D float32 / bfloat16 / float16 tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+
+
 def _check_positive(name: str, value) -> None:
     if value is None:
         return
@@ -256,12 +266,7 @@ def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, tem
     ``rows`` must lie in [0, N) (the caller's job: the front end builds them).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+        _check_matrix(name, t)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden's D={hidden.shape[1]}")
     if weight.device != hidden.device:
@@ -296,12 +301,7 @@ def check_reference(reference, hidden: Tensor, weight: Tensor) -> None:
     if not isinstance(reference, ReferenceHead):
         raise TypeError(f"reference: expected a ReferenceHead or None, got {type(reference).__name__}")
     for name, t in (("reference.hidden", reference.hidden), ("reference.weight", reference.weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+        _check_matrix(name, t)
         if t.device != hidden.device:
             raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}")
     ref_hidden, ref_weight = reference.hidden, reference.weight

@@ -162,17 +162,14 @@ CONFIGS = {
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
     # with a reference head (ASFT): its tile stays live through the model's product
-    "16bit+ref": [
-        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-        Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "BLOCK_DM": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
-    ],
     "fp32+ref": [
         Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
 }
+# the 16-bit tiles leave room for the reference's tile as they are
+CONFIGS["16bit+ref"] = CONFIGS["16bit"]
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 2},
                           num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)

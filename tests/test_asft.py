@@ -15,8 +15,8 @@ from dft_ops import objectives as o
 from dft_ops import torch_backend
 from dft_ops.autograd import reference_head
 from dft_ops.layout import TokenLayout
-from helpers import check_against_reference, class_weights, loss_and_grads, rel_err
-from test_objectives import CASES, D, V, label_logprobs, peaked_inputs
+from helpers import check_against_reference, loss_and_grads, rel_err
+from test_objectives import CASES, D, V, case_inputs, peaked_inputs
 
 DIRECTIONS = ["forward", "reverse"]
 # backend name -> linear_cross_entropy keywords (Triton on the interpreter without a GPU)
@@ -40,15 +40,9 @@ def make_reference(hidden, weight, *, D_ref=None, bias=False, dtype=None, near=0
 
 def asft_case(config, base_case, direction, device):
     """Inputs, objective and options of one configuration: (hidden, weight, labels, bias, objective, opts)."""
-    opts = dict(config)
-    dtype, shape = opts.pop("dtype"), opts.pop("shape")
-    ref = {k: opts.pop(k) for k in ("D_ref", "ref_bias", "ref_softcap", "ref_dtype") if k in opts}
-    hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
-                                                 bias=opts.pop("bias", False),
-                                                 ignore_index=opts.get("ignore_index", -100))
-    if opts.pop("class_weight", False):
-        opts["class_weight"] = class_weights(V, device)
-    logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
+    config = dict(config)
+    ref = {k: config.pop(k) for k in ("D_ref", "ref_bias", "ref_softcap", "ref_dtype") if k in config}
+    hidden, weight, labels, bias, opts, logp, valid = case_inputs(config, device)
     ref_hidden, ref_weight, ref_bias = make_reference(hidden, weight, D_ref=ref.get("D_ref"),
                                                       bias=ref.get("ref_bias", False), dtype=ref.get("ref_dtype"))
     objective = o.ASFT(0.7, direction, CASES[base_case](logp, valid)).with_reference(
@@ -244,3 +238,37 @@ def test_kernels_match_torch_backend_across_splits(terms, device):
     plain = torch_backend.grad_backward(hidden, weight, bias, targets, rows, want.lse,
                                         coef._replace(reference=None, gap=None), **grad_opts)
     assert rel_err(plain[0], expected[0]) > 1e-2
+
+
+# the interpreter evaluates -inf - -inf (NumPy warns) where the kernels then select 0
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_masked_vocabulary_and_all_ignored(backend, device):
+    """Classes masked (-inf bias) in both heads add nothing to the KL or its gradient (no 0 * inf),
+    and a batch with every label ignored gives loss 0, KL 0 and zero gradients."""
+    hidden, weight, labels, bias = peaked_inputs((2, 9), torch.float32, device, shift=False, bias=True)
+    bias[::5] = float("-inf")
+    labels[(labels >= 0) & (labels % 5 == 0)] = -100  # never a masked label (its log-prob would be -inf)
+    ref_hidden, ref_weight, ref_bias = make_reference(hidden, weight, bias=True)
+    ref_bias[::5] = float("-inf")
+    how = dict(BACKENDS[backend])
+    name = how.pop("backend")
+    for direction in DIRECTIONS:
+        asft = o.ASFT(0.7, direction).with_reference(ref_hidden, ref_weight, ref_bias)
+        ours, ref = check_against_reference(hidden, weight, labels, bias, objective=asft, return_stats=True,
+                                            backend=name, backend_options=how)
+        assert torch.isfinite(ours[1].kl).all() and rel_err(ours[1].kl, ref[1]["kl"]) < 1e-5
+        ignored = torch.full_like(labels, -100)
+        (loss, stats), grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=ignored,
+                                              objective=asft, return_stats=True, **BACKENDS[backend])
+        assert loss.item() == 0 and (stats.kl == 0).all()
+        assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_gradient_filtering_keeps_the_kl_terms(direction, device):
+    """The fused backward's tile skip measures the KL's coefficients too: a tiny filter_eps is still exact."""
+    config = dict(dtype=torch.float32, shape=(2, 9), shift=True, bias=True, ref_bias=True, return_stats=True)
+    hidden, weight, labels, bias, objective, opts = asft_case(config, "dft", direction, device)
+    check_against_reference(hidden, weight, labels, bias, objective=objective, backend="triton",
+                            backend_options=dict(backward_mode="fused"), filter_eps=1e-12, **opts)
