@@ -94,7 +94,7 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
     f32 = torch.float32
     coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
                             torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None)
-    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term == "q" else None)
+    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
         compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
