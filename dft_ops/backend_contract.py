@@ -22,7 +22,7 @@ Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
 temperature. The backward writes the logit gradient
 
     G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j
-               - e_t * q_tj + f_t * softmax_tj * (z_tj - r_tj)) * dz_tj/du_tj,
+               - e_t * q_tj + f_t * softmax_tj * (log softmax_tj - log q_tj)) * dz_tj/du_tj,
 
 ``u_j = class_weight[j]`` (1 without), and accumulates ``d_hidden = G W``,
 ``d_weight = G^T H``, ``d_bias = sum_t G``. Targets outside ``[0, V)`` (ignored
@@ -33,9 +33,12 @@ A :class:`ReferenceHead` (ASFT's frozen reference model) adds a second head
 read at the same rows: ``r = ref_weight @ ref_hidden[rows[t]] + ref_bias``,
 capped by its own soft-cap and divided by the same temperature, ``q =
 softmax(r)`` with log-sum-exp R. The forward streams both heads' tiles in one
-pass and returns R and the two expectations of the gap ``z - r`` (under p and
-under q); the backward recomputes both tiles for the ``e`` and ``f`` terms
-(None: 0, and the reference head is not read). The reference gets no gradient.
+pass and returns R and both KLs, KL(p || q) and KL(q || p); the backward
+recomputes both tiles for the ``e`` and ``f`` terms (None: 0, and the reference
+head is not read), with ``log q = r - R``. The reference gets no gradient.
+Both KLs and the ``f`` term see each head's logits only relative to that head's
+own maximum or log-sum-exp, so a constant offset between the heads cancels
+exactly (it is no logit's error).
 
 Mixed dtypes: hidden and weight may differ (autocast gives bf16 hidden states
 with an fp32 head). Both are rounded to :func:`product_dtype` of the pair (or to
@@ -84,11 +87,9 @@ class ForwardStats(NamedTuple):
         argmax: int64, first index of the max logit; with_stats only.
         smooth_sum: sum_j u_j z_j with u = class_weight (or 1); smoothing only.
         ref_lse: R, log-sum-exp of the reference logits r; with a reference only.
-        gap_mean: E_p[z - r] (p = softmax(z)); with a reference only.
-        ref_gap_mean: E_q[z - r] (q = softmax(r)); with a reference only.
-
-    With a reference: KL(q || p) = lse - ref_lse - ref_gap_mean and
-    KL(p || q) = gap_mean - lse + ref_lse.
+        reverse_kl: KL(p || q) = E_p[z - r] - lse + R (p = softmax(z), q = softmax(r));
+            with a reference only.
+        forward_kl: KL(q || p) = lse - R - E_q[z - r]; with a reference only.
     """
 
     lse: Tensor
@@ -98,8 +99,8 @@ class ForwardStats(NamedTuple):
     argmax: Tensor | None = None
     smooth_sum: Tensor | None = None
     ref_lse: Tensor | None = None
-    gap_mean: Tensor | None = None
-    ref_gap_mean: Tensor | None = None
+    reverse_kl: Tensor | None = None
+    forward_kl: Tensor | None = None
 
 
 class GradCoefficients(NamedTuple):
@@ -110,7 +111,7 @@ class GradCoefficients(NamedTuple):
         target: b_t, the factor of the one-hot label.
         uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
         reference: e_t, the factor of the reference's softmax q (forward KL), or None for 0.
-        gap: f_t, the factor of ``softmax * (z - r)`` (reverse KL), or None for 0.
+        gap: f_t, the factor of ``softmax * (log softmax - log q)`` (reverse KL), or None for 0.
     """
 
     softmax: Tensor
@@ -321,7 +322,7 @@ def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softc
                         class_weight=None, compute_dtype=None, reference=None, ref_lse=None) -> int:
     """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M.
 
-    Coefficients ``reference`` / ``gap`` need ``reference`` (and ``reference`` needs ``ref_lse``).
+    Coefficients ``reference`` / ``gap`` need ``reference`` and its ``ref_lse``.
     """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
                            class_weight=class_weight, compute_dtype=compute_dtype, reference=reference)
@@ -334,9 +335,9 @@ def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softc
     if coef.reads_reference and reference is None:
         raise ValueError("reference: coef has reference / gap terms (a KL to a reference) but no ReferenceHead "
                          "was given")
-    if coef.reference is not None:
+    if coef.reads_reference:
         if ref_lse is None:
-            raise ValueError("ref_lse: coef.reference (the factor of softmax(r)) needs the reference's "
+            raise ValueError("ref_lse: coef.reference / coef.gap (terms of softmax(r)) need the reference's "
                              "log-sum-exp from the forward")
         _check_vector("ref_lse", ref_lse, M, "one per target", device=hidden.device)
     return M
@@ -348,16 +349,35 @@ def logit_scales(softcap, temperature) -> tuple[float, float]:
             1.0 / float(temperature) if temperature is not None else 1.0)
 
 
-def combine_expectation(part_max: Tensor, part_sumexp: Tensor, part_sum: Tensor) -> Tensor:
-    """E[g] under softmax(x), from S vocabulary slices' partials, each (S, M): (M,).
+def combine_kl(part_max: Tensor, part_sumexp: Tensor, part_ref_max: Tensor, part_ref_sumexp: Tensor,
+               part_gap: Tensor, part_ref_gap: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(p || q), KL(q || p)), each (M,), from S vocabulary slices' partials of both heads, each (S, M).
 
-    Slice s holds its max ``m_s`` of x, ``sumexp_s = sum exp(x - m_s)`` and
-    ``sum_s = sum exp(x - m_s) g``. Slices with no finite x contribute nothing.
+    Slice s holds each head's max (``m_s`` of z, ``n_s`` of r, -inf taken as 0 below), sum-exp
+    (``P_s = sum exp(z - m_s)``, ``Q_s = sum exp(r - n_s)``) and the gap sums
+    ``part_gap = sum exp(z - m_s) g_s``, ``part_ref_gap = sum exp(r - n_s) g_s`` of
+    ``g_s = (z - m_s) - (r - n_s)``. With the global maxima m, n and sum-exps P, Q::
+
+        KL(p || q) = E_p[(z - m) - (r - n)] - log(P / Q)
+        KL(q || p) = log(P / Q) - E_q[(z - m) - (r - n)]
+
+    (lse - R = m - n + log(P / Q) cancels against E[z - r]). Only each head's logits relative to
+    its own maxima enter, never ``z - r`` itself: a constant offset between the heads cancels
+    exactly instead of costing its rounding (~1e-7 times the offset). Slices with no finite
+    logit contribute nothing.
     """
-    max_x = part_max.max(dim=0).values
-    shift = torch.where(max_x == float("-inf"), 0.0, max_x)
-    scale = torch.exp(part_max - shift)
-    return (part_sum * scale).sum(dim=0) / (part_sumexp * scale).sum(dim=0)
+    def finite(x):
+        return torch.where(x == float("-inf"), 0.0, x)
+
+    shift, ref_shift = finite(part_max.max(dim=0).values), finite(part_ref_max.max(dim=0).values)
+    # each slice's gaps are relative to its own maxima: move them to the global ones
+    moved = (finite(part_max) - shift) - (finite(part_ref_max) - ref_shift)
+    scale, ref_scale = torch.exp(part_max - shift), torch.exp(part_ref_max - ref_shift)
+    P, Q = (part_sumexp * scale).sum(dim=0), (part_ref_sumexp * ref_scale).sum(dim=0)
+    gap_p = (scale * (part_gap + moved * part_sumexp)).sum(dim=0) / P
+    gap_q = (ref_scale * (part_ref_gap + moved * part_ref_sumexp)).sum(dim=0) / Q
+    log_ratio = torch.log(P / Q)
+    return gap_p - log_ratio, log_ratio - gap_q
 
 
 def combine_partials(part_max: Tensor, part_sumexp: Tensor, part_ent: Tensor | None = None,

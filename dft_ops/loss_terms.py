@@ -21,10 +21,10 @@ d lse/dz = softmax) gives the backward's coefficients
 docs/math.md for the derivation).
 
 An :class:`~dft_ops.objectives.ASFT` row adds ``kl_coef * KL`` to the value,
-KL from the forward's reference statistics (R and the expectations of the gap
-``z - r``), and its gradient ``kl_coef * (p - q)`` (forward KL: ``a += k``,
-``e = k``) or ``kl_coef * p * ((z - r) - E_p[z - r])`` (reverse KL:
-``a -= k E_p[z - r]``, ``f = k``).
+KL from the forward's reference statistics, and its gradient ``kl_coef * (p - q)``
+(forward KL: ``a += k``, ``e = k``) or ``kl_coef * p * (log p - log q - KL)``
+(reverse KL: ``a -= k KL``, ``f = k``; ``= k p ((z - r) - E_p[z - r])`` without
+the offset between the heads that ``z - r`` would carry).
 """
 
 from __future__ import annotations
@@ -141,10 +141,7 @@ def kl_to_reference(stats: ForwardStats, direction: str) -> Tensor:
     if stats.ref_lse is None:
         raise ValueError("stats: a KL to the reference needs the forward's reference statistics "
                          "(run lse_forward with reference=ReferenceHead(...))")
-    # both terms are differences of O(lse) numbers; the gap means are exact 0 when r == z
-    if direction == "forward":
-        return (stats.lse - stats.ref_lse) - stats.ref_gap_mean
-    return stats.gap_mean - (stats.lse - stats.ref_lse)
+    return stats.forward_kl if direction == "forward" else stats.reverse_kl
 
 
 def _kl_term(stats: ForwardStats, objective: ASFT, coef: GradCoefficients) -> tuple[Tensor, GradCoefficients]:
@@ -153,7 +150,7 @@ def _kl_term(stats: ForwardStats, objective: ASFT, coef: GradCoefficients) -> tu
     k = torch.full_like(kl, objective.kl_coef)
     if objective.direction == "forward":
         return kl, coef._replace(softmax=coef.softmax + k, reference=k)
-    return kl, coef._replace(softmax=coef.softmax - k * stats.gap_mean, gap=k)
+    return kl, coef._replace(softmax=coef.softmax - k * kl, gap=k)
 
 
 def _per_token(objective: Objective, name: str, out, logp: Tensor) -> Tensor:

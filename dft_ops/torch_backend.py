@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .backend_contract import (ForwardStats, GradCoefficients, Grads, ReferenceHead, check_backward_args,
-                               check_forward_args, combine_expectation, combine_partials, logit_scales, product_dtype)
+                               check_forward_args, combine_kl, combine_partials, logit_scales, product_dtype)
 
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
@@ -53,10 +53,24 @@ class _ReferenceLogits:
         return _logits(h_ref, head.weight, head.bias, v_lo, v_hi, self.compute, head.softcap, self.temperature)[0]
 
 
-def _weighted_gap(x: Tensor, m: Tensor, gap: Tensor) -> Tensor:
-    """sum_j exp(x_j - m) gap_j per token; a -inf x (no probability) adds 0 whatever its gap."""
-    e = torch.exp(x - torch.where(m == float("-inf"), 0.0, m)[:, None])
-    return (e * torch.where(e > 0, gap, 0.0)).sum(dim=1)
+def _relative(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(max, x - max, exp(x - max)) per token of a logit chunk (N, V); a -inf max is taken as 0."""
+    m = x.max(dim=1).values
+    d = x - torch.where(m == float("-inf"), 0.0, m)[:, None]
+    return m, d, torch.exp(d)
+
+
+def _reference_partials(d_z: Tensor, e_z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk's (max of r, sum exp(r - max_r), and the gap sums under p and q) for :func:`combine_kl`,
+    from the model's :func:`_relative` logits and the reference's logits r.
+
+    The gap is ``(z - max_z) - (r - max_r)``, both heads relative to their own maxima; a -inf
+    logit (no probability) adds 0 whatever its gap.
+    """
+    m_r, d_r, e_r = _relative(r)
+    gap = d_z - d_r
+    return (m_r, e_r.sum(dim=1), (e_z * torch.where(e_z > 0, gap, 0.0)).sum(dim=1),
+            (e_r * torch.where(e_r > 0, gap, 0.0)).sum(dim=1))
 
 
 def _class_weights(class_weight: Tensor | None, v_lo: int, v_hi: int, like: Tensor) -> Tensor:
@@ -85,8 +99,8 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
     Each vocabulary chunk yields online-softmax partials (max, sum-exp,
     entropy term, argmax) that one :func:`combine_partials` merges, exactly as
     the Triton forward merges its vocabulary splits; with a ``reference``,
-    the reference head's (max, sum-exp) and both heads' sums of
-    ``exp(. - max) (z - r)`` as well (:func:`combine_expectation`). Chunk sizes
+    the reference head's (max, sum-exp) and both heads' gap sums as well
+    (:func:`_reference_partials`, :func:`combine_kl`). Chunk sizes
     default to the module's TOKEN_CHUNK / VOCAB_CHUNK (read at call time).
     """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
@@ -102,7 +116,7 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
     argmax = torch.empty(M, dtype=torch.int64, device=hidden.device) if with_stats else None
     smooth_sum = torch.zeros(M, **f32) if smoothing else None
     ref_logits = _ReferenceLogits(reference, compute_dtype, temperature) if reference is not None else None
-    ref_lse, gap_mean, ref_gap_mean = (torch.empty(M, **f32) if reference is not None else None for _ in range(3))
+    ref_lse, reverse_kl, forward_kl = (torch.empty(M, **f32) if reference is not None else None for _ in range(3))
     for t_lo, t_hi, idx in _chunks(M, rows, token_chunk):
         h = hidden[idx].to(compute).float()
         h_ref = ref_logits.rows(idx) if ref_logits is not None else None
@@ -111,21 +125,17 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         for v_lo in range(0, V, vocab_chunk):
             v_hi = min(v_lo + vocab_chunk, V)
             z, _ = _logits(h, weight, bias, v_lo, v_hi, compute, softcap, temperature)
-            if ref_logits is not None:
-                r = ref_logits(h_ref, v_lo, v_hi)
-                m_z, m_r = z.max(dim=1).values, r.max(dim=1).values
-                r_sumexp = torch.exp(r - torch.where(m_r == float("-inf"), 0.0, m_r)[:, None]).sum(dim=1)
-                ref_parts.append((m_r, r_sumexp, _weighted_gap(z, m_z, z - r), _weighted_gap(r, m_r, z - r)))
             hit, local = _label_columns(y, v_lo, v_hi)
             zy[t_lo:t_hi] += torch.where(hit, z.gather(1, local[:, None]).squeeze(1), 0.0)
             if smoothing:
                 u = _class_weights(class_weight, v_lo, v_hi, z)
                 # a zero weight times a -inf logit (masked vocabulary) is 0
                 smooth_sum[t_lo:t_hi] += (u * torch.where(u != 0, z, 0.0)).sum(dim=1)
-            m = z.max(dim=1).values
-            e = torch.exp(z - torch.where(m == float("-inf"), 0.0, m)[:, None])
+            m, d, e = _relative(z)
+            if ref_logits is not None:
+                ref_parts.append(_reference_partials(d, e, ref_logits(h_ref, v_lo, v_hi)))
             if with_stats:
-                ent = (e * torch.where(e > 0, z - m[:, None], 0.0)).sum(dim=1)
+                ent = (e * torch.where(e > 0, d, 0.0)).sum(dim=1)
                 parts.append((m, e.sum(dim=1), ent, z.argmax(dim=1) + v_lo))
             else:
                 parts.append((m, e.sum(dim=1)))
@@ -137,16 +147,15 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         if ref_logits is not None:
             m_r, s_r, gap_z, gap_r = (torch.stack(p) for p in zip(*ref_parts))
             ref_lse[t_lo:t_hi] = combine_partials(m_r, s_r)[0]
-            gap_mean[t_lo:t_hi] = combine_expectation(stacked[0], stacked[1], gap_z)
-            ref_gap_mean[t_lo:t_hi] = combine_expectation(m_r, s_r, gap_r)
-    return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth_sum, ref_lse, gap_mean, ref_gap_mean)
+            reverse_kl[t_lo:t_hi], forward_kl[t_lo:t_hi] = combine_kl(stacked[0], stacked[1], m_r, s_r, gap_z, gap_r)
+    return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth_sum, ref_lse, reverse_kl, forward_kl)
 
 
 def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
                   filter_eps=None, precise=False, compute_dtype=None, reference=None, ref_lse=None,
                   token_chunk=None, vocab_chunk=None) -> Grads:
-    """(d_hidden, d_weight, d_bias) for ``G = (a s - b onehot - c u - e q + f s (z - r)) dz/du``
+    """(d_hidden, d_weight, d_bias) for ``G = (a s - b onehot - c u - e q + f s (log s - log q)) dz/du``
     (:mod:`dft_ops.backend_contract`; e and f read the ``reference`` head and its ``ref_lse``).
 
     ``filter_eps`` and ``precise`` are accepted for interface parity and have
@@ -185,9 +194,11 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
                 if e_all is not None:
                     g -= e_all[t_lo:t_hi, None] * torch.exp(r - ref_lse[t_lo:t_hi, None])
                 if f_all is not None:
-                    s = torch.exp(z - lse[t_lo:t_hi, None])
+                    log_p = z - lse[t_lo:t_hi, None]
+                    s = torch.exp(log_p)
+                    # log p - log q: each head relative to its own lse (no offset between the heads);
                     # a -inf logit has no probability: no gradient, whatever its gap
-                    g += f_all[t_lo:t_hi, None] * torch.where(s > 0, s * (z - r), 0.0)
+                    g += f_all[t_lo:t_hi, None] * torch.where(s > 0, s * (log_p - (r - ref_lse[t_lo:t_hi, None])), 0.0)
             g *= slope
             if need_hidden:
                 dh += g @ weight[v_lo:v_hi].to(compute).float()

@@ -186,7 +186,7 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         lse = lse.to(torch.float32).contiguous()
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
         reference = reference if coef.reads_reference else None
-        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reference is not None else None
+        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
         _Sweep(hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute, plan,
                acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype).run()
     return (_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if need_hidden else None, d_weight,

@@ -3,7 +3,7 @@
 Every objective with every option (label smoothing, class weights, z-loss)
 has the logit gradient ``a_t softmax - b_t onehot - c_t u`` for token t, with
 per-token coefficients (the upstream gradient folded in; 0 for ignored tokens)
-and class weights u, plus ASFT's KL terms ``- e_t q + f_t softmax (z - r)``
+and class weights u, plus ASFT's KL terms ``- e_t q + f_t softmax (log softmax - log q)``
 from a reference head's recomputed tile (:mod:`dft_ops.backend_contract`);
 soft-capping and temperature multiply it by dz/du. Each
 program owns one (BLOCK_N tokens x BLOCK_V vocabulary) tile: it rebuilds the
@@ -268,7 +268,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             (twice the product work; no effect when the products run in fp32).
         compute_dtype: as in :func:`lse_forward`.
         reference: the :class:`~dft_ops.backend_contract.ReferenceHead` of the forward, read when
-            ``coef.reference`` or ``coef.gap`` is given; ref_lse: its (M,) log-sum-exp (for ``coef.reference``).
+            ``coef.reference`` or ``coef.gap`` is given; ref_lse: its (M,) log-sum-exp.
         vocab_chunk: vocabulary rows per launch (bounds the fp32 d(weight) buffer).
 
     Returns:
@@ -292,7 +292,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
         lse = lse.to(torch.float32).contiguous()
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
-        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reference is not None else None
+        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
         _, inv_temperature = logit_scales(softcap, temperature)
         if filter_eps is not None and coef.uniform is not None and softcap is not None:
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly

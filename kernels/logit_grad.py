@@ -1,7 +1,7 @@
 """The logit-gradient tile kernel: G of (a token chunk x a vocabulary split) into a workspace.
 
 The GEMM backward (:mod:`dft_ops.kernels.gemm_backward`) needs the logit
-gradient ``G = (a s - b onehot - c u - e q + f s (z - r)) dz/du`` of a bounded block of
+gradient ``G = (a s - b onehot - c u - e q + f s (log s - log q)) dz/du`` of a bounded block of
 tokens x vocabulary rows as a dense matrix, so that cuBLAS can reduce it
 against the weight (d_hidden) and the hidden states (d_weight) with the
 reductions in its fp32 accumulators. This kernel recomputes that block's
@@ -127,7 +127,7 @@ def gradient_inputs(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
         softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
         inv_temperature=inv_temperature, D=hidden.shape[1],
         stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        ref_lse_ptr=ref_lse if coef.reference is not None else unused,
+        ref_lse_ptr=ref_lse if coef.reads_reference else unused,
         coef_e_ptr=coef.reference if coef.reference is not None else unused,
         coef_f_ptr=coef.gap if coef.gap is not None else unused, **ref_args,
     )

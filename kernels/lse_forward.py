@@ -10,8 +10,9 @@ memory only ever holds O(tokens * splits) floats, never tokens x vocabulary.
 
 With a reference head (ASFT) each program also builds the reference's tile r
 (kernels/reference.py) and keeps its online (max, sum-exp) and the two sums of
-the gap ``z - r`` weighted by exp(z - max) and exp(r - max_r), rescaled as
-either maximum grows: the KL's terms in the same pass, still without logits.
+the gap ``(z - max) - (r - max_r)`` weighted by exp(z - max) and exp(r - max_r),
+moved as either maximum grows: the KL's terms in the same pass, still without
+logits, and free of any constant offset between the heads.
 
 Splitting the vocabulary keeps the GPU busy when there are few token tiles
 (short sequences) and keeps the working set of weight tiles small enough for
@@ -26,8 +27,8 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_expectation, combine_partials,
-                                     logit_scales, product_dtype)
+from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_kl, combine_partials, logit_scales,
+                                     product_dtype)
 from .launch import (Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl,
                      unit_stride_inputs)
 from .reference import reference_even_d, reference_inputs, reference_key, tile_family
@@ -79,7 +80,8 @@ def _lse_forward_kernel(
     arg = tl.zeros((BLOCK_N,), dtype=tl.int32) + v_lo
     smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum u_j * z_j
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # the reference head: its own online (max, sum-exp), and sum exp(x - max_x) * (z - r) for x = z and x = r
+    # the reference head: its own online (max, sum-exp), and for x = z and x = r the gap sums
+    # sum exp(x - max_x) * ((z - max_z) - (r - max_r)) (backend_contract.combine_kl)
     m_r = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     sumexp_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -127,21 +129,27 @@ def _lse_forward_kernel(
             # costs fewer registers than tl.argmax's value/index pairs on z.)
             first = tl.min(tl.where(d == 0.0, local[None, :], BLOCK_V), axis=1)
             arg = tl.where(tile_max > m, v0 + first, arg)
-        sumexp = sumexp * alpha + tl.sum(e, axis=1)
-        m = m_new
         if HAS_REFERENCE:
-            # masked columns: z is -inf there and r finite, so the gap is -inf (never read), not -inf - -inf
-            z_gap = z - r
-            r = tl.where(col_mask[None, :], r, float("-inf"))
-            m_r_new = tl.maximum(m_r, tl.max(r, axis=1))
+            # Both heads' logits relative to their own running maxima (d, d_r): a constant offset between
+            # the heads never enters the gap sums. r is finite on masked columns (zero loads), so the gap
+            # there is -inf and never read; a column without probability (e == 0: masked, or a -inf
+            # logit) adds 0 whatever its gap.
+            m_r_new = tl.maximum(m_r, tl.max(tl.where(col_mask[None, :], r, float("-inf")), axis=1))
             shift_r = tl.where(m_r_new == float("-inf"), 0.0, m_r_new)
             alpha_r = tl.exp(m_r - shift_r)
-            e_r = tl.exp(r - shift_r[:, None])
+            d_r = r - shift_r[:, None]
+            e_r = tl.exp(tl.where(col_mask[None, :], d_r, float("-inf")))
+            gap_tile = d - d_r
+            # the sums so far are relative to the previous maxima (taken as 0 while -inf): move them
+            # to the new ones, as the entropy sum is moved
+            moved = ((tl.where(m == float("-inf"), 0.0, m) - shift)
+                     - (tl.where(m_r == float("-inf"), 0.0, m_r) - shift_r))
+            gap = alpha * (gap + moved * sumexp) + tl.sum(e * tl.where(e > 0.0, gap_tile, 0.0), axis=1)
+            gap_r = alpha_r * (gap_r + moved * sumexp_r) + tl.sum(e_r * tl.where(e_r > 0.0, gap_tile, 0.0), axis=1)
             sumexp_r = sumexp_r * alpha_r + tl.sum(e_r, axis=1)
             m_r = m_r_new
-            # a column without probability (e == 0: masked, or a -inf logit) adds 0, whatever its gap
-            gap = gap * alpha + tl.sum(e * tl.where(e > 0.0, z_gap, 0.0), axis=1)
-            gap_r = gap_r * alpha_r + tl.sum(e_r * tl.where(e_r > 0.0, z_gap, 0.0), axis=1)
+        sumexp = sumexp * alpha + tl.sum(e, axis=1)
+        m = m_new
 
     part = pid_s.to(tl.int64) * M + offs
     tl.store(part_max_ptr + part, m, mask=row_mask)
@@ -177,7 +185,8 @@ CONFIGS = {
     ],
     # with a reference head (ASFT): its tile stays live through the model's product
     "16bit+ref": [
-        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        # BLOCK_D 32 spills on sm_80 with the gap sums live (and fp32 operands rounded to bf16)
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ],
     "fp32+ref": [
@@ -310,7 +319,7 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
             fp32 inputs), None for product_dtype's rule; operands are rounded
             in registers, never copied.
         reference: a :class:`~dft_ops.backend_contract.ReferenceHead` (ASFT), or None: also return
-            ref_lse, gap_mean and ref_gap_mean, from the same pass.
+            ref_lse, reverse_kl and forward_kl, from the same pass.
         splits: vocabulary slices to split over (default: from the picked tiles and the SM count,
             :func:`forward_splits`).
 
@@ -338,14 +347,14 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
     lse, max_logit, entropy, argmax = combine_partials(
         part_max, part_sumexp, out["part_ent"][:S] if with_stats else None,
         out["part_arg"][:S] if with_stats else None)
-    ref_lse = gap_mean = ref_gap_mean = None
+    ref_lse = reverse_kl = forward_kl = None
     if with_ref:
-        part_ref_max, part_ref_sumexp = out["part_ref_max"][:S], out["part_ref_sumexp"][:S]
-        ref_lse = combine_partials(part_ref_max, part_ref_sumexp)[0]
-        gap_mean = combine_expectation(part_max, part_sumexp, out["part_gap"][:S])
-        ref_gap_mean = combine_expectation(part_ref_max, part_ref_sumexp, out["part_ref_gap"][:S])
+        ref_parts = out["part_ref_max"][:S], out["part_ref_sumexp"][:S]
+        ref_lse = combine_partials(*ref_parts)[0]
+        reverse_kl, forward_kl = combine_kl(part_max, part_sumexp, *ref_parts, out["part_gap"][:S],
+                                            out["part_ref_gap"][:S])
     return ForwardStats(
         lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
         argmax=argmax, smooth_sum=out["part_smooth"][:S].sum(dim=0) if smoothing else None,
-        ref_lse=ref_lse, gap_mean=gap_mean, ref_gap_mean=ref_gap_mean,
+        ref_lse=ref_lse, reverse_kl=reverse_kl, forward_kl=forward_kl,
     )

@@ -5,7 +5,7 @@ same token rows and vocabulary columns as the model's tile ``z``
 (:func:`~dft_ops.kernels.tile.reference_tile`: its own hidden size, strides,
 bias and soft-cap; the call's temperature). The forward folds it into a second
 online log-sum-exp and the two gap sums; the backward into the ``e q`` and
-``f s (z - r)`` terms of G (:mod:`dft_ops.backend_contract`). Every input is
+``f s (log s - log q)`` terms of G (:mod:`dft_ops.backend_contract`). Every input is
 constexpr-gated: without a reference the kernels compile exactly as before.
 This module turns a :class:`~dft_ops.backend_contract.ReferenceHead` into
 those inputs (placeholders without one).

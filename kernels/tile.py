@@ -219,15 +219,16 @@ def token_terms(offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef
 @triton.jit
 def reference_terms(offs, row_mask, lse, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
                     HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr):
-    """(ref_lse, e, f) of computed tokens ``offs``: the reference's log-sum-exp and the
-    coefficients of its softmax and of the gap term, each 0 when its term is off or the token
-    masked. ``lse``: the tokens' (BLOCK_N,) fp32 log-sum-exp (gives the shape)."""
+    """(ref_lse, e, f) of computed tokens ``offs``: the reference's log-sum-exp (both terms read
+    it) and the coefficients of its softmax and of the gap term, each 0 when its term is off or
+    the token masked. ``lse``: the tokens' (BLOCK_N,) fp32 log-sum-exp (gives the shape)."""
     zero = tl.zeros_like(lse)
     ref_lse = zero
     coef_e = zero
     coef_f = zero
-    if HAS_REF_Q:
+    if HAS_REF_Q or HAS_REF_GAP:
         ref_lse = tl.load(ref_lse_ptr + offs, mask=row_mask, other=0.0)
+    if HAS_REF_Q:
         coef_e = tl.load(coef_e_ptr + offs, mask=row_mask, other=0.0)
     if HAS_REF_GAP:
         coef_f = tl.load(coef_f_ptr + offs, mask=row_mask, other=0.0)
@@ -250,7 +251,7 @@ def logit_grad_tile(
 ):
     """The logit gradient G of one tile, (BLOCK_N, BLOCK_V) fp32, 0 outside the masks.
 
-    ``G = (a s - b onehot - c u - e q + f s (z - r)) dz/du`` (dft_ops.backend_contract),
+    ``G = (a s - b onehot - c u - e q + f s (log s - log q)) dz/du`` (dft_ops.backend_contract),
     from logits rebuilt exactly as the forward built them; the reference's tile r
     (q = exp(r - ref_lse)) only when HAS_REF_Q or HAS_REF_GAP. y_local: (BLOCK_N,)
     int32 target minus the tile's first column.
@@ -278,7 +279,8 @@ def logit_grad_tile(
     if HAS_REF_Q:
         g -= coef_e[:, None] * tl.exp(r - ref_lse[:, None])
     if HAS_REF_GAP:
-        # a logit without probability gets no gradient, whatever its gap (0 * inf)
-        g += coef_f[:, None] * tl.where(s > 0.0, s * (z - r), 0.0)
+        # log s - log q, each head relative to its own lse: no offset between the heads enters.
+        # A logit without probability gets no gradient, whatever its gap (0 * inf)
+        g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - ref_lse[:, None])), 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

@@ -62,16 +62,17 @@ def _dtypes(spec: str):
     return hidden, weight, DTYPES[compute] if compute else None
 
 
-def _reference(spec: str, hidden_dtype, N: int, V: int):
+def _reference(spec: str, hidden_dtype, weight_dtype, N: int, V: int):
     """ASFT's reference head of a job's ``ref`` spec, "TERM[:dtype]" (its own hidden size 192, bias and
-    soft-cap; the model's dtype unless given), or None for ""."""
+    soft-cap), or None for "". Its hidden states and weight take the model's two dtypes (a reference
+    read under the same autocast: bf16 hidden states, an fp32 head), or both the one given."""
     if not spec:
         return None, ""
     term, _, dtype = spec.partition(":")
-    dtype = DTYPES[dtype] if dtype else hidden_dtype
+    ref_hidden_dtype, ref_weight_dtype = (DTYPES[dtype],) * 2 if dtype else (hidden_dtype, weight_dtype)
     D_ref = 192
-    return ReferenceHead(torch.randn(N, D_ref, dtype=dtype), torch.randn(V, D_ref, dtype=dtype),
-                         torch.randn(V, dtype=dtype), softcap=20.0), term
+    return ReferenceHead(torch.randn(N, D_ref, dtype=ref_hidden_dtype), torch.randn(V, D_ref, dtype=ref_weight_dtype),
+                         torch.randn(V, dtype=ref_weight_dtype), softcap=20.0), term
 
 
 def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
@@ -80,7 +81,7 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
     hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
     hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
     V = weight.shape[0]
-    reference, term = _reference(ref, hidden_dtype, hidden.shape[0], V)
+    reference, term = _reference(ref, hidden_dtype, weight_dtype, hidden.shape[0], V)
     softcap = 30.0 if features else None
     temperature = 0.7 if features else None
     class_weight = torch.rand(V) if features else None
@@ -94,7 +95,7 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
     f32 = torch.float32
     coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
                             torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None)
-    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term == "q" else None)
+    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
         compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
@@ -177,8 +178,11 @@ def jobs(quick: bool):
     the no-spill rule holds per target.
     The "+ref" configurations (a reference head, ASFT) are built with it, every
     feature on and each KL term of a backward (the forward KL's q, the reverse
-    KL's gap), in their family's dtype; "fp32+ref" also for a 16-bit model with
-    an fp32 reference (whose fp32 products take those configurations)."""
+    KL's gap), in their family's dtype; "16bit+ref" also with the mixed dtypes
+    (model and reference alike, and autocast's model with a bf16 reference);
+    "fp32+ref" also for a bf16 model and for bf16 hidden states with an fp32
+    head, each with an fp32 reference (whose fp32 products take those
+    configurations)."""
     for kernel, module in KERNELS.items():
         for family, configs in module.CONFIGS.items():
             dtypes = FAMILY_DTYPES[family][:1] if quick else FAMILY_DTYPES[family]
@@ -187,8 +191,16 @@ def jobs(quick: bool):
                     if family.endswith("+ref"):
                         for term in REFERENCE_TERMS[kernel]:
                             yield kernel, family, index, dtypes[0], 256, True, arch, term
-                            if family == "fp32+ref" and not quick:
-                                yield kernel, family, index, "bf16", 256, True, arch, f"{term}:fp32"
+                            if quick:
+                                continue
+                            if family == "16bit+ref":
+                                for dtype in MIXED_DTYPES:
+                                    yield kernel, family, index, dtype, 256, True, arch, term
+                                # autocast's model beside a bf16 reference model
+                                yield kernel, family, index, "bf16+fp32", 256, True, arch, f"{term}:bf16"
+                            else:
+                                for dtype in ("bf16", "bf16+fp32"):
+                                    yield kernel, family, index, dtype, 256, True, arch, f"{term}:fp32"
                         continue
                     for dtype in dtypes:
                         yield kernel, family, index, dtype, 256, True, arch, ""
