@@ -30,7 +30,7 @@ import triton.language as tl
 from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_kl, combine_partials, logit_scales,
                                      product_dtype)
 from .launch import (Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl,
-                     unit_stride_inputs)
+                     unit_column_strides, unit_stride_inputs)
 from .reference import reference_even_d, reference_inputs, reference_key, tile_family
 from .tile import cap_and_temper, class_weights, logit_tile, reference_tile
 
@@ -335,6 +335,7 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
                             empty(with_stats, torch.int64), empty(smoothing), empty(with_ref), empty(with_ref),
                             empty(with_ref))
+    hidden, weight, reference = unit_column_strides(hidden, weight, reference)
     launch, out, splits_for = forward_launch(
         hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature, with_stats=with_stats,
         smoothing=smoothing, class_weight=class_weight, compute_dtype=compute_dtype, splits=splits,
