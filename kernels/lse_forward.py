@@ -301,7 +301,8 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
     """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``, without logits.
 
     Args:
-        hidden: (N, D) fp32/bf16/fp16, any strides.
+        hidden: (N, D) fp32/bf16/fp16, any strides (stride(1) != 1: copied, see
+            :func:`~dft_ops.kernels.launch.unit_column_strides`).
         weight: (V, D) fp32/bf16/fp16, any strides; may differ from hidden's
             dtype (products then run in the 16-bit one, see
             :func:`dft_ops.backend_contract.product_dtype`).
