@@ -189,8 +189,8 @@ CONFIGS = {
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ],
+    # 128-row tiles spill on sm_80 with the gap sums live (a bf16 model beside an fp32 reference)
     "fp32+ref": [
-        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
 }
