@@ -38,7 +38,7 @@ from torch import Tensor
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, GradCoefficients, check_backward_args, product_dtype
 from . import logit_grad
-from .launch import Config, bucket, interpreting, round_down, unit_stride_inputs
+from .launch import Config, bucket, interpreting, round_down, unit_column_strides, unit_stride_inputs
 from .products import add_product, write_product
 from .reference import reference_key
 
@@ -187,6 +187,7 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
         reference = reference if coef.reads_reference else None
         ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
+        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
         _Sweep(hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute, plan,
                acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype).run()
     return (_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if need_hidden else None, d_weight,

@@ -27,7 +27,7 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, round_down, unit_stride_inputs
+from .launch import Config, Launch, Tuner, bucket, round_down, unit_column_strides, unit_stride_inputs
 from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
 from .reference import reference_key
 from .tile import dot, grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
@@ -168,8 +168,9 @@ CONFIGS = {
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
 }
-# the 16-bit tiles leave room for the reference's tile as they are
-CONFIGS["16bit+ref"] = CONFIGS["16bit"]
+# of the 16-bit tiles, only the 64-row 8-warp one leaves room for the reference's tile and the
+# reverse KL's log s - log q with mixed dtypes (the others spill on sm_80)
+CONFIGS["16bit+ref"] = [CONFIGS["16bit"][1]]
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 2},
                           num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
@@ -289,6 +290,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
     if M > 0:
         targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
+        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
         coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
         lse = lse.to(torch.float32).contiguous()
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
