@@ -123,8 +123,9 @@ def gpu_result_files(results_dir: Path) -> list[tuple[str, list[dict], Path]]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        # a workspace sweep (--workspace-sweep) holds no goal case
-        if isinstance(data, dict) and data.get("device_kind") == "cuda" and not path.stem.endswith("-workspace"):
+        # a workspace sweep (--workspace-sweep) and the ASFT case (bench.asft) hold no goal case
+        if isinstance(data, dict) and data.get("device_kind") == "cuda" and not path.stem.endswith(
+                ("-workspace", "-asft")):
             found.append((data.get("device", path.stem), data.get("records", []), path))
     return sorted(found, key=lambda f: "h100" not in f[0].lower())
 

@@ -9,6 +9,8 @@
 #            dft-ops-gemm, dft-ops-fused, dft-ops-filter): the goal cases first, cut by the time left;
 #            then the goal lines (python -m bench --goals)
 #   sweep  - the "gemm" backward's workspace sweep (python -m bench --workspace-sweep): memory vs time
+#   asft   - the ASFT case (python -m bench.asft): llama3-8b head at 4k and 16k tokens, both KL directions,
+#            dft-ops fused vs Unsloth-style vs plain PyTorch
 #   all    - (the default) tests for at most BENCH_TEST_S seconds, then bench with the time left
 #
 # For a GPU machine that has python3 with torch and triton but no network: the peers come as
@@ -32,7 +34,7 @@ cd "$(dirname "$0")/.."
 
 what=all
 case "${1:-}" in
-    all|tests|bench|sweep) what=$1; shift ;;
+    all|tests|bench|sweep|asft) what=$1; shift ;;
 esac
 out=${1:-${OUT:-/tmp/dft-ops-bench-gpu-out}}
 budget=${BENCH_BUDGET_S:-540}
@@ -101,6 +103,14 @@ if [ "$what" = sweep ]; then
     step "workspace sweep, time budget ${bench_budget} s"
     # shellcheck disable=SC2086
     "$PY" -m bench --workspace-sweep --out "$work" --time-budget "$bench_budget" ${BENCH_ARGS:-}
+fi
+
+if [ "$what" = asft ]; then
+    for direction in forward reverse; do
+        step "ASFT case, $direction KL"
+        timeout --signal=INT "$(( $(left) - 60 ))" "$PY" -m bench.asft --tokens 4k 16k --direction "$direction" \
+            --out "$work"
+    done
 fi
 
 step "goals"

@@ -5,11 +5,12 @@ A backend is an object with two methods (the :class:`Backend` protocol;
 :class:`dft_ops.torch_backend.TorchBackend`, and wrappers of either)::
 
     lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None,
-                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None) -> ForwardStats
+                with_stats=False, smoothing=False, class_weight=None, compute_dtype=None,
+                reference: ReferenceHead | None = None) -> ForwardStats
     grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *,
                   softcap=None, temperature=None, class_weight=None, need_hidden=True,
                   need_weight=True, need_bias=False, filter_eps=None, precise=False,
-                  compute_dtype=None)
+                  compute_dtype=None, reference: ReferenceHead | None = None, ref_lse=None)
         -> (d_hidden, d_weight, d_bias)
 
 :func:`select_backend` builds the one a call's options ask for. How each
@@ -20,12 +21,24 @@ Logits of computed token t: ``u = weight @ hidden[rows[t]] + bias``, then
 ``z = softcap * tanh(u / softcap)`` if softcap, then ``z = z / temperature`` if
 temperature. The backward writes the logit gradient
 
-    G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j) * dz_tj/du_tj,
+    G[t, j] = (a_t * softmax_tj - b_t * 1[j == y_t] - c_t * u_j
+               - e_t * q_tj + f_t * softmax_tj * (log softmax_tj - log q_tj)) * dz_tj/du_tj,
 
 ``u_j = class_weight[j]`` (1 without), and accumulates ``d_hidden = G W``,
 ``d_weight = G^T H``, ``d_bias = sum_t G``. Targets outside ``[0, V)`` (ignored
 tokens, or labels owned by another vocabulary shard) have no label logit (0)
 and no one-hot term.
+
+A :class:`ReferenceHead` (ASFT's frozen reference model) adds a second head
+read at the same rows: ``r = ref_weight @ ref_hidden[rows[t]] + ref_bias``,
+capped by its own soft-cap and divided by the same temperature, ``q =
+softmax(r)`` with log-sum-exp R. The forward streams both heads' tiles in one
+pass and returns R and both KLs, KL(p || q) and KL(q || p); the backward
+recomputes both tiles for the ``e`` and ``f`` terms (None: 0, and the reference
+head is not read), with ``log q = r - R``. The reference gets no gradient.
+Both KLs and the ``f`` term see each head's logits only relative to that head's
+own maximum or log-sum-exp, so a constant offset between the heads cancels
+exactly (it is no logit's error).
 
 Mixed dtypes: hidden and weight may differ (autocast gives bf16 hidden states
 with an fp32 head). Both are rounded to :func:`product_dtype` of the pair (or to
@@ -73,6 +86,10 @@ class ForwardStats(NamedTuple):
         max_logit: max_j z_j; with_stats only.
         argmax: int64, first index of the max logit; with_stats only.
         smooth_sum: sum_j u_j z_j with u = class_weight (or 1); smoothing only.
+        ref_lse: R, log-sum-exp of the reference logits r; with a reference only.
+        reverse_kl: KL(p || q) = E_p[z - r] - lse + R (p = softmax(z), q = softmax(r));
+            with a reference only.
+        forward_kl: KL(q || p) = lse - R - E_q[z - r]; with a reference only.
     """
 
     lse: Tensor
@@ -81,6 +98,9 @@ class ForwardStats(NamedTuple):
     max_logit: Tensor | None = None
     argmax: Tensor | None = None
     smooth_sum: Tensor | None = None
+    ref_lse: Tensor | None = None
+    reverse_kl: Tensor | None = None
+    forward_kl: Tensor | None = None
 
 
 class GradCoefficients(NamedTuple):
@@ -90,11 +110,39 @@ class GradCoefficients(NamedTuple):
         softmax: a_t, the factor of softmax(z_t).
         target: b_t, the factor of the one-hot label.
         uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
+        reference: e_t, the factor of the reference's softmax q (forward KL), or None for 0.
+        gap: f_t, the factor of ``softmax * (log softmax - log q)`` (reverse KL), or None for 0.
     """
 
     softmax: Tensor
     target: Tensor
     uniform: Tensor | None = None
+    reference: Tensor | None = None
+    gap: Tensor | None = None
+
+    @property
+    def reads_reference(self) -> bool:
+        """The backward must rebuild the reference's logits (an e or f term is present)."""
+        return self.reference is not None or self.gap is not None
+
+
+class ReferenceHead(NamedTuple):
+    """A frozen second head read at the same token rows as the model's (ASFT's reference model).
+
+    Attributes:
+        hidden: (N, D_ref) float32 / bfloat16 / float16, row i for hidden's row i; any strides.
+        weight: (V, D_ref), the same vocabulary as the model's head.
+        bias: (V,) or None.
+        softcap: the reference's own soft-cap, or None. The call's temperature applies to
+            both heads; a logit scale is folded into hidden / bias by the caller.
+
+    Never differentiated: backends read it without tracking gradients.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
 
 
 Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
@@ -112,13 +160,15 @@ class Backend(Protocol):
     def lse_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                     rows: Tensor | None = None, *, softcap: float | None = None, temperature: float | None = None,
                     with_stats: bool = False, smoothing: bool = False, class_weight: Tensor | None = None,
-                    compute_dtype: torch.dtype | None = None) -> ForwardStats: ...
+                    compute_dtype: torch.dtype | None = None,
+                    reference: ReferenceHead | None = None) -> ForwardStats: ...
 
     def grad_backward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                       rows: Tensor | None, lse: Tensor, coef: GradCoefficients, *, softcap: float | None = None,
                       temperature: float | None = None, class_weight: Tensor | None = None, need_hidden: bool = True,
                       need_weight: bool = True, need_bias: bool = False, filter_eps: float | None = None,
-                      precise: bool = False, compute_dtype: torch.dtype | None = None) -> Grads: ...
+                      precise: bool = False, compute_dtype: torch.dtype | None = None,
+                      reference: ReferenceHead | None = None, ref_lse: Tensor | None = None) -> Grads: ...
 
 
 def resolve_backward_mode(mode: str, filter_eps) -> str:
@@ -192,6 +242,16 @@ def _check_vector(name: str, t, length: int, what: str, *, integer=False, device
         raise ValueError(f"{name}: on {t.device} but hidden is on {device}")
 
 
+def _check_matrix(name: str, t) -> None:
+    """A 2-D float32 / bfloat16 / float16 tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+
+
 def _check_positive(name: str, value) -> None:
     if value is None:
         return
@@ -200,19 +260,14 @@ def _check_positive(name: str, value) -> None:
 
 
 def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, temperature=None,
-                       class_weight=None, compute_dtype=None) -> int:
+                       class_weight=None, compute_dtype=None, reference=None) -> int:
     """Validate a backend call's shapes (ValueError / TypeError naming the argument); returns M.
 
     Only shapes, dtypes and devices: nothing that needs a device sync. Values of
     ``rows`` must lie in [0, N) (the caller's job: the front end builds them).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+        _check_matrix(name, t)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden's D={hidden.shape[1]}")
     if weight.device != hidden.device:
@@ -237,20 +292,54 @@ def check_forward_args(hidden, weight, bias, targets, rows, *, softcap=None, tem
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, "
                         f"got {compute_dtype!r}")
+    if reference is not None:
+        check_reference(reference, hidden, weight)
     return M
 
 
+def check_reference(reference, hidden: Tensor, weight: Tensor) -> None:
+    """A :class:`ReferenceHead` matching the model's rows (N) and vocabulary (V); errors name its field."""
+    if not isinstance(reference, ReferenceHead):
+        raise TypeError(f"reference: expected a ReferenceHead or None, got {type(reference).__name__}")
+    for name, t in (("reference.hidden", reference.hidden), ("reference.weight", reference.weight)):
+        _check_matrix(name, t)
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}")
+    ref_hidden, ref_weight = reference.hidden, reference.weight
+    if ref_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"reference.hidden: {ref_hidden.shape[0]} rows for hidden's {hidden.shape[0]}; "
+                         "expected one reference row per row of hidden")
+    if ref_weight.shape != (weight.shape[0], ref_hidden.shape[1]):
+        raise ValueError(f"reference.weight: expected shape ({weight.shape[0]}, {ref_hidden.shape[1]}) "
+                         f"(the model's V, reference.hidden's D), got {tuple(ref_weight.shape)}")
+    if reference.bias is not None:
+        _check_vector("reference.bias", reference.bias, weight.shape[0], "V, vocabulary size from weight",
+                      device=hidden.device)
+    _check_positive("reference.softcap", reference.softcap)
+
+
 def check_backward_args(hidden, weight, bias, targets, rows, lse, coef, *, softcap=None, temperature=None,
-                        class_weight=None, compute_dtype=None) -> int:
-    """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M."""
+                        class_weight=None, compute_dtype=None, reference=None, ref_lse=None) -> int:
+    """:func:`check_forward_args` plus the per-token lse and coefficients (each (M,)); returns M.
+
+    Coefficients ``reference`` / ``gap`` need ``reference`` and its ``ref_lse``.
+    """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight, compute_dtype=compute_dtype)
+                           class_weight=class_weight, compute_dtype=compute_dtype, reference=reference)
     _check_vector("lse", lse, M, "one per target", device=hidden.device)
     if not isinstance(coef, GradCoefficients):
         raise TypeError(f"coef: expected a GradCoefficients, got {type(coef).__name__}")
-    for field, t in zip(("softmax", "target", "uniform"), coef):
-        if t is not None or field != "uniform":
+    for field, t in zip(GradCoefficients._fields, coef):
+        if t is not None or field in ("softmax", "target"):
             _check_vector(f"coef.{field}", t, M, "one per target", device=hidden.device)
+    if coef.reads_reference and reference is None:
+        raise ValueError("reference: coef has reference / gap terms (a KL to a reference) but no ReferenceHead "
+                         "was given")
+    if coef.reads_reference:
+        if ref_lse is None:
+            raise ValueError("ref_lse: coef.reference / coef.gap (terms of softmax(r)) need the reference's "
+                             "log-sum-exp from the forward")
+        _check_vector("ref_lse", ref_lse, M, "one per target", device=hidden.device)
     return M
 
 
@@ -258,6 +347,37 @@ def logit_scales(softcap, temperature) -> tuple[float, float]:
     """(1 / softcap, 1 / temperature) as floats; 1.0 for an option that is off."""
     return (1.0 / float(softcap) if softcap is not None else 1.0,
             1.0 / float(temperature) if temperature is not None else 1.0)
+
+
+def combine_kl(part_max: Tensor, part_sumexp: Tensor, part_ref_max: Tensor, part_ref_sumexp: Tensor,
+               part_gap: Tensor, part_ref_gap: Tensor) -> tuple[Tensor, Tensor]:
+    """(KL(p || q), KL(q || p)), each (M,), from S vocabulary slices' partials of both heads, each (S, M).
+
+    Slice s holds each head's max (``m_s`` of z, ``n_s`` of r, -inf taken as 0 below), sum-exp
+    (``P_s = sum exp(z - m_s)``, ``Q_s = sum exp(r - n_s)``) and the gap sums
+    ``part_gap = sum exp(z - m_s) g_s``, ``part_ref_gap = sum exp(r - n_s) g_s`` of
+    ``g_s = (z - m_s) - (r - n_s)``. With the global maxima m, n and sum-exps P, Q::
+
+        KL(p || q) = E_p[(z - m) - (r - n)] - log(P / Q)
+        KL(q || p) = log(P / Q) - E_q[(z - m) - (r - n)]
+
+    (lse - R = m - n + log(P / Q) cancels against E[z - r]). Only each head's logits relative to
+    its own maxima enter, never ``z - r`` itself: a constant offset between the heads cancels
+    exactly instead of costing its rounding (~1e-7 times the offset). Slices with no finite
+    logit contribute nothing.
+    """
+    def finite(x):
+        return torch.where(x == float("-inf"), 0.0, x)
+
+    shift, ref_shift = finite(part_max.max(dim=0).values), finite(part_ref_max.max(dim=0).values)
+    # each slice's gaps are relative to its own maxima: move them to the global ones
+    moved = (finite(part_max) - shift) - (finite(part_ref_max) - ref_shift)
+    scale, ref_scale = torch.exp(part_max - shift), torch.exp(part_ref_max - ref_shift)
+    P, Q = (part_sumexp * scale).sum(dim=0), (part_ref_sumexp * ref_scale).sum(dim=0)
+    gap_p = (scale * (part_gap + moved * part_sumexp)).sum(dim=0) / P
+    gap_q = (ref_scale * (part_ref_gap + moved * part_ref_sumexp)).sum(dim=0) / Q
+    log_ratio = torch.log(P / Q)
+    return gap_p - log_ratio, log_ratio - gap_q
 
 
 def combine_partials(part_max: Tensor, part_sumexp: Tensor, part_ent: Tensor | None = None,

@@ -30,13 +30,14 @@ import torch
 from torch import Tensor
 
 # the keys added to the Trainer's log records; histogram keys are HIST_PREFIX + "lo-hi"
-LABEL_PROB, ENTROPY, TOP1, CE_LOSS, TOKENS = (
-    "token_label_prob", "token_entropy", "token_top1_acc", "token_ce_loss", "token_count")
+LABEL_PROB, ENTROPY, TOP1, CE_LOSS, TOKENS, KL = (
+    "token_label_prob", "token_entropy", "token_top1_acc", "token_ce_loss", "token_count", "token_kl")
 HIST_PREFIX = "token_label_prob_hist/"
 
 _ATTR = "_dft_ops_token_stats_recorder"
-# accumulator layout: [tokens, sum p, sum entropy, sum top-1 hits, sum -log p, histogram bins...]
-_N_SUMS = 5
+# accumulator layout: [tokens, sum p, sum entropy, sum top-1 hits, sum -log p, tokens with a KL, sum KL,
+# histogram bins...]
+_N_SUMS = 7
 
 
 class TokenStatsRecorder:
@@ -99,7 +100,8 @@ class TokenStatsRecorder:
             logp = logprob.double().reshape(-1)
             p = logp.exp()
             sums = torch.stack([m.sum(), (p * m).sum(), (entropy.double().reshape(-1) * m).sum(),
-                                (is_top1.reshape(-1) & mask.reshape(-1)).double().sum(), -(logp * m).sum()])
+                                (is_top1.reshape(-1) & mask.reshape(-1)).double().sum(), -(logp * m).sum(),
+                                *_kl_sums(getattr(stats, "kl", None), m)])
             # p == 1 goes to the last bin; index_add_ (not bincount) keeps this free of host syncs
             bin_of = (p * self.bins).long().clamp_(0, self.bins - 1)
             hist = torch.zeros(self.bins, dtype=torch.float64, device=p.device).index_add_(0, bin_of, m)
@@ -111,7 +113,9 @@ class TokenStatsRecorder:
 
         Keys: ``token_label_prob`` (mean p), ``token_entropy`` (mean, nats),
         ``token_top1_acc``, ``token_ce_loss`` (mean -log p: plain
-        cross-entropy, whatever the objective), ``token_count``, and one
+        cross-entropy, whatever the objective), ``token_count``,
+        ``token_kl`` (only with an ASFT objective: the mean KL to the
+        reference model, unscaled by ``kl_coef``), and one
         ``token_label_prob_hist/lo-hi`` per bin: the fraction of tokens with
         ``lo <= p < hi``.
 
@@ -133,8 +137,18 @@ class TokenStatsRecorder:
             return None
         out = {LABEL_PROB: values[1] / n, ENTROPY: values[2] / n, TOP1: values[3] / n, CE_LOSS: values[4] / n,
                TOKENS: n}
+        if values[5] > 0:
+            out[KL] = values[6] / values[5]
         out.update({k: c / n for k, c in zip(self.histogram_keys(), values[_N_SUMS:])})
         return out
+
+
+def _kl_sums(kl: Tensor | None, m: Tensor) -> tuple[Tensor, Tensor]:
+    """(tokens, sum of the KL) over the counted tokens; zeros for stats without a KL (objectives other than ASFT)."""
+    if kl is None:
+        zero = m.new_zeros(())
+        return zero, zero
+    return m.sum(), (kl.double().reshape(-1) * m).sum()
 
 
 def attach_recorder(model, recorder: TokenStatsRecorder | None) -> None:

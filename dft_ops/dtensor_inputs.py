@@ -53,7 +53,7 @@ def localize(hidden, weight, bias, labels, vocab_parallel: VocabParallel | None)
         return hidden, weight, bias, labels, vocab_parallel
     vocab_dim = _vocab_dim(weight) if is_dtensor(weight) else None
     if vocab_dim is None:
-        return (*(_replicated(name, t) for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
+        return (*(replicated_local(name, t) for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
                                                         ("labels", labels))), vocab_parallel)
     if vocab_parallel is not None:
         raise ValueError("vocab_parallel: given together with a Shard(0) DTensor weight, whose placement already says "
@@ -74,8 +74,8 @@ def localize(hidden, weight, bias, labels, vocab_parallel: VocabParallel | None)
         hidden = _gather_tokens(hidden, weight, vocab_dim)
         vocab_parallel = replace(vocab_parallel, reduce_hidden_grad=False)
     else:
-        hidden = _replicated("hidden", hidden)
-    return hidden, weight.to_local(), bias, _replicated("labels", labels), vocab_parallel
+        hidden = replicated_local("hidden", hidden)
+    return hidden, weight.to_local(), bias, replicated_local("labels", labels), vocab_parallel
 
 
 def _vocab_dim(weight) -> int | None:
@@ -91,7 +91,7 @@ def _vocab_dim(weight) -> int | None:
                      "over one mesh dimension (a vocabulary-parallel head, e.g. ColwiseParallel) or Replicate()")
 
 
-def _replicated(name: str, t):
+def replicated_local(name: str, t):
     """The local tensor of a DTensor replicated over its whole mesh; a plain tensor or None as is."""
     if not is_dtensor(t):
         return t

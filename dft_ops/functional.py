@@ -54,6 +54,10 @@ class TokenStats(NamedTuple):
             loss is (a float32 0-d tensor for "mean" / "sum" with the loss's
             own divisor; per loss position for "none"), or None when z_loss is
             0. ``loss - reduced_z_loss`` is the objective without the z-loss.
+        kl: float32, with an :class:`~dft_ops.objectives.ASFT` objective: each
+            token's KL to the reference (KL(q || p) for direction "forward",
+            KL(p || q) for "reverse"), unscaled (the loss holds ``kl_coef * kl``);
+            None for other objectives.
     """
 
     logprob: Tensor
@@ -64,6 +68,7 @@ class TokenStats(NamedTuple):
     predicted: Tensor | None = None
     z_loss: Tensor | None = None
     reduced_z_loss: Tensor | None = None
+    kl: Tensor | None = None
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -117,7 +122,9 @@ def linear_cross_entropy(
             ``ignore_index`` marks positions that contribute nothing.
         bias: (V,) head bias, or None.
         objective: "dft" (``-sg(p) log p``), "ce" (``-log p``), "chord", or an
-            instance from :mod:`dft_ops.objectives`.
+            instance from :mod:`dft_ops.objectives` (an
+            :class:`~dft_ops.objectives.ASFT` holding this batch's reference,
+            ``ASFT(...).with_reference(ref_hidden, ref_weight, ...)``).
         ignore_index: label value to ignore (an int64).
         reduction: "mean" (sum over non-ignored tokens divided by their count,
             by the sum of ``class_weight[label]`` over them with class
@@ -229,7 +236,8 @@ def linear_cross_entropy(
         to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
         lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
         z_loss=None if out.z_loss is None else to_positions(out.z_loss),
-        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, opts.reduction, divisor))
+        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, opts.reduction, divisor),
+        kl=None if out.kl is None else to_positions(out.kl))
     return loss, stats
 
 

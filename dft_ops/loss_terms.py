@@ -19,6 +19,12 @@ d lse/dz = softmax) gives the backward's coefficients
 
 (see :mod:`dft_ops.backend_contract` for how a backend uses them and
 docs/math.md for the derivation).
+
+An :class:`~dft_ops.objectives.ASFT` row adds ``kl_coef * KL`` to the value,
+KL from the forward's reference statistics, and its gradient ``kl_coef * (p - q)``
+(forward KL: ``a += k``, ``e = k``) or ``kl_coef * p * (log p - log q - KL)``
+(reverse KL: ``a -= k KL``, ``f = k``; ``= k p ((z - r) - E_p[z - r])`` without
+the offset between the heads that ``z - r`` would carry).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .backend_contract import ForwardStats, GradCoefficients
-from .objectives import Objective, TokenBatch
+from .objectives import ASFT, Objective, TokenBatch
 
 
 class TokenLoss(NamedTuple):
@@ -44,6 +50,7 @@ class TokenLoss(NamedTuple):
         target_weight: ``class_weight[y]``, or None without class weights. A
             "mean" over tokens with class weights divides by their sum (PyTorch).
         coef: the backward's coefficients for a unit upstream gradient.
+        kl: the KL to the reference (an ASFT row; ``kl_coef * kl`` is in ``value``), else None.
     """
 
     value: Tensor
@@ -51,6 +58,7 @@ class TokenLoss(NamedTuple):
     z_loss: Tensor | None
     target_weight: Tensor | None
     coef: GradCoefficients
+    kl: Tensor | None = None
 
 
 def check_options(*, label_smoothing=0.0, class_weight=None, z_loss=0.0, vocab_size: int | None = None) -> None:
@@ -121,7 +129,28 @@ def token_loss(stats: ForwardStats, targets: Tensor, objective: Objective, *, vo
         value = value + z_value
         softmax = softmax + (2.0 * z_loss) * lse
     coef = GradCoefficients(softmax=softmax, target=weight * label_factor, uniform=uniform)
-    return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, coef=coef)
+    kl = None
+    if isinstance(objective, ASFT):
+        kl, coef = _kl_term(stats, objective, coef)
+        value = value + objective.kl_coef * kl
+    return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, coef=coef, kl=kl)
+
+
+def kl_to_reference(stats: ForwardStats, direction: str) -> Tensor:
+    """(M,) float32 KL per token from a forward with a reference: KL(q || p) ("forward") or KL(p || q)."""
+    if stats.ref_lse is None:
+        raise ValueError("stats: a KL to the reference needs the forward's reference statistics "
+                         "(run lse_forward with reference=ReferenceHead(...))")
+    return stats.forward_kl if direction == "forward" else stats.reverse_kl
+
+
+def _kl_term(stats: ForwardStats, objective: ASFT, coef: GradCoefficients) -> tuple[Tensor, GradCoefficients]:
+    """The KL values and the coefficients with the KL's logit gradient added (module docstring)."""
+    kl = kl_to_reference(stats, objective.direction)
+    k = torch.full_like(kl, objective.kl_coef)
+    if objective.direction == "forward":
+        return kl, coef._replace(softmax=coef.softmax + k, reference=k)
+    return kl, coef._replace(softmax=coef.softmax - k * kl, gap=k)
 
 
 def _per_token(objective: Objective, name: str, out, logp: Tensor) -> Tensor:

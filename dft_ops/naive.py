@@ -34,6 +34,8 @@ def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """
     from . import objectives as o
 
+    if isinstance(objective, o.ASFT):  # the base's part; the KL term is kl_divergence's
+        return reference_loss(objective.base)
     if isinstance(objective, str):
         return lambda logp, valid, sequence: REFERENCE_LOSSES[objective](logp)
     if type(objective) in (o.CE, o.DFT, o.Chord):
@@ -112,6 +114,19 @@ def logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, softcap: 
     return z
 
 
+def kl_divergence(z: Tensor, r: Tensor, direction: str) -> Tensor:
+    """(...) float64 KL between softmax(z) = p and softmax(r) = q (logits (..., V)), written out.
+
+    "forward": KL(q || p) = sum_j q_j (log q_j - log p_j); "reverse": KL(p || q).
+    Differentiable in z (r is the frozen reference's). A class with no
+    probability under the first argument adds 0.
+    """
+    log_p, log_q = F.log_softmax(z, dim=-1), F.log_softmax(r, dim=-1)
+    first, second = (log_q, log_p) if direction == "forward" else (log_p, log_q)
+    prob = first.exp()
+    return (prob * torch.where(prob > 0, first - second, 0.0)).sum(-1)
+
+
 def objective_weight(loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], logp: Tensor, valid: Tensor,
                      sequence: Tensor) -> Tensor:
     """(...) float64 detached ``w = -d loss / d logp`` of a reference loss, by autograd.
@@ -156,13 +171,24 @@ def linear_cross_entropy(
     ``(1 - eps) u_y l + (eps / V) w sum_j u_j (-logp_j) + z_loss lse^2``. The
     "mean" divides by the number of non-ignored tokens, or by the sum of their
     ``u_y`` with class weights (PyTorch's weighted mean), or by num_items_in_batch.
+    An :class:`~dft_ops.objectives.ASFT` objective adds ``kl_coef * KL`` per
+    token (:func:`kl_divergence` of the materialized logits of both heads, the
+    reference's capped by ``ref_softcap`` and divided by the same temperature,
+    and detached), after all of the above; stats then add "kl".
     Stats add "argmax" (first index of the max logit), "lse" and "z_loss".
     """
+    from .objectives import ASFT
+
     z = logits(hidden, weight, bias, softcap, temperature)
+    asft = objective if isinstance(objective, ASFT) else None
+    r = None
+    if asft is not None:
+        r = logits(asft.ref_hidden, asft.ref_weight, asft.ref_bias, asft.ref_softcap, temperature).detach()
     sequence = sequence_ids(labels.shape, position_ids, labels.device)
     if shift:  # position t predicts labels[..., t + shift]; True is 1
         kept = max(labels.shape[-1] - int(shift), 0)
         z, labels, sequence = z[..., :kept, :], labels[..., int(shift):], sequence[..., :kept]
+        r = None if r is None else r[..., :kept, :]
     V = z.shape[-1]
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, 0)
@@ -186,6 +212,10 @@ def linear_cross_entropy(
     z_loss_value = z_loss * lse**2
     if z_loss:
         per_token = per_token + z_loss_value
+    kl = None
+    if asft is not None:
+        kl = kl_divergence(z, r, asft.direction)
+        per_token = per_token + asft.kl_coef * kl
     per_token = torch.where(valid, per_token, torch.zeros_like(logp))
     if reduction == "none":
         loss = per_token
@@ -215,4 +245,6 @@ def linear_cross_entropy(
             "lse": torch.where(valid, lse, 0.0),
             "z_loss": torch.where(valid, z_loss_value, 0.0),
         }
+        if kl is not None:
+            stats["kl"] = torch.where(valid, kl, 0.0)
     return loss, stats

@@ -14,7 +14,10 @@ backward only needs ``upstream_grad * weight`` per token.
 
 Rows: :class:`CE`, :class:`DFT`, :class:`Power` (the ``-p^a`` family),
 :class:`Chord`, :class:`Focal`, :class:`Threshold`, :class:`PSFT`,
-:class:`ImportanceWeighted` and :class:`SequenceDFT`. Adding an objective is
+:class:`ImportanceWeighted` and :class:`SequenceDFT`; :class:`ASFT` adds a KL
+term to a frozen reference model to any of them (the one objective whose
+gradient has a term besides ``weight * (softmax - onehot)``: the backends
+compute it from the reference head, see its docstring). Adding an objective is
 one class below (name, value, weight, parameter checks) plus its tests; the
 float64 reference it is tested against lives in :mod:`dft_ops.naive`.
 """
@@ -351,6 +354,115 @@ class SequenceDFT(Objective):
         return torch.exp(seq_logp)[seg]
 
 
+class ASFT(Objective):
+    """Anchored SFT: a base objective plus a KL term to a frozen reference model, per token.
+
+    ``loss_t = base_t + kl_coef * KL_t`` with p = softmax(z) the model's and
+    q = softmax(r) the reference's distribution over the vocabulary (both
+    soft-capped by their own caps, then divided by the call's temperature):
+
+    - direction "forward" (ASFT's code, Unsloth's default): ``KL(q || p) =
+      sum_j q_j (log q_j - log p_j)``, logit gradient ``kl_coef * (p - q)``;
+    - direction "reverse" (ASFT's paper): ``KL(p || q)``, logit gradient
+      ``kl_coef * p * ((z - r) - E_p[z - r])``.
+
+    ``base_t`` is the base row with every option of the call (label smoothing,
+    class weights, z-loss); the KL term is added unweighted, is 0 at ignored
+    tokens, and a "mean" divides the sum by the base's count. The reference
+    gets no gradient. Neither model's logits are materialized: both heads are
+    streamed through the same online pass.
+
+    Args:
+        kl_coef: lambda >= 0.
+        direction: "forward" or "reverse".
+        base: a name of the table or an Objective instance (not an ASFT).
+
+    Each batch's reference comes with :meth:`with_reference`; calling the loss
+    with an ASFT that has none raises a ValueError.
+    """
+
+    name = "asft"
+    DIRECTIONS: ClassVar[tuple[str, ...]] = ("forward", "reverse")
+
+    def __init__(self, kl_coef: float, direction: str = "forward", base: str | Objective = "dft"):
+        self.kl_coef = _real("kl_coef", kl_coef, minimum=0.0)
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"direction: expected one of {self.DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+        if isinstance(base, ASFT) or base == "asft":
+            raise ValueError("base: an ASFT cannot be the base of an ASFT; pass the base row (e.g. 'dft')")
+        try:
+            self.base = resolve(base)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"base: {str(err).removeprefix('objective: ')}") from None
+        # the base row's per-token inputs and segments are this objective's
+        self.token_inputs = self.base.token_inputs
+        self.needs_segments = self.base.needs_segments
+        self.ref_hidden = self.ref_weight = self.ref_bias = None
+        self.ref_softcap = None
+
+    def with_reference(self, ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Tensor | None = None,
+                       ref_softcap: float | None = None) -> "ASFT":
+        """A copy holding one batch's reference (detached: the reference gets no gradient).
+
+        Args:
+            ref_hidden: (..., D_ref) float32 / bfloat16 / float16, the reference
+                model's final hidden states, the leading shape of ``hidden``
+                (shift and ignored-token compaction apply to it as to hidden).
+            ref_weight: (V, D_ref), the reference's output head.
+            ref_bias: (V,) or None.
+            ref_softcap: positive float or None: the reference's final-logit
+                soft-cap. A logit scale is folded into ref_hidden / ref_bias
+                by the caller.
+
+        Shapes against the model's are checked when the loss is called.
+        """
+        for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+            if t is None and name == "ref_bias":
+                continue
+            if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
+        if ref_softcap is not None:
+            ref_softcap = _positive("ref_softcap", ref_softcap)
+        clone = copy.copy(self)
+        clone.ref_hidden, clone.ref_weight = ref_hidden.detach(), ref_weight.detach()
+        clone.ref_bias = None if ref_bias is None else ref_bias.detach()
+        clone.ref_softcap = ref_softcap
+        return clone
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_hidden is not None
+
+    def value(self, t):
+        """The base row's value; the KL term is added from the backend's statistics (loss_terms)."""
+        return self.base.value(t)
+
+    def weight(self, t):
+        return self.base.weight(t)
+
+    def token_tensors(self):
+        return self.base.token_tensors()
+
+    def with_token_tensors(self, **tensors):
+        clone = copy.copy(self)
+        clone.base = self.base.with_token_tensors(**tensors)
+        return clone
+
+    def _parameters(self):
+        # the reference tensors compare (and hash) by identity, like any per-token tensor
+        return ("kl_coef", "direction", "base", "ref_hidden", "ref_weight", "ref_bias", "ref_softcap")
+
+    def __repr__(self):
+        ref = ""
+        if self.has_reference:
+            ref = (f", reference=(hidden {tuple(self.ref_hidden.shape)}, weight {tuple(self.ref_weight.shape)}"
+                   f"{', bias' if self.ref_bias is not None else ''}"
+                   f"{f', softcap {self.ref_softcap}' if self.ref_softcap is not None else ''})")
+        return f"ASFT(kl_coef={self.kl_coef}, direction={self.direction!r}, base={self.base!r}{ref})"
+
+
 def _same_parameter(a, b) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return a is b
@@ -412,7 +524,7 @@ def _token_tensor(name: str, value, allow_none: bool = False) -> Tensor | None:
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, DFT, Chord)}
 # objectives that need parameters, by name: for a helpful error on objective="power"
 _NEEDS_PARAMETERS: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Power, Focal, Threshold, PSFT, ImportanceWeighted, SequenceDFT)
+    cls.name: cls for cls in (Power, Focal, Threshold, PSFT, ImportanceWeighted, SequenceDFT, ASFT)
 }
 
 

@@ -38,8 +38,9 @@ from torch import Tensor
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, GradCoefficients, check_backward_args, product_dtype
 from . import logit_grad
-from .launch import Config, bucket, interpreting, round_down, unit_stride_inputs
+from .launch import Config, bucket, interpreting, round_down, unit_column_strides, unit_stride_inputs
 from .products import add_product, write_product
+from .reference import reference_key
 
 MB = 2**20
 # Splits narrower than this many tiles make the fp32 d(hidden) accumulator's traffic (8 bytes
@@ -132,7 +133,8 @@ def tile_granules() -> tuple[int, int]:
 
 def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  precise=False, compute_dtype=None, workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB):
+                  precise=False, compute_dtype=None, reference=None, ref_lse=None,
+                  workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB):
     """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
 
     The contract of :func:`dft_ops.kernels.grad_backward` (see
@@ -141,7 +143,7 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
     Args:
         hidden: (N, D) fp32/bf16/fp16, any strides. weight: (V, D), any strides.
         bias: (V,) or None. targets, rows, lse, coef, softcap, temperature,
-            class_weight, need_*, compute_dtype: as in ``grad_backward``.
+            class_weight, need_*, compute_dtype, reference, ref_lse: as in ``grad_backward``.
         precise: G as two parts of the compute dtype (high + low), each product
             run twice; no effect when the products run in fp32.
         workspace_bytes: bound on the workspace (G, staged rows, d(weight)
@@ -153,7 +155,8 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
     """
     M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype,
+                            reference=reference, ref_lse=ref_lse)
     if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
         raise ValueError(f"workspace_bytes: expected a positive int, got {workspace_bytes!r}")
     N, D = hidden.shape
@@ -182,8 +185,11 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
         lse = lse.to(torch.float32).contiguous()
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
+        reference = reference if coef.reads_reference else None
+        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
+        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
         _Sweep(hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute, plan,
-               acc_hidden, d_weight, d_bias).run()
+               acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype).run()
     return (_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if need_hidden else None, d_weight,
             d_bias.to(bias.dtype) if need_bias else None)
 
@@ -192,8 +198,9 @@ class _Sweep:
     """One backward call's loop over splits and chunks, with its workspace."""
 
     def __init__(self, hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute,
-                 plan: SplitPlan, acc_hidden, d_weight, d_bias):
+                 plan: SplitPlan, acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype):
         self.hidden, self.weight, self.bias, self.targets, self.rows = hidden, weight, bias, targets, rows
+        self.reference, self.ref_lse, self.compute_dtype = reference, ref_lse, compute_dtype
         self.lse, self.coef, self.class_weight = lse, coef, class_weight
         self.softcap, self.temperature, self.compute, self.plan = softcap, temperature, compute, plan
         self.acc_hidden, self.d_weight, self.d_bias = acc_hidden, d_weight, d_bias
@@ -241,13 +248,15 @@ class _Sweep:
         launch = logit_grad.logit_grad_launch(
             self.hidden, self.weight, self.bias, self.targets, self.rows, self.lse, self.coef, self.class_weight,
             views[0], views[1] if len(views) > 1 else None, t_lo, t_hi, v_lo, v_hi,
-            softcap=self.softcap, temperature=self.temperature, compute=self.compute)
+            softcap=self.softcap, temperature=self.temperature, compute=self.compute, reference=self.reference,
+            ref_lse=self.ref_lse, compute_dtype=self.compute_dtype)
         if self.config is None:
             # G is only written: tuning trials on the workspace leave nothing behind
             key = (self.D, self.V, self.plan.split, bucket(self.plan.chunk), self.hidden.dtype, self.weight.dtype,
                    self.compute, self.bias is not None, self.softcap is not None, self.temperature is not None,
                    self.coef.uniform is not None, self.class_weight is not None, self.rows is not None,
-                   self.plan.parts)
+                   self.plan.parts, self.coef.reference is not None, self.coef.gap is not None,
+                   *reference_key(self.reference, self.compute_dtype))
             self.config = logit_grad.TUNER.pick(launch, key)
         launch.run(self.config)
         return views

@@ -3,7 +3,9 @@
 Every objective with every option (label smoothing, class weights, z-loss)
 has the logit gradient ``a_t softmax - b_t onehot - c_t u`` for token t, with
 per-token coefficients (the upstream gradient folded in; 0 for ignored tokens)
-and class weights u; soft-capping and temperature multiply it by dz/du. Each
+and class weights u, plus ASFT's KL terms ``- e_t q + f_t softmax (log softmax - log q)``
+from a reference head's recomputed tile (:mod:`dft_ops.backend_contract`);
+soft-capping and temperature multiply it by dz/du. Each
 program owns one (BLOCK_N tokens x BLOCK_V vocabulary) tile: it rebuilds the
 logits exactly as the forward did, forms that gradient G in fp32, and adds ``G @ W`` into
 d(hidden) and ``G.T @ H`` into d(weight), BLOCK_DM columns at a time, with fp32
@@ -25,32 +27,43 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, family, round_down, unit_stride_inputs
-from .logit_grad import gradient_inputs
-from .tile import dot, grouped_tile, logit_grad_tile, round_to, token_terms
+from .launch import Config, Launch, Tuner, bucket, round_down, unit_column_strides, unit_stride_inputs
+from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
+from .reference import reference_key
+from .tile import dot, grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
 
 
 @triton.jit
 def _grad_backward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr, filter_ptr,
+    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
     dh_ptr, dw_ptr, db_ptr,
     softcap, inv_softcap, inv_temperature, M, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
+    ref_softcap, ref_inv_softcap, D_ref, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_FILTER: tl.constexpr, GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
     GRAD_BIAS: tl.constexpr, PRECISE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr,
+    REF_HAS_SOFTCAP: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
-    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr,
+    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr, REF_EVEN_D: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < M
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
+    ref_lse, coef_e, coef_f = reference_terms(offs, row_mask, lse, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
+                                              HAS_REF_Q, HAS_REF_GAP)
     size = tl.abs(coef_a) + tl.abs(coef_b)
     if HAS_UNIFORM:
         size += tl.abs(coef_c)
+    if HAS_REF_Q:
+        size += tl.abs(coef_e)
+    if HAS_REF_GAP:
+        size += tl.abs(coef_f)
     # tiles of ignored tokens (or zero upstream gradient) add exactly nothing
     if tl.max(size, axis=0) == 0.0:
         return
@@ -63,8 +76,11 @@ def _grad_backward_kernel(
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, cols, col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
+        rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, ref_lse, coef_e, coef_f,
+        ref_softcap, ref_inv_softcap, D_ref, stride_rhd, stride_rwv, stride_rwd,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
-        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
+        HAS_REF_Q, HAS_REF_GAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, REF_EVEN_D, FP32_PRECISION,
     )
     if HAS_FILTER:
         # gradient filtering (opt-in): skip tiles whose every entry is negligible
@@ -145,7 +161,16 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
+    # with a reference head (ASFT): its tile stays live through the model's product
+    "fp32+ref": [
+        Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
+        Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
+    ],
 }
+# of the 16-bit tiles, only the 64-row 8-warp one leaves room for the reference's tile and the
+# reverse KL's log s - log q with mixed dtypes (the others spill on sm_80)
+CONFIGS["16bit+ref"] = [CONFIGS["16bit"][1]]
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 2},
                           num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
@@ -180,7 +205,7 @@ def _d_blocks(config: Config, D: int, narrow: bool) -> dict:
 
 def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight,
                     filter_threshold, d_hidden, d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, softcap, temperature,
-                    precise, compute_dtype=None):
+                    precise, compute_dtype=None, reference=None, ref_lse=None):
     """The launch for vocabulary rows [v_lo, v_hi); d_weight_chunk/d_bias_chunk start at row v_lo.
 
     The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
@@ -191,9 +216,11 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
     any_buf = lse  # stands in for pointers a flag switches off
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
     precise = bool(precise) and compute != torch.float32
+    reference = reference if coef.reads_reference else None
     narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
     args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
-                                       softcap=softcap, temperature=temperature, compute=compute)
+                                       softcap=softcap, temperature=temperature, compute=compute,
+                                       reference=reference, ref_lse=ref_lse, compute_dtype=compute_dtype)
     return Launch(
         kernel=_grad_backward_kernel,
         args=dict(
@@ -211,20 +238,20 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
             GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None, PRECISE=precise,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
-        per_config=lambda c: _d_blocks(c, D, narrow),
+        per_config=lambda c: {**_d_blocks(c, D, narrow), **gradient_per_config(c, reference)},
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
-        family=family(compute),
+        family=gradient_family(compute, coef, reference, compute_dtype),
     )
 
 
 def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
                   temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  filter_eps=None, precise=False, compute_dtype=None, vocab_chunk=None):
+                  filter_eps=None, precise=False, compute_dtype=None, reference=None, ref_lse=None, vocab_chunk=None):
     """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
 
-    ``G[t, j] = (a_t softmax_tj - b_t 1[j == y_t] - c_t u_j) dz_tj/du_tj`` with
-    ``(a, b, c) = coef`` and ``u = class_weight`` (or 1); see
-    :mod:`dft_ops.backend_contract`.
+    ``G[t, j] = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (z_tj - r_tj)) dz_tj/du_tj``
+    with ``(a, b, c, e, f) = coef``, ``u = class_weight`` (or 1), s and q the
+    model's and the reference's softmax; see :mod:`dft_ops.backend_contract`.
 
     Args:
         hidden, weight, bias, targets, rows, softcap, temperature: as in :func:`lse_forward`.
@@ -234,13 +261,15 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         class_weight: (V,) u_j of the uniform term (None: 1).
         need_hidden / need_weight / need_bias: which gradients to build.
         filter_eps: skip a tile when every |G| in it is below
-            ``filter_eps * max_t max(|a_t|, |b_t|) / temperature`` (None: exact).
+            ``filter_eps * max_t max(|a_t|, |b_t|, |e_t|, |f_t|) / temperature`` (None: exact).
             The uniform term is then added exactly outside the kernel (it is
             rank one); with a softcap it is not, and filtering is off (exact).
         precise: G goes into the products as two 16-bit parts (high + low) instead
             of one, for elementwise-accurate gradients where terms cancel
             (twice the product work; no effect when the products run in fp32).
         compute_dtype: as in :func:`lse_forward`.
+        reference: the :class:`~dft_ops.backend_contract.ReferenceHead` of the forward, read when
+            ``coef.reference`` or ``coef.gap`` is given; ref_lse: its (M,) log-sum-exp.
         vocab_chunk: vocabulary rows per launch (bounds the fp32 d(weight) buffer).
 
     Returns:
@@ -248,7 +277,8 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
     """
     M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype)
+                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype,
+                            reference=reference, ref_lse=ref_lse)
     N, D = hidden.shape
     V = weight.shape[0]
     need_bias = need_bias and bias is not None
@@ -260,15 +290,18 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
     if M > 0:
         targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
+        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
         coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
         lse = lse.to(torch.float32).contiguous()
         class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
+        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
         _, inv_temperature = logit_scales(softcap, temperature)
         if filter_eps is not None and coef.uniform is not None and softcap is not None:
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
         threshold = uniform = None
         if filter_eps is not None:
-            size = torch.maximum(coef.softmax.abs().max(), coef.target.abs().max())
+            size = torch.stack([t.abs().max() for t in (coef.softmax, coef.target, coef.reference, coef.gap)
+                                if t is not None]).max()
             threshold = (size * (filter_eps * inv_temperature)).reshape(1)
             # the kernel's skip test would drop the small, dense c_t u_j entries of every tile:
             # add that rank-one term exactly outside instead
@@ -280,7 +313,8 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         scratch = torch.empty(min(chunk, V), D, **f32) if need_weight and not fp32_weight else None
         key = (D, V, chunk, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
                softcap is not None, temperature is not None, coef.uniform is not None, class_weight is not None,
-               need_hidden, need_weight, need_bias, filter_eps is not None, precise)
+               need_hidden, need_weight, need_bias, filter_eps is not None, precise, coef.reference is not None,
+               coef.gap is not None, *reference_key(reference if coef.reads_reference else None, compute_dtype))
         config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)
@@ -291,7 +325,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             launch = backward_launch(
                 hidden, weight, bias, targets, rows, lse, coef, class_weight, threshold,
                 d_hidden, dw, db, v_lo, v_hi, softcap=softcap, temperature=temperature, precise=precise,
-                compute_dtype=compute_dtype,
+                compute_dtype=compute_dtype, reference=reference, ref_lse=ref_lse,
             )
             if config is None:
                 # tuned on the first chunk, before anything is accumulated (the tuner zeroes its trials)

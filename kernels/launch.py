@@ -165,6 +165,22 @@ def unit_stride_inputs(targets, rows, bias, vocab: int):
             bias.contiguous() if bias is not None else None)
 
 
+def unit_column_strides(hidden, weight, reference=None):
+    """(hidden, weight, reference) with every matrix's stride(1) == 1: as they are, or a contiguous copy.
+
+    The kernels address element (i, k) of a matrix as ``i * stride(0)`` in int64 plus
+    ``k * stride(1)`` in int32 (int64 column offsets cost the registers the largest tiles
+    need): a column-major operand (a ``.T`` view, stride(1) = rows) would wrap at 2^31
+    elements. Such an operand is rare, and one copy costs a pass over it next to the products.
+    """
+    def unit(matrix):
+        return matrix if matrix.stride(1) == 1 else matrix.contiguous()
+
+    if reference is not None:
+        reference = reference._replace(hidden=unit(reference.hidden), weight=unit(reference.weight))
+    return unit(hidden), unit(weight), reference
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -8,6 +8,12 @@ first index of the max, and for label smoothing sum_j u_j z_j. Partials per
 split are combined in PyTorch (backend_contract.combine_partials), so global
 memory only ever holds O(tokens * splits) floats, never tokens x vocabulary.
 
+With a reference head (ASFT) each program also builds the reference's tile r
+(kernels/reference.py) and keeps its online (max, sum-exp) and the two sums of
+the gap ``(z - max) - (r - max_r)`` weighted by exp(z - max) and exp(r - max_r),
+moved as either maximum grows: the KL's terms in the same pass, still without
+logits, and free of any constant offset between the heads.
+
 Splitting the vocabulary keeps the GPU busy when there are few token tiles
 (short sequences) and keeps the working set of weight tiles small enough for
 L2 when there are many.
@@ -21,23 +27,29 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_partials, logit_scales,
+from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_kl, combine_partials, logit_scales,
                                      product_dtype)
-from .launch import (Config, Launch, Tuner, bucket, device_arch, family, interpreting, sm_count, torch_to_tl,
-                     unit_stride_inputs)
-from .tile import cap_and_temper, class_weights, logit_tile
+from .launch import (Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl,
+                     unit_column_strides, unit_stride_inputs)
+from .reference import reference_even_d, reference_inputs, reference_key, tile_family
+from .tile import cap_and_temper, class_weights, logit_tile, reference_tile
 
 
 @triton.jit
 def _lse_forward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, cw_ptr,
     part_max_ptr, part_sumexp_ptr, part_ent_ptr, part_arg_ptr, part_smooth_ptr, target_logit_ptr,
+    rh_ptr, rw_ptr, rb_ptr, part_ref_max_ptr, part_ref_sumexp_ptr, part_gap_ptr, part_ref_gap_ptr,
     softcap, inv_softcap, inv_temperature, M, D, V, SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
+    ref_softcap, ref_inv_softcap, D_ref, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
     WITH_STATS: tl.constexpr, SMOOTHING: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    HAS_REFERENCE: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    REF_COMPUTE_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    REF_EVEN_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # consecutive programs share a token tile and walk different splits, so the
@@ -68,10 +80,25 @@ def _lse_forward_kernel(
     arg = tl.zeros((BLOCK_N,), dtype=tl.int32) + v_lo
     smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum u_j * z_j
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # the reference head: its own online (max, sum-exp), and for x = z and x = r the gap sums
+    # sum exp(x - max_x) * ((z - max_z) - (r - max_r)) (backend_contract.combine_kl)
+    m_r = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    sumexp_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    gap_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         local = tl.arange(0, BLOCK_V)
         cols = v0 + local.to(tl.int64)
         col_mask = local < v_hi - v0
+        if HAS_REFERENCE:
+            # the reference's tile first: only it stays live through the model's product (after it,
+            # the model's tile, its exponentials and the reference's product would all be)
+            r = reference_tile(
+                rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, row_mask, cols, col_mask,
+                ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
+                REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
+                FP32_PRECISION,
+            )
         u = logit_tile(
             h_ptr, w_ptr, b_ptr, h_rows, row_mask, cols, col_mask,
             D, stride_hd, stride_wv, stride_wd,
@@ -102,6 +129,25 @@ def _lse_forward_kernel(
             # costs fewer registers than tl.argmax's value/index pairs on z.)
             first = tl.min(tl.where(d == 0.0, local[None, :], BLOCK_V), axis=1)
             arg = tl.where(tile_max > m, v0 + first, arg)
+        if HAS_REFERENCE:
+            # Both heads' logits relative to their own running maxima (d, d_r): a constant offset between
+            # the heads never enters the gap sums. r is finite on masked columns (zero loads), so the gap
+            # there is -inf and never read; a column without probability (e == 0: masked, or a -inf
+            # logit) adds 0 whatever its gap.
+            m_r_new = tl.maximum(m_r, tl.max(tl.where(col_mask[None, :], r, float("-inf")), axis=1))
+            shift_r = tl.where(m_r_new == float("-inf"), 0.0, m_r_new)
+            alpha_r = tl.exp(m_r - shift_r)
+            d_r = r - shift_r[:, None]
+            e_r = tl.exp(tl.where(col_mask[None, :], d_r, float("-inf")))
+            gap_tile = d - d_r
+            # the sums so far are relative to the previous maxima (taken as 0 while -inf): move them
+            # to the new ones, as the entropy sum is moved
+            moved = ((tl.where(m == float("-inf"), 0.0, m) - shift)
+                     - (tl.where(m_r == float("-inf"), 0.0, m_r) - shift_r))
+            gap = alpha * (gap + moved * sumexp) + tl.sum(e * tl.where(e > 0.0, gap_tile, 0.0), axis=1)
+            gap_r = alpha_r * (gap_r + moved * sumexp_r) + tl.sum(e_r * tl.where(e_r > 0.0, gap_tile, 0.0), axis=1)
+            sumexp_r = sumexp_r * alpha_r + tl.sum(e_r, axis=1)
+            m_r = m_r_new
         sumexp = sumexp * alpha + tl.sum(e, axis=1)
         m = m_new
 
@@ -113,6 +159,11 @@ def _lse_forward_kernel(
         tl.store(part_arg_ptr + part, arg, mask=row_mask)
     if SMOOTHING:
         tl.store(part_smooth_ptr + part, smooth, mask=row_mask)
+    if HAS_REFERENCE:
+        tl.store(part_ref_max_ptr + part, m_r, mask=row_mask)
+        tl.store(part_ref_sumexp_ptr + part, sumexp_r, mask=row_mask)
+        tl.store(part_gap_ptr + part, gap, mask=row_mask)
+        tl.store(part_ref_gap_ptr + part, gap_r, mask=row_mask)
     tl.store(target_logit_ptr + offs, zy, mask=row_mask & (y >= v_lo) & (y < v_hi))
 
 
@@ -131,6 +182,16 @@ CONFIGS = {
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
+    ],
+    # with a reference head (ASFT): its tile stays live through the model's product
+    "16bit+ref": [
+        # BLOCK_D 32 spills on sm_80 with the gap sums live (and fp32 operands rounded to bf16)
+        Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    ],
+    # 128-row tiles spill on sm_80 with the gap sums live (a bf16 model beside an fp32 reference)
+    "fp32+ref": [
+        Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
 }
 # Small tiles under the interpreter: test shapes span several tiles each way.
@@ -158,15 +219,16 @@ def forward_splits(config: Config, n_tokens: int, vocab: int, sms: int) -> int:
 
 
 def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
-    """Per-config constexprs. Statistics or smoothing keep more per-element values live after
-    the product (entropy and argmax terms, class weights): BLOCK_V is capped at 64 there, as
-    128-wide tiles spill on sm_80 (tests/test_compile.py)."""
+    """Per-config constexprs. Statistics, smoothing or a reference head keep more per-element values
+    live after the product (entropy and argmax terms, class weights, the model's tile during the
+    reference's product): BLOCK_V is capped at 64 there, as 128-wide tiles spill on sm_80
+    (tests/test_compile.py)."""
     block_v = min(config.blocks["BLOCK_V"], 64) if heavy_epilogue else config.blocks["BLOCK_V"]
     return {"BLOCK_V": block_v, "EVEN_D": D % config.blocks["BLOCK_D"] == 0}
 
 
 def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature, with_stats, smoothing,
-                   class_weight, compute_dtype=None, splits=None):
+                   class_weight, compute_dtype=None, splits=None, reference=None):
     """Build the forward launch and its output buffers (see :func:`lse_forward`).
 
     The small per-token / per-class tensors (targets, rows, bias, class
@@ -178,6 +240,7 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
     D = hidden.shape[1]
     V = weight.shape[0]
     compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    tiles = tile_family(compute, reference, compute_dtype)
 
     def splits_for(config: Config) -> int:
         if splits:
@@ -186,7 +249,7 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
         return (2 if V > 64 else 1) if interpreting() else forward_splits(config, M, V, sm_count(hidden.device))
 
     # partials for the most splits any allowed configuration takes; the picked one fills the first rows
-    S = max(splits_for(c) for c in TUNER.allowed(family(compute), device_arch(hidden.device))) \
+    S = max(splits_for(c) for c in TUNER.allowed(tiles, device_arch(hidden.device))) \
         if not interpreting() else splits_for(INTERPRET_CONFIG)
     targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
     class_weight = class_weight.contiguous() if smoothing and class_weight is not None else None
@@ -200,6 +263,9 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
         "part_smooth": torch.empty(S, M, **f32) if smoothing else unused,
         "target_logit": torch.zeros(M, **f32),
     }
+    for name in ("part_ref_max", "part_ref_sumexp", "part_gap", "part_ref_gap"):
+        out[name] = torch.empty(S, M, **f32) if reference is not None else unused
+    ref_args, ref_constexprs = reference_inputs(reference, compute, unused, compute_dtype)
     inv_softcap, inv_temperature = logit_scales(softcap, temperature)
     launch = Launch(
         kernel=_lse_forward_kernel,
@@ -209,6 +275,8 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
             cw_ptr=class_weight if class_weight is not None else unused,
             part_max_ptr=out["part_max"], part_sumexp_ptr=out["part_sumexp"], part_ent_ptr=out["part_ent"],
             part_arg_ptr=out["part_arg"], part_smooth_ptr=out["part_smooth"], target_logit_ptr=out["target_logit"],
+            part_ref_max_ptr=out["part_ref_max"], part_ref_sumexp_ptr=out["part_ref_sumexp"],
+            part_gap_ptr=out["part_gap"], part_ref_gap_ptr=out["part_ref_gap"], **ref_args,
             softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
             inv_temperature=inv_temperature, M=M, D=D, V=V,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
@@ -217,21 +285,24 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
         constexprs=dict(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
             WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
-            COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
+            COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3", HAS_REFERENCE=reference is not None,
+            **ref_constexprs,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * splits_for(c),),
-        per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing), "SPLITS": splits_for(c)},
-        family=family(compute),
+        per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing or reference is not None),
+                              "SPLITS": splits_for(c), "REF_EVEN_D": reference_even_d(reference, c.blocks["BLOCK_D"])},
+        family=tiles,
     )
     return launch, out, splits_for
 
 
 def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
-                smoothing=False, class_weight=None, compute_dtype=None, splits=None) -> ForwardStats:
+                smoothing=False, class_weight=None, compute_dtype=None, reference=None, splits=None) -> ForwardStats:
     """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``, without logits.
 
     Args:
-        hidden: (N, D) fp32/bf16/fp16, any strides.
+        hidden: (N, D) fp32/bf16/fp16, any strides (stride(1) != 1: copied, see
+            :func:`~dft_ops.kernels.launch.unit_column_strides`).
         weight: (V, D) fp32/bf16/fp16, any strides; may differ from hidden's
             dtype (products then run in the 16-bit one, see
             :func:`dft_ops.backend_contract.product_dtype`).
@@ -248,6 +319,8 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         compute_dtype: the dtype of the products (e.g. autocast's bf16 for
             fp32 inputs), None for product_dtype's rule; operands are rounded
             in registers, never copied.
+        reference: a :class:`~dft_ops.backend_contract.ReferenceHead` (ASFT), or None: also return
+            ref_lse, reverse_kl and forward_kl, from the same pass.
         splits: vocabulary slices to split over (default: from the picked tiles and the SM count,
             :func:`forward_splits`).
 
@@ -255,22 +328,35 @@ def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, tempe
         :class:`~dft_ops.backend_contract.ForwardStats`, each field (M,).
     """
     M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight, compute_dtype=compute_dtype)
+                           class_weight=class_weight, compute_dtype=compute_dtype, reference=reference)
+    with_ref = reference is not None
     if M == 0:
         def empty(on, dtype=torch.float32):
             return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
         return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
-                            empty(with_stats, torch.int64), empty(smoothing))
+                            empty(with_stats, torch.int64), empty(smoothing), empty(with_ref), empty(with_ref),
+                            empty(with_ref))
+    hidden, weight, reference = unit_column_strides(hidden, weight, reference)
     launch, out, splits_for = forward_launch(
         hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature, with_stats=with_stats,
-        smoothing=smoothing, class_weight=class_weight, compute_dtype=compute_dtype, splits=splits)
+        smoothing=smoothing, class_weight=class_weight, compute_dtype=compute_dtype, splits=splits,
+        reference=reference)
     key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
-           softcap is not None, temperature is not None, with_stats, smoothing, class_weight is not None, splits)
+           softcap is not None, temperature is not None, with_stats, smoothing, class_weight is not None, splits,
+           *reference_key(reference, compute_dtype))
     S = splits_for(TUNER.run(launch, key))
+    part_max, part_sumexp = out["part_max"][:S], out["part_sumexp"][:S]
     lse, max_logit, entropy, argmax = combine_partials(
-        out["part_max"][:S], out["part_sumexp"][:S], out["part_ent"][:S] if with_stats else None,
+        part_max, part_sumexp, out["part_ent"][:S] if with_stats else None,
         out["part_arg"][:S] if with_stats else None)
+    ref_lse = reverse_kl = forward_kl = None
+    if with_ref:
+        ref_parts = out["part_ref_max"][:S], out["part_ref_sumexp"][:S]
+        ref_lse = combine_partials(*ref_parts)[0]
+        reverse_kl, forward_kl = combine_kl(part_max, part_sumexp, *ref_parts, out["part_gap"][:S],
+                                            out["part_ref_gap"][:S])
     return ForwardStats(
         lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
         argmax=argmax, smooth_sum=out["part_smooth"][:S].sum(dim=0) if smoothing else None,
+        ref_lse=ref_lse, reverse_kl=reverse_kl, forward_kl=forward_kl,
     )

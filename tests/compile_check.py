@@ -34,7 +34,7 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 # the modules, not the launcher functions dft_ops.kernels re-exports under the same names
-from dft_ops.backend_contract import GradCoefficients, product_dtype
+from dft_ops.backend_contract import GradCoefficients, ReferenceHead, product_dtype
 
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
 bwd = importlib.import_module("dft_ops.kernels.grad_backward")
@@ -62,22 +62,40 @@ def _dtypes(spec: str):
     return hidden, weight, DTYPES[compute] if compute else None
 
 
-def _launch(kernel: str, dtypes: str, D: int, features: bool):
-    """The library's launch with every optional feature on (``features``) or off."""
+def _reference(spec: str, hidden_dtype, weight_dtype, N: int, V: int):
+    """ASFT's reference head of a job's ``ref`` spec, "TERM[:dtype]" (its own hidden size 192, bias and
+    soft-cap), or None for "". Its hidden states and weight take the model's two dtypes (a reference
+    read under the same autocast: bf16 hidden states, an fp32 head), or both the one given."""
+    if not spec:
+        return None, ""
+    term, _, dtype = spec.partition(":")
+    ref_hidden_dtype, ref_weight_dtype = (DTYPES[dtype],) * 2 if dtype else (hidden_dtype, weight_dtype)
+    D_ref = 192
+    return ReferenceHead(torch.randn(N, D_ref, dtype=ref_hidden_dtype), torch.randn(V, D_ref, dtype=ref_weight_dtype),
+                         torch.randn(V, dtype=ref_weight_dtype), softcap=20.0), term
+
+
+def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
+    """The library's launch with every optional feature on (``features``) or off, and ASFT's reference
+    head (``ref``: "stream" for the forward, "q" / "gap" for a backward's forward / reverse KL term)."""
     hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
     hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
     V = weight.shape[0]
+    reference, term = _reference(ref, hidden_dtype, weight_dtype, hidden.shape[0], V)
     softcap = 30.0 if features else None
     temperature = 0.7 if features else None
     class_weight = torch.rand(V) if features else None
     if kernel == "lse_forward":
         launch, _, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
                                           temperature=temperature, with_stats=features, smoothing=features,
-                                          class_weight=class_weight, compute_dtype=compute_dtype, splits=4)
+                                          class_weight=class_weight, compute_dtype=compute_dtype, splits=4,
+                                          reference=reference)
         return launch
     M, N = targets.numel(), hidden.shape[0]
     f32 = torch.float32
-    coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None)
+    coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
+                            torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None)
+    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
         compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
@@ -86,12 +104,12 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool):
         return lgrad.logit_grad_launch(
             hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight, g[0, :, split],
             g[1, :, split] if features and compute != f32 else None, 8, 40, 16, V, softcap=softcap,
-            temperature=temperature, compute=compute)
+            temperature=temperature, compute=compute, compute_dtype=compute_dtype, **ref_args)
     return bwd.backward_launch(
         hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
         torch.ones(1) if features else None,
         torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
-        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype,
+        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype, **ref_args,
     )
 
 
@@ -121,20 +139,25 @@ def resource_usage(cubin: bytes) -> dict:
 
 KERNELS = {"lse_forward": fwd, "grad_backward": bwd, "logit_grad": lgrad}
 ARCHS = (80, 90)
-FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",)}
+FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+ref": ("bf16",), "fp32+ref": ("fp32",)}
 # hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
 # operands are rounded to bf16 in registers, so their wider tiles in shared memory and
 # registers must fit the 16-bit configurations too
 MIXED_DTYPES = ("fp32+bf16", "bf16+fp32", "fp32+fp32>bf16")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
+# the reference-head variants of each kernel (see _launch)
+REFERENCE_TERMS = {"lse_forward": ("stream",), "grad_backward": ("q", "gap"), "logit_grad": ("q", "gap")}
 
 
 def check(job) -> dict:
-    kernel, family, index, dtype_name, D, features, arch = job
+    kernel, family, index, dtype_name, D, features, arch, ref = job
     config = KERNELS[kernel].CONFIGS[family][index]
-    out = {"kernel": kernel, "dtype": dtype_name, "D": D, "features": features, "arch": arch, "config": str(config)}
+    out = {"kernel": kernel, "dtype": dtype_name, "D": D, "features": features, "arch": arch, "config": str(config),
+           "ref": ref}
     try:
-        launch = _launch(kernel, dtype_name, D, features)
+        launch = _launch(kernel, dtype_name, D, features, ref)
+        if launch.family != family:
+            raise AssertionError(f"the launch takes the {launch.family} configurations, not {family}")
         compiled = compile_launch(launch, config, GPUTarget("cuda", arch, 32))
         out.update(resource_usage(compiled.asm["cubin"]))
         out["shared_bytes"] = compiled.metadata.shared
@@ -152,21 +175,42 @@ def jobs(quick: bool):
     Hidden sizes that are not multiples of 16 work but lose vectorized loads (a
     slower path, not held to the no-spill rule); real heads use multiples of 64.
     A configuration is built for the architectures it is offered on (``min_arch``):
-    the no-spill rule holds per target."""
+    the no-spill rule holds per target.
+    The "+ref" configurations (a reference head, ASFT) are built with it, every
+    feature on and each KL term of a backward (the forward KL's q, the reverse
+    KL's gap), in their family's dtype; "16bit+ref" also with the mixed dtypes
+    (model and reference alike, and autocast's model with a bf16 reference);
+    "fp32+ref" also for a bf16 model and for bf16 hidden states with an fp32
+    head, each with an fp32 reference (whose fp32 products take those
+    configurations)."""
     for kernel, module in KERNELS.items():
         for family, configs in module.CONFIGS.items():
             dtypes = FAMILY_DTYPES[family][:1] if quick else FAMILY_DTYPES[family]
             for index, config in enumerate(configs):
                 for arch in (a for a in ARCHS if a >= config.min_arch):
+                    if family.endswith("+ref"):
+                        for term in REFERENCE_TERMS[kernel]:
+                            yield kernel, family, index, dtypes[0], 256, True, arch, term
+                            if quick:
+                                continue
+                            if family == "16bit+ref":
+                                for dtype in MIXED_DTYPES:
+                                    yield kernel, family, index, dtype, 256, True, arch, term
+                                # autocast's model beside a bf16 reference model
+                                yield kernel, family, index, "bf16+fp32", 256, True, arch, f"{term}:bf16"
+                            else:
+                                for dtype in ("bf16", "bf16+fp32"):
+                                    yield kernel, family, index, dtype, 256, True, arch, f"{term}:fp32"
+                        continue
                     for dtype in dtypes:
-                        yield kernel, family, index, dtype, 256, True, arch
+                        yield kernel, family, index, dtype, 256, True, arch, ""
                     if not quick and family == "16bit":
                         for dtype in MIXED_DTYPES:
-                            yield kernel, family, index, dtype, 256, True, arch
-                        yield kernel, family, index, "bf16+fp32", 256, False, arch  # plain autocast
+                            yield kernel, family, index, dtype, 256, True, arch, ""
+                        yield kernel, family, index, "bf16+fp32", 256, False, arch, ""  # plain autocast
                     if not quick:
-                        yield kernel, family, index, dtypes[0], 256, False, arch
-                        yield kernel, family, index, dtypes[0], 208, False, arch
+                        yield kernel, family, index, dtypes[0], 256, False, arch, ""
+                        yield kernel, family, index, dtypes[0], 208, False, arch, ""
 
 
 def main() -> int:
@@ -174,9 +218,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one dtype per family, all features on")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    parser.add_argument("--reference-only", action="store_true", help="only the ASFT reference-head variants")
     args = parser.parse_args()
     with ProcessPoolExecutor(args.workers) as pool:
-        todo = [job for job in jobs(args.quick) if job[0] in args.kernels]
+        todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.reference_only)]
         for result in pool.map(check, todo):
             print(json.dumps(result), flush=True)
     return 0

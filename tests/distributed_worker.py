@@ -28,6 +28,7 @@ from rank_harness import serve
 SCRATCH = tempfile.gettempdir()  # the results' directory, shared by the ranks (set by main)
 V, SEQ, BATCH = 131, 13, 4  # vocabulary and sequence length: not multiples of any block size
 OBJECTIVE = "dft"
+ASFT_KL = 0.3  # the "asft-*" cases: ASFT with a frozen reference model, replicated on every rank
 
 
 def tiny_qwen2(tied: bool = False):
@@ -40,6 +41,37 @@ def tiny_qwen2(tied: bool = False):
     model = transformers.Qwen2ForCausalLM(config)
     with torch.no_grad():  # O(1) logits, so that DFT's weight p is not ~1/V everywhere
         model.lm_head.weight.normal_(0.0, 3.0 / model.lm_head.weight.shape[1] ** 0.5)
+    return model.train()
+
+
+def frozen_reference():
+    """ASFT's reference: the tiny model with perturbed weights, plain (unsharded) on every rank."""
+    reference = tiny_qwen2()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return reference.requires_grad_(False)
+
+
+def patch_args(asft: bool) -> dict:
+    if not asft:
+        return {"objective": OBJECTIVE}
+    return {"objective": dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE), "reference": frozen_reference()}
+
+
+def tiny_lora():
+    """The tiny model with LoRA adapters on q/v (B nonzero, the same on every rank): ASFT's reference is the model
+    with its adapters disabled."""
+    import peft
+
+    model = peft.get_peft_model(tiny_qwen2(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              lora_dropout=0.0))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model.train()
 
 
@@ -63,13 +95,17 @@ def local_batch(rank: int, world: int):
     return input_ids[rows], labels[rows], n_items(labels)
 
 
-def reference(tied: bool = False):
+def reference(tied: bool = False, asft: bool = False, lora: bool = False):
     """The patched model in one process on the whole batch: (loss, {name: grad})."""
-    model = dft_ops.patch(tiny_qwen2(tied), objective=OBJECTIVE)
+    if lora:
+        model = dft_ops.patch(tiny_lora(), objective=dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE),
+                              reference="adapters_disabled")
+    else:
+        model = dft_ops.patch(tiny_qwen2(tied), **patch_args(asft))
     input_ids, labels = global_batch()
     loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=n_items(labels)).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def step(model, rank, world, backward=None):
@@ -91,7 +127,7 @@ def full(grad):
 # --------------------------------------------------------------------------------------------------- engines
 
 
-def fsdp2(head="root", reshard=True, patch="before", tied=False):
+def fsdp2(head="root", reshard=True, patch="before", tied=False, asft=False):
     """FSDP2: every decoder layer in its own group; the head in the root's group, in its own
     ("own"), or with the embedding it is tied to ("with-embedding"); patched before or after fully_shard."""
 
@@ -102,7 +138,7 @@ def fsdp2(head="root", reshard=True, patch="before", tied=False):
         mesh = init_device_mesh("cpu", (world,))
         model = tiny_qwen2(tied)
         if patch == "before":
-            dft_ops.patch(model, objective=OBJECTIVE)
+            dft_ops.patch(model, **patch_args(asft))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         if head == "own":
@@ -111,11 +147,33 @@ def fsdp2(head="root", reshard=True, patch="before", tied=False):
             fully_shard([model.model.embed_tokens, model.lm_head], mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         if patch == "after":
-            dft_ops.patch(model, objective=OBJECTIVE)
+            dft_ops.patch(model, **patch_args(asft))
         loss = step(model, rank, world)
         return loss, {n: full(p.grad) for n, p in model.named_parameters()}
 
-    run.tied = tied
+    run.tied, run.asft = tied, asft
+    return run
+
+
+def fsdp2_lora_adapters_disabled():
+    """FSDP2 (head in its own group) on a PEFT model whose reference is itself with the adapters disabled."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        model = tiny_lora()
+        dft_ops.patch(model, objective=dft_ops.objectives.ASFT(ASFT_KL, base=OBJECTIVE), reference="adapters_disabled")
+        base = model.get_base_model()
+        for layer in base.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(base.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        loss = step(model, rank, world)
+        return loss, {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+    run.lora = True
     return run
 
 
@@ -188,7 +246,7 @@ def fsdp2_full_tensor_outside_the_head():
     return run
 
 
-def ddp(patch="after"):
+def ddp(patch="after", asft=False):
     """DDP; "after": dft_ops.patch(ddp_model) patches the module it wraps."""
 
     def run(rank, world):
@@ -196,17 +254,18 @@ def ddp(patch="after"):
 
         model = tiny_qwen2()
         if patch == "before":
-            dft_ops.patch(model, objective=OBJECTIVE)
+            dft_ops.patch(model, **patch_args(asft))
         wrapped = DistributedDataParallel(model)
         if patch == "after":
-            assert dft_ops.patch(wrapped, objective=OBJECTIVE) is wrapped
+            assert dft_ops.patch(wrapped, **patch_args(asft)) is wrapped
         loss = step(wrapped, rank, world)
         return loss, {n: p.grad for n, p in model.named_parameters()}
 
+    run.asft = asft
     return run
 
 
-def deepspeed_zero(stage, patch="before", tied=False):
+def deepspeed_zero(stage, patch="before", tied=False, asft=False):
     """DeepSpeed ZeRO-1/2/3 (fp32, a plain SGD optimizer); "after": dft_ops.patch(engine)."""
 
     def run(rank, world):
@@ -215,14 +274,14 @@ def deepspeed_zero(stage, patch="before", tied=False):
 
         model = tiny_qwen2(tied)
         if patch == "before":
-            dft_ops.patch(model, objective=OBJECTIVE)
+            dft_ops.patch(model, **patch_args(asft))
         config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                   "gradient_clipping": 0.0, "steps_per_print": 10**9}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         if patch == "after":
-            dft_ops.patch(engine, objective=OBJECTIVE)
+            dft_ops.patch(engine, **patch_args(asft))
         loss = step(engine, rank, world, backward=engine.backward)
         grads = {}
         for name, p in engine.module.named_parameters():
@@ -231,7 +290,7 @@ def deepspeed_zero(stage, patch="before", tied=False):
                 getattr(p, "ds_shape", None) or p.shape)
         return loss, grads
 
-    run.tied = tied
+    run.tied, run.asft = tied, asft
     return run
 
 
@@ -384,12 +443,17 @@ CASES = {
     "accelerate-fsdp2": accelerate_fsdp2(),
     "fsdp2-bf16-own-group": fsdp2_bf16(),
     "trainer-ddp": trainer_ddp(),
+    "asft-fsdp2-own-group": fsdp2(head="own", asft=True),
+    "asft-ddp-patch-wrapper": ddp(patch="after", asft=True),
+    "asft-zero3": deepspeed_zero(3, asft=True),
+    "asft-fsdp2-lora-adapters-disabled": fsdp2_lora_adapters_disabled(),
 }
 
 
 def compare(run, loss, grads, same_engine_reference=None) -> dict:
     """Errors against the one-process run of the patched model, or against a reference the case ran itself."""
-    ref_loss, ref_grads = same_engine_reference or reference(getattr(run, "tied", False))
+    ref_loss, ref_grads = same_engine_reference or reference(getattr(run, "tied", False), getattr(run, "asft", False),
+                                                             getattr(run, "lora", False))
     missing = sorted(set(ref_grads) - {n for n, g in grads.items() if g is not None})
     if missing:
         return {"error": f"no gradient for {missing}"}

@@ -172,3 +172,24 @@ def test_workspace_plot_and_cpu_note(tmp_path):
     paths = report.write_workspace_plots(tmp_path, "gpu-workspace", data)
     assert len(paths) == 1 and paths[0].stat().st_size > 0
     assert "PyTorch fallback" in report.CPU_NOTE
+
+
+def test_asft_case_runs_checks_and_plots_on_cpu(tmp_path):
+    """python -m bench.asft end to end, CPU-sized: every provider agrees with fp32 materialized logits."""
+    from bench import asft
+
+    assert asft.main(["--device", "cpu", "--shapes", "32x300", "--tokens", "40", "--direction", "reverse",
+                      "--out", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("cpu-*-asft.json")).read_text())
+    recs = data["records"]
+    assert [r["provider"] for r in recs] == list(asft.PROVIDERS)
+    assert all(r["status"] == "ok" and r["check"]["ok"] and r["check"]["grad_weight_rel_err"] < 1e-5 for r in recs)
+    assert all(r["direction"] == "reverse" and r["tokens"] == 40 for r in recs)
+    assert "| 32x300 | 40 | fp32 | reverse | dft-ops |" in next(tmp_path.glob("cpu-*-asft.md")).read_text()
+    assert list(tmp_path.glob("cpu-*-asft-fwd-bwd.png"))
+    # a provider computing another loss would be flagged: the check compares against the KL-free DFT
+    inputs = asft.make_asft_inputs("32x300", 40, torch.float32, torch.device("cpu"))
+    args = [inputs[k] for k in ("hidden", "weight", "labels", "ref_hidden", "ref_weight")]
+    with_kl = asft._loss_and_grads(asft.torch_asft, *args, 0.5, "forward")
+    without = asft._loss_and_grads(asft.torch_asft, *args, 0.0, "forward")
+    assert not measure.compare(without, with_kl, torch.float32)["ok"]

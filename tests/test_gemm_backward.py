@@ -385,3 +385,21 @@ def test_gemm_backward_memory_is_dhidden_plus_workspace():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - sum(g.numel() * g.element_size() for g in grads[:2])
     assert extra <= n * d * 4 + budget + 64 * 2**20, extra / 2**20
+
+
+def test_column_major_operands_are_copied_for_the_kernels(device):
+    """The kernels' column offsets k * stride(1) are int32: a column-major matrix (whose stride(1) = rows
+    would pass 2^31 with rows x columns) reaches them as a contiguous copy; others as they are."""
+    from dft_ops.backend_contract import ReferenceHead
+    from dft_ops.kernels.launch import unit_column_strides
+
+    hidden, weight, _, _, _, _ = backend_inputs(F32, BF16, dict(), device)
+    column_major = hidden.T.contiguous().T
+    every_other = torch.stack([weight, weight], dim=2).reshape(V, 2 * D)[:, ::2]  # stride(1) = 2
+    reference = ReferenceHead(column_major, weight)
+    h, w, ref = unit_column_strides(column_major, every_other, reference)
+    for got, given in ((h, column_major), (w, every_other), (ref.hidden, column_major)):
+        assert got.stride(1) == 1 and got.data_ptr() != given.data_ptr() and torch.equal(got, given)
+    h, w, ref = unit_column_strides(hidden, weight, None)
+    assert h is hidden and w is weight and ref is None
+    assert unit_column_strides(hidden, weight, reference)[2].weight is weight

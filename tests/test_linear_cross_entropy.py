@@ -56,8 +56,9 @@ def test_stats_match_reference(backend, dtype, device):
                                                backend=backend)
     _, ref = dft_ops.naive.linear_cross_entropy(hidden, weight, labels, bias=bias, shift=True, return_stats=True)
     assert set(stats.keys()) == {"logprob", "entropy", "is_top1", "mask", "lse", "predicted", "z_loss",
-                                 "reduced_z_loss"}
+                                 "reduced_z_loss", "kl"}
     assert stats.z_loss is None and stats.reduced_z_loss is None  # z_loss option off
+    assert stats.kl is None  # not an ASFT objective
     assert stats.mask.dtype == torch.bool and torch.equal(stats["mask"], labels[..., 1:] != -100)
     for key in ("logprob", "entropy"):
         assert stats[key].shape == (3, 12) and stats[key].dtype == torch.float32

@@ -130,13 +130,9 @@ def assert_tokens_on_both_sides(objective, logp, valid):
         assert (w > objective.clamp[1]).any() and (w < objective.clamp[0]).any()
 
 
-def run_case_against_reference(backend, case, config, device):
-    """An objective case of CASES in a configuration, through check_against_reference.
-
-    ``config``: the options plus ``dtype``, ``shape``, ``bias`` (bool) and
-    ``class_weight`` (bool: random class weights). Returns (ours, ref,
-    (hidden, weight, labels, bias), the options used, objective included).
-    """
+def case_inputs(config, device):
+    """Peaked inputs of a configuration (the options plus ``dtype``, ``shape``, ``bias`` and
+    ``class_weight`` bools): (hidden, weight, labels, bias, the loss options, label log-probs, valid mask)."""
     opts = dict(config)
     dtype, shape = opts.pop("dtype"), opts.pop("shape")
     hidden, weight, labels, bias = peaked_inputs(shape, dtype, device, shift=opts.get("shift", False),
@@ -145,6 +141,17 @@ def run_case_against_reference(backend, case, config, device):
     if opts.pop("class_weight", False):
         opts["class_weight"] = class_weights(V, device)
     logp, valid = label_logprobs(hidden, weight, labels, bias, **opts)
+    return hidden, weight, labels, bias, opts, logp, valid
+
+
+def run_case_against_reference(backend, case, config, device):
+    """An objective case of CASES in a configuration, through check_against_reference.
+
+    ``config``: the options plus ``dtype``, ``shape``, ``bias`` (bool) and
+    ``class_weight`` (bool: random class weights). Returns (ours, ref,
+    (hidden, weight, labels, bias), the options used, objective included).
+    """
+    hidden, weight, labels, bias, opts, logp, valid = case_inputs(config, device)
     objective = CASES[case](logp, valid)
     assert_tokens_on_both_sides(objective, logp, valid)
     upstream = torch.randn(logp.shape, device=device) if opts["reduction"] == "none" else None

@@ -145,16 +145,20 @@ def word_dataset(n_docs, n_words, seed=0):
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def sft_trainer(tmp_path, objective, max_steps, order="trainer, patch_sft_trainer", **config):
+def sft_trainer(tmp_path, objective, max_steps, order="trainer, patch_sft_trainer", wrap_model=None,
+                patch_options=None, **config):
     """A tiny SFTTrainer; ``order`` says how dft-ops is applied (comma-separated steps, in order).
 
     Steps: "patch" (dft_ops.patch(model, objective)), "trainer" (build the SFTTrainer),
-    "patch_sft_trainer" (dft_ops.patch_sft_trainer(trainer, objective)).
+    "patch_sft_trainer" (dft_ops.patch_sft_trainer(trainer, objective, **patch_options)).
+    ``wrap_model(model)`` (e.g. PEFT) gives the model the trainer trains.
     """
     trl = pytest.importorskip("trl")
     n_words = 60
     tokenizer = word_tokenizer(n_words)
     model = tiny_llama(vocab=len(tokenizer))
+    if wrap_model is not None:
+        model = wrap_model(model)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
                          learning_rate=1e-2, max_length=48, bf16=False, **COMMON_ARGS, **config)
     trainer = None
@@ -166,7 +170,7 @@ def sft_trainer(tmp_path, objective, max_steps, order="trainer, patch_sft_traine
                                      processing_class=tokenizer)
         else:
             assert step == "patch_sft_trainer", step
-            dft_ops.patch_sft_trainer(trainer, objective=objective)
+            dft_ops.patch_sft_trainer(trainer, objective=objective, **(patch_options or {}))
     return trainer, model
 
 

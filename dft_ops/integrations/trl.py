@@ -83,9 +83,11 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
             (the objective is chosen here, not by TRL).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
         **loss_options: as for :func:`dft_ops.patch` (``ignore_index``,
-            ``backend``, ``filter_eps``, ...). With ``class_weight`` the loss
-            is divided by the token count (TRL's reduction), not by the sum of
-            the labels' class weights as dft-ops' own mean is.
+            ``backend``, ``filter_eps``, ...), and ``reference=`` with
+            ``objectives.ASFT`` (a frozen causal LM, or ``"adapters_disabled"``
+            for a PEFT model). With ``class_weight`` the loss is divided by
+            the token count (TRL's reduction), not by the sum of the labels'
+            class weights as dft-ops' own mean is.
 
     Returns:
         ``trainer``.

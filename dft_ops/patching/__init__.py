@@ -9,6 +9,8 @@ One generic patch, no per-family code. Three parts:
   loss is computed *inside the output head's forward*, so engines that gather
   and reduce the head through module hooks (FSDP2, DeepSpeed ZeRO-3) do so as
   for any layer; no logits are built;
+- :mod:`.reference` - ASFT's reference model (a frozen causal LM, or a PEFT
+  model's adapters disabled): its final hidden states per call, no logits;
 - :mod:`.probe` - at patch time, measures what the forward does between head
   and loss (logit scale, soft-cap) with stand-in modules, bypassing every hook,
   and refuses what it cannot reproduce exactly.
@@ -21,6 +23,7 @@ silently served by another objective.
 from .head import PatchError
 from .install import PatchState, is_patched, patch, patch_state, unpatch
 from .probe import HeadTransform, probe_head_transform
+from .reference import ADAPTERS_DISABLED
 
 __all__ = ["patch", "unpatch", "is_patched", "patch_state", "PatchError", "PatchState", "HeadTransform",
-           "probe_head_transform"]
+           "probe_head_transform", "ADAPTERS_DISABLED"]

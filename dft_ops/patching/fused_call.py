@@ -45,14 +45,16 @@ class FusedCall:
         protocol: a :class:`~dft_ops.patching.protocols.CallerProtocol` asking
             for per-token values, or None for the usual scalar loss.
         token_tensors: per-token inputs of the objective from the call's keywords.
+        reference: ASFT's reference for this call (:class:`~dft_ops.patching.reference.ReferenceHead`), or None.
     """
 
     def __init__(self, causal_lm: nn.Module, state, *, labels, shift_labels, num_items_in_batch, ignore_index,
-                 position_ids, protocol, token_tensors: dict):
+                 position_ids, protocol, token_tensors: dict, reference=None):
         self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
         self.per_token = protocol is not None
         objective = state.options.objective
         self.objective = objective.with_token_tensors(**token_tensors) if token_tensors else objective
+        self.reference = reference
         self.shift = shift_labels is None
         self.given_labels = labels if self.shift else shift_labels
         self.num_items_in_batch, self.position_ids = num_items_in_batch, position_ids
@@ -72,9 +74,8 @@ class FusedCall:
         head_input = hidden
         transform = self.state.transform
         hidden = hidden.to(weight.device)
-        if transform.scale != 1.0:  # logits = scale * (W h + b) = W (scale h) + scale b
-            hidden = hidden * transform.scale
-            bias = None if bias is None else bias * transform.scale
+        hidden, bias = transform.fold(hidden, bias)
+        objective = self.objective if self.reference is None else self._with_reference(hidden, weight, bias)
         targets = self.given_labels.to(hidden.device)
         position_ids = self.position_ids
         if position_ids is not None and tuple(position_ids.shape) != tuple(targets.shape):
@@ -87,7 +88,7 @@ class FusedCall:
             recorder = None
         patch_options = self.state.options
         options = patch_options.replace(
-            objective=self.objective, ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
+            objective=objective, ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
             reduction="none" if self.per_token else patch_options.reduction,
             return_stats=self.per_token or patch_options.return_stats or recorder is not None)
         # dtypes as nn.Linear would compute (the autocast dtype under autocast): linear_cross_entropy's rule
@@ -101,6 +102,20 @@ class FusedCall:
         # where nn.Linear would return one, for the output hooks of tensor-parallel styles
         empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
         return like_linear_output(empty, head_input, weight)
+
+    def _with_reference(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        """The objective holding this call's reference head (the model's own head, detached, with adapters off)."""
+        ref = self.reference
+        if tuple(ref.hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+            raise RuntimeError(f"reference: its forward fed its head hidden states of shape {tuple(ref.hidden.shape)}, "
+                               f"the model's head got {tuple(hidden.shape)}; both must see the same positions")
+        if ref.weight is None:
+            ref_weight, ref_bias = weight.detach(), None if bias is None else bias.detach()
+        else:
+            ref_weight = ref.weight.to(weight.device)
+            ref_bias = None if ref.bias is None else ref.bias.to(weight.device)
+        return self.objective.with_reference(ref.hidden.to(hidden.device), ref_weight, ref_bias=ref_bias,
+                                             ref_softcap=ref.softcap)
 
     # ---------------------------------------------------------------------------- the model's loss_function
 

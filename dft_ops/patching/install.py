@@ -20,6 +20,7 @@ from ..options import LossOptions
 from . import fused_call, protocols
 from .head import PatchError, check_head, output_head
 from .probe import HeadTransform, probe_head_transform, transform_inputs
+from .reference import Reference, make_reference, reference_inputs
 
 STATE_ATTR = "_dft_ops_patch"
 # what the model or each forward call decides: never a patch option (every other LossOptions field is one)
@@ -37,6 +38,7 @@ class PatchState:
         transform_inputs: what the transform depends on (head hooks, config numbers) when it was measured.
         previous_forward: the instance attribute ``forward`` the patch replaced, or None (the class's forward).
         protocol: the caller protocol (e.g. TRL's fused head) this patch answers, or None.
+        reference: where ASFT's reference comes from (:mod:`.reference`), or None.
         forward: the function installed as ``model.forward``.
         calls: fused loss computations so far.
         active: patched forward calls in progress (the backbone running with none is a bypass).
@@ -48,6 +50,7 @@ class PatchState:
     transform_inputs: tuple
     previous_forward: Any
     protocol: protocols.CallerProtocol | None = None
+    reference: Reference | None = None
     forward: Any = None
     calls: int = field(default=0)
     active: int = field(default=0)
@@ -57,7 +60,7 @@ class PatchState:
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
+def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> nn.Module:
     """Make ``model``'s training loss dft-ops' fused linear + objective loss, in place.
 
     Args:
@@ -66,6 +69,14 @@ def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
             a ``DistributedDataParallel`` / DeepSpeed engine wrapping either
             (its ``.module`` is patched).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
+        reference: for ``objectives.ASFT`` only (required there): the frozen
+            reference model of the KL term. Either another causal LM with the
+            same vocabulary (any family or size; not modified, not made a
+            submodule; its soft-cap and logit scale are probed like the
+            model's), or ``"adapters_disabled"`` for a PEFT model: the same
+            model with its adapters switched off (no second copy). Its forward
+            runs on each training call's inputs under ``torch.no_grad()`` in
+            eval mode; no logits of either model are built.
         **loss_options: every :class:`dft_ops.LossOptions` field but
             ``softcap`` and ``shift``, as in :func:`dft_ops.linear_cross_entropy`:
             ``ignore_index``, ``reduction`` ("mean" | "sum"), ``return_stats``
@@ -84,16 +95,20 @@ def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
         PatchError (a ValueError) naming the reason when the loss cannot be
         computed exactly: adapters or a non-``nn.Linear`` output head, a
         vocabulary slice / mask or unknown transform of the logits, a forward
-        that does not compute its loss through ``self.loss_function``.
-        TypeError / ValueError naming a bad option.
+        that does not compute its loss through ``self.loss_function``; a
+        reference the loss cannot use (another vocabulary, a sharded or
+        non-``nn.Linear`` head, no adapters to disable).
+        TypeError / ValueError naming a bad option, or ``reference:`` for a
+        reference missing (ASFT), given to another objective, or the model itself.
     """
     options = _validate_options(objective, loss_options)
     causal_lm = causal_lm_of(model)
+    check_head(output_head(causal_lm))
+    reference = _validate_reference(options.objective, reference, causal_lm)
     existing = causal_lm.__dict__.get(STATE_ATTR)
     if existing is not None and causal_lm.__dict__.get("forward") is existing.forward:
-        existing.options = options
+        existing.options, existing.reference = options, reference
         return model
-    check_head(output_head(causal_lm))
     # an older patch that something else wrapped (e.g. TRL) must be inert while probing and after
     causal_lm.__dict__.pop(STATE_ATTR, None)
     try:
@@ -103,7 +118,7 @@ def patch(model: nn.Module, objective="dft", **loss_options) -> nn.Module:
             causal_lm.__dict__[STATE_ATTR] = existing
         raise
     state = PatchState(options=options, transform=transform, transform_inputs=measured,
-                       previous_forward=causal_lm.__dict__.get("forward"))
+                       previous_forward=causal_lm.__dict__.get("forward"), reference=reference)
     state.forward = _PatchedForward(causal_lm, state)
     causal_lm.__dict__[STATE_ATTR] = state
     causal_lm.forward = state.forward
@@ -193,6 +208,21 @@ def _validate_options(objective, loss_options: dict) -> LossOptions:
     return options
 
 
+def _validate_reference(objective, reference, causal_lm: nn.Module) -> Reference | None:
+    """The patch's reference: required by an objective that compares with a reference model (ASFT), refused otherwise."""
+    wants_reference = callable(getattr(objective, "with_reference", None))
+    if getattr(objective, "has_reference", False):
+        raise ValueError("objective: pass ASFT to patch without a reference (no with_reference): the reference "
+                         "model supplies each batch's hidden states")
+    if wants_reference and reference is None:
+        raise ValueError(f"reference: objective {type(objective).__name__} needs a reference model: "
+                         "dft_ops.patch(model, objective=..., reference=frozen_causal_lm), or "
+                         "reference='adapters_disabled' for a PEFT model")
+    if not wants_reference and reference is not None:
+        raise ValueError(f"reference: only ASFT compares with a reference model; objective {objective!r} takes none")
+    return make_reference(reference, causal_lm)
+
+
 # ----------------------------------------------------------------------------------------- the forward
 
 
@@ -248,21 +278,26 @@ class _PatchedForward:
             raise ValueError("labels: a fused head call needs labels or shift_labels")
         measured = transform_inputs(model)
         if measured != state.transform_inputs:  # a head hook or a config number changed since the last probe
-            state.transform, state.transform_inputs = _probe_again(model, state), measured
+            state.transform, state.transform_inputs = probe_unpatched(model), measured
+        reference = None
+        if state.reference is not None:  # first: its activations are gone before the model's are kept for backward
+            inputs = {**{k: v for k, v in bound.items() if k != _var_keyword(signature)}, **call_kwargs}
+            reference = state.reference.head_for_call(model, state.transform, reference_inputs(inputs))
         call = fused_call.FusedCall(
             model, state, labels=labels, shift_labels=shift_labels, num_items_in_batch=argument("num_items_in_batch"),
             ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
-            token_tensors=token_tensors)
+            token_tensors=token_tensors, reference=reference)
         return fused_call.run(model, previous, args, kwargs, labels, call)
 
 
-def _probe_again(causal_lm: nn.Module, state: PatchState) -> HeadTransform:
-    """The head transform measured now; the patch is inert meanwhile (the probe runs the wrapped forward)."""
-    del causal_lm.__dict__[STATE_ATTR]
+def probe_unpatched(causal_lm: nn.Module) -> HeadTransform:
+    """The head transform measured now; a patch of ``causal_lm`` is inert meanwhile (the probe runs its forward)."""
+    state = causal_lm.__dict__.pop(STATE_ATTR, None)
     try:
         return probe_head_transform(causal_lm)
     finally:
-        causal_lm.__dict__[STATE_ATTR] = state
+        if state is not None:
+            causal_lm.__dict__[STATE_ATTR] = state
 
 
 def _warn_unfused_training_call(state: PatchState) -> None:

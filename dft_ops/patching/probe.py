@@ -38,6 +38,12 @@ class HeadTransform:
     scale: float = 1.0
     softcap: float | None = None
 
+    def fold(self, hidden: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The head input and bias with the logit scale folded in: ``scale * (W h + b) = W (scale h) + scale b``."""
+        if self.scale == 1.0:
+            return hidden, bias
+        return hidden * self.scale, None if bias is None else bias * self.scale
+
 
 class _StubBackboneOutput:
     """What the probe's backbone returns: known hidden states; every other output field is None."""

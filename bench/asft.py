@@ -1,0 +1,305 @@
+"""The ASFT case: DFT plus a KL term to a frozen reference head, fused vs materialized.
+
+    python -m bench.asft                      # GPU: llama3-8b head @ 16k tokens, bf16; CPU: tiny head, fp32
+    python -m bench.asft --shapes llama3-8b --tokens 4k 16k --direction reverse --out docs/benchmarks
+
+Providers, on the same inputs (the model's head and hidden states, the
+reference's head and hidden states, labels), each computing the mean over
+tokens of ``-sg(p_y) log p_y + kl_coef * KL`` and the gradients of the model's
+hidden states and head (the reference gets none):
+
+- ``dft-ops``: ``linear_cross_entropy(objective=ASFT(...).with_reference(...))``
+  - both heads streamed through one online pass, no logits of either;
+- ``unsloth-style``: what Unsloth's ASFT does at the head: the model's logits
+  materialized in fp32 (log-softmax over the whole vocabulary), the reference's
+  logits computed in token chunks under ``no_grad`` and the KL taken per chunk
+  (``F.kl_div``, which keeps each chunk's reference probabilities for backward);
+- ``torch``: plain PyTorch: both heads' logits materialized in fp32.
+
+The reference is the model's head and hidden states perturbed by a little noise
+(a fine-tuned model stays close to its reference), on top of the benchmark's
+``peaked`` inputs. Time: forward+backward (the GPU meter's CUDA events, or CPU
+wall clock); memory: the peak over what was allocated before the step. Each
+provider's loss and gradients are checked against ``torch`` in fp32 (the float
+reference here, since every provider computes the same formula).
+
+Writes ``<device>-asft.json`` (merged across runs), ``<device>-asft.md`` and
+``<device>-asft-fwd-bwd.png`` under ``--out`` (default: a scratch folder);
+``python -m bench --report`` rebuilds the last two from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import measure
+from .cases import DTYPES, Case, dtype_name, make_inputs, parse_head, parse_tokens
+from .environment import SCRATCH_DIR, git_commit, slug, versions
+
+MB = 2**20
+PROVIDERS = ("dft-ops", "unsloth-style", "torch")
+REFERENCE_NOISE = 0.05  # relative size of the reference's perturbation
+UNSLOTH_CHUNK = 1024  # tokens per reference chunk (Unsloth streams the reference by sequence chunks)
+
+
+def make_asft_inputs(head: str, tokens: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """hidden (N, D), weight (V, D), labels (N,), ref_hidden (N, D), ref_weight (V, D): one set for every provider."""
+    inputs = make_inputs(Case(parse_head(head), tokens, "dft", "peaked", dtype, ("forward+backward",)), device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def near(t: Tensor) -> Tensor:
+        noise = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
+        return (t.float() + REFERENCE_NOISE * t.float().std() * noise).to(dtype)
+
+    return dict(hidden=inputs.hidden, weight=inputs.weight, labels=inputs.labels, ref_hidden=near(inputs.hidden),
+                ref_weight=near(inputs.weight))
+
+
+def _dft_value(logp_all: Tensor, labels: Tensor) -> Tensor:
+    logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    return -logp.exp().detach() * logp
+
+
+def _kl(logp_all: Tensor, logq_all: Tensor, direction: str) -> Tensor:
+    """Per-token KL from log-softmaxes: forward KL(q || p), reverse KL(p || q)."""
+    if direction == "forward":
+        return F.kl_div(logp_all, logq_all, reduction="none", log_target=True).sum(-1)
+    return F.kl_div(logq_all, logp_all, reduction="none", log_target=True).sum(-1)
+
+
+def torch_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str) -> Tensor:
+    logp_all = F.log_softmax(F.linear(h, w).float(), -1)
+    with torch.no_grad():
+        logq_all = F.log_softmax(F.linear(ref_h, ref_w).float(), -1)
+    return (_dft_value(logp_all, y) + kl_coef * _kl(logp_all, logq_all, direction)).mean()
+
+
+def unsloth_style_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str, chunk: int = UNSLOTH_CHUNK) -> Tensor:
+    logp_all = F.log_softmax(F.linear(h, w).float(), -1)
+    kl = []
+    for start in range(0, h.shape[0], chunk):
+        with torch.no_grad():
+            logq = F.log_softmax(F.linear(ref_h[start:start + chunk], ref_w).float(), -1)
+        kl.append(_kl(logp_all[start:start + chunk], logq, direction))
+    return (_dft_value(logp_all, y) + kl_coef * torch.cat(kl)).mean()
+
+
+def dft_ops_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str) -> Tensor:
+    import dft_ops
+
+    asft = dft_ops.objectives.ASFT(kl_coef, direction=direction).with_reference(ref_h, ref_w)
+    # as shipped: the Triton kernels on CUDA; on a CPU the PyTorch backend (also under TRITON_INTERPRET)
+    return dft_ops.linear_cross_entropy(h, w, y, objective=asft, backend="auto" if h.is_cuda else "torch")
+
+
+LOSSES = {"dft-ops": dft_ops_asft, "unsloth-style": unsloth_style_asft, "torch": torch_asft}
+
+
+def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=PROVIDERS, log=print) -> list[dict]:
+    """One record per head x tokens x provider: time, memory, and the check against ``torch`` in fp32."""
+    device = meter.device
+    records = []
+    for head in heads:
+        for n in tokens:
+            inputs = make_asft_inputs(head, n, dtype, device)
+            h, w, y, ref_h, ref_w = (inputs[k] for k in ("hidden", "weight", "labels", "ref_hidden", "ref_weight"))
+            try:  # the float reference: materialized fp32 logits of both heads
+                reference, ref_error = _loss_and_grads(torch_asft, h.float(), w.float(), y, ref_h.float(),
+                                                       ref_w.float(), kl_coef, direction), None
+            except Exception as exc:
+                reference, ref_error = None, _brief(exc)
+            for name in providers:
+                rec = dict(provider=name, shape=head, hidden=h.shape[1], vocab=w.shape[0], tokens=n,
+                           dtype=dtype_name(dtype), direction=direction, kl_coef=kl_coef, mode="forward+backward")
+                fn = LOSSES[name]
+                try:
+                    result = _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction)
+                    rec["check"] = (measure.compare(result, reference, dtype) if reference is not None
+                                    else {"ok": None, "reason": ref_error})
+                    del result
+                    leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
+
+                    def step(_):
+                        fn(leaves[0], leaves[1], y, ref_h, ref_w, kl_coef, direction).backward()
+
+                    timing = meter.time(step, grad_to_none=leaves)
+                    for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
+                        leaf.grad = None
+                    memory = meter.memory(step)
+                    rec.update(status="ok", **timing.summary())
+                    if memory is not None:
+                        rec.update(peak_mb=memory.peak_bytes / MB)
+                except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
+                    rec.update(status="oom" if measure.is_oom(exc) else "error", reason=_brief(exc))
+                meter.cleanup()
+                if rec["status"] == "ok":
+                    log(f"  {head} N={n} {name:14s} {rec['ms_median']:9.2f} ms  peak "
+                        f"{rec.get('peak_mb', math.nan):9.1f} MB  check {_verdict(rec)}")
+                else:
+                    log(f"  {head} N={n} {name:14s} {rec['status']}: {rec['reason']}")
+                records.append(rec)
+            del inputs, h, w, ref_h, ref_w, reference
+            meter.cleanup()
+    return records
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def _verdict(rec: dict) -> str:
+    ok = (rec.get("check") or {}).get("ok")
+    return "unchecked" if ok is None else "ok" if ok else "MISMATCH"
+
+
+def _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction) -> measure.Result:
+    return measure.loss_and_grads(lambda hh, ww, yy: fn(hh, ww, yy, ref_h, ref_w, kl_coef, direction), h, w, y)
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+def _key(r: dict) -> tuple:
+    return (r["shape"], r["tokens"], r["dtype"], r["direction"], r["provider"])
+
+
+def merge(path: Path, records: list[dict], run_info: dict) -> dict:
+    data = json.loads(path.read_text()) if path.exists() else {"records": [], "runs": []}
+    by_key = {_key(r): r for r in data["records"]}
+    by_key.update({_key(r): r for r in records})
+    data["records"] = sorted(by_key.values(), key=lambda r: (r["shape"], r["dtype"], r["direction"], r["tokens"],
+                                                              PROVIDERS.index(r["provider"])))
+    data["runs"] = data["runs"] + [run_info]
+    data["device"], data["device_kind"] = run_info["device"], run_info["device_kind"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return data
+
+
+def markdown(data: dict, plot: Path | None) -> str:
+    runs = data["runs"][-1]
+    lines = [f"# ASFT benchmark: {data['device']}", "",
+             f"Commit {runs['commit']}, {runs['versions'].get('torch')} torch, measured {runs['started']}. "
+             f"Loss: mean of DFT + kl_coef x KL over tokens; forward+backward. Time: {runs['time_metric']}. "
+             f"Memory: {runs['memory_metric']}.", "",
+             "| head | tokens | dtype | KL | provider | ms median | peak MB | loss / d(hidden) / d(weight) rel err "
+             "vs torch fp32 | status |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["records"]:
+        c = r.get("check") or {}
+        errs = " / ".join(f"{c[k]:.1e}" for k in ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err")
+                          if k in c) or "-"
+        if r["status"] == "ok":
+            ms, peak, status = f"{r['ms_median']:.2f}", f"{r.get('peak_mb', math.nan):.1f}", _verdict(r)
+        else:
+            ms, peak, status = "-", "-", f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['direction']} | {r['provider']} | {ms} | "
+                     f"{peak} | {errs} | {status} |")
+    if data.get("device_kind") == "cpu":
+        lines += ["", "CPU run: dft-ops runs its PyTorch backend here (the Triton kernels need a GPU): its peak is "
+                      "a few (1024 tokens x 8192 vocabulary) fp32 blocks per head, as large as the whole logits up to "
+                      "1024 tokens; past that the materialized providers grow with tokens x vocabulary and it does "
+                      "not. Times are CPU times, not the GPU kernels'."]
+    if plot is not None:
+        lines += ["", f"![ASFT time and memory]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in data["records"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    groups = sorted({(r["shape"], r["dtype"], r["direction"]) for r in ok})
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(7.0, 5.0 * len(groups)), 7.5), squeeze=False)
+    for col, (shape, dtype, direction) in enumerate(groups):
+        for name in PROVIDERS:
+            rs = sorted((r for r in ok if (r["shape"], r["dtype"], r["direction"], r["provider"])
+                         == (shape, dtype, direction, name)), key=lambda r: r["tokens"])
+            if not rs:
+                continue
+            x = [r["tokens"] for r in rs]
+            axes[0][col].plot(x, [r["ms_median"] for r in rs], "o-", label=name)
+            if all("peak_mb" in r for r in rs):
+                axes[1][col].plot(x, [r["peak_mb"] for r in rs], "o-", label=name)
+        axes[0][col].set_title(f"{shape}, {dtype}, {direction} KL")
+        axes[0][col].set_ylabel("forward+backward ms")
+        axes[1][col].set_ylabel("peak memory over inputs, MB")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
+    note = "\nCPU: dft-ops ran its PyTorch backend" if data.get("device_kind") == "cpu" else ""
+    fig.suptitle(f"ASFT (DFT + KL to a reference head) on {data['device']}{note}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[Path]:
+    """``<stem>.md`` and (``plots``) ``<stem>-fwd-bwd.png`` from the merged results."""
+    png = out / f"{stem}-fwd-bwd.png"
+    png = plot(data, png) if plots else (png if png.exists() else None)
+    (out / f"{stem}.md").write_text(markdown(data, png))
+    return [out / f"{stem}.md"] + ([png] if png is not None else [])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.asft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"))
+    p.add_argument("--shapes", nargs="+", help="heads: presets or DxV (default: llama3-8b on GPU, tiny on CPU)")
+    p.add_argument("--tokens", nargs="+", type=parse_tokens, help="default: 16k on GPU, 256 1024 4096 on CPU")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--direction", choices=("forward", "reverse"), default="forward")
+    p.add_argument("--kl-coef", type=float, default=0.1)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--out", type=Path, default=SCRATCH_DIR)
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return 2
+    gpu = device.type == "cuda"
+    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
+    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
+    for head in heads:
+        parse_head(head)  # a bad name fails before anything runs
+    tokens = args.tokens or ([16 * 1024] if gpu else [256, 1024, 4096])
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"ASFT benchmark on {meter.name()}: {heads} x {tokens} tokens, {dtype_name(dtype)}, {args.direction} KL, "
+          f"kl_coef {args.kl_coef}", flush=True)
+    records = run(heads, tokens, dtype, args.direction, args.kl_coef, meter, args.providers,
+                  log=lambda line: print(line, flush=True))
+    run_info = {"started": started, "argv": " ".join(["python -m bench.asft", *(argv or sys.argv[1:])]),
+                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
+                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
+                "threads": torch.get_num_threads()}
+    stem = slug(meter.name()) + "-asft"
+    data = merge(args.out / f"{stem}.json", records, run_info)
+    written = write_reports(args.out, stem, data, not args.no_plot)
+    print(f"wrote {args.out / stem}.json, " + ", ".join(str(p) for p in written))
+    bad = [r for r in records if r["status"] == "ok" and (r.get("check") or {}).get("ok") is False]
+    for r in bad:
+        print(f"MISMATCH vs torch fp32: {r['provider']} {r['shape']} N={r['tokens']}: {r['check']}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
