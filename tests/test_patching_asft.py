@@ -187,6 +187,51 @@ def test_peft_reference_is_the_model_with_adapters_disabled(direction, monkeypat
     assert all(m.training for m in lora.modules())
 
 
+def test_adapters_disabled_refuses_a_trainable_base():
+    """A trainable parameter outside the adapters would make the base-model reference drift with training."""
+    lora = lora_model()
+    head = lora.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    with pytest.raises(PatchError, match="^reference: 'adapters_disabled' .* outside the adapters"):
+        dft_ops.patch(lora, objective=ASFT(0.1), reference="adapters_disabled")
+    head.weight.requires_grad_(False)
+    dft_ops.patch(lora, objective=ASFT(0.1), reference="adapters_disabled")
+    head.weight.requires_grad_(True)  # unfrozen after patching: refused at the next training call
+    input_ids, labels = make_batch()
+    with pytest.raises(PatchError, match="outside the adapters"):
+        lora(input_ids=input_ids, labels=labels)
+
+
+def test_reference_runs_without_dropout():
+    """A reference left in training mode with dropout: the anchor is its eval-mode distribution, every call."""
+    model, reference = build("llama"), build("qwen2", seed=5)
+    for module in reference.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    input_ids, labels = make_batch()
+    ref_logits = reference_logits(reference, input_ids)
+    assert rel_err(reference(input_ids=input_ids).logits.detach(), ref_logits) > 1e-2  # dropout is live in train mode
+    want = asft_from_logits(model(input_ids=input_ids).logits, ref_logits, labels, 0.3, "reverse")
+    dft_ops.patch(model, objective=ASFT(0.3, direction="reverse"), reference=reference)
+    for _ in range(2):
+        assert rel_err(model(input_ids=input_ids, labels=labels).loss.detach(), want.detach()) < 1e-5
+    assert reference.training
+
+
+def test_packed_rows_need_the_same_attention_in_both_models():
+    model, reference = build("llama"), build("qwen2", seed=5)
+    model.config._attn_implementation = "eager"
+    reference.config._attn_implementation = "sdpa"
+    dft_ops.patch(model, objective=ASFT(0.1), reference=reference)
+    input_ids, labels = make_batch(batch=1)
+    position_ids = torch.cat([torch.arange(6), torch.arange(7)])[None]  # two packed documents
+    with pytest.raises(ValueError, match="^reference: packed rows .*'eager'.*'sdpa'"):
+        model(input_ids=input_ids, labels=labels, position_ids=position_ids)
+    model(input_ids=input_ids, labels=labels)  # unpacked rows read the same under any implementation
+    reference.config._attn_implementation = "eager"
+    assert torch.isfinite(model(input_ids=input_ids, labels=labels, position_ids=position_ids).loss)
+
+
 def test_no_second_copy_and_sharing_under_deepcopy():
     model, reference = build("llama"), build("qwen2", seed=3)
     dft_ops.patch(model, objective=ASFT(0.1), reference=reference)

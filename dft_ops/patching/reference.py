@@ -111,6 +111,7 @@ class FrozenReference(Reference):
         measured = transform_inputs(ref)
         if measured != self.transform_inputs:  # a head hook or a config number of the reference changed
             self.transform, self.transform_inputs = _probe(ref), measured
+        _check_same_attention(causal_lm, ref, inputs)
         if inputs.get("input_ids") is None:
             raise ValueError("input_ids: a separate reference model needs the token ids (inputs_embeds come from the "
                              "trained model's embeddings, which the reference does not share)")
@@ -124,6 +125,27 @@ class FrozenReference(Reference):
         _check_unsharded(weight)  # an engine may have wrapped the reference after patching
         hidden, bias = self.transform.fold(captured, None if bias is None else bias.detach())
         return ReferenceHead(hidden=hidden, weight=weight.detach(), bias=bias, softcap=self.transform.softcap)
+
+
+def _attention(causal_lm: nn.Module) -> str | None:
+    return getattr(getattr(causal_lm, "config", None), "_attn_implementation", None)
+
+
+def _check_same_attention(causal_lm: nn.Module, reference: nn.Module, inputs: dict) -> None:
+    """Packed rows (position_ids without an attention mask) must mean the same to both models.
+
+    Attention implementations differ there: flash_attention_2 starts a new
+    document where position_ids restart, sdpa and eager attend across the whole
+    row. A reference that reads a packed row otherwise than the model would
+    anchor the KL to hidden states of other documents, silently.
+    """
+    if inputs.get("position_ids") is None or inputs.get("attention_mask") is not None:
+        return
+    ours, theirs = _attention(causal_lm), _attention(reference)
+    if ours != theirs:
+        raise ValueError(f"reference: packed rows (position_ids without an attention mask) are read by the model with "
+                         f"attn_implementation={ours!r} and by the reference with {theirs!r}, which treat document "
+                         "boundaries differently; load the reference with the model's attn_implementation")
 
 
 def _probe(reference: nn.Module) -> HeadTransform:
@@ -146,8 +168,10 @@ class AdaptersDisabled(Reference):
             raise PatchError(f"reference: 'adapters_disabled' needs PEFT adapter layers (LoRA, ...) in the model; "
                              f"{type(causal_lm).__name__} has none (prompt-learning methods are not supported: pass "
                              "a frozen reference model instead)")
+        _check_base_frozen(causal_lm)
 
     def head_for_call(self, causal_lm, transform, inputs):
+        _check_base_frozen(causal_lm)  # parameters may have been unfrozen since patch time
         head = output_head(causal_lm)
         with adapters_disabled(causal_lm):
             # through __call__: the patched forward sees eval mode and runs the model's own forward
@@ -224,6 +248,25 @@ def adapter_layers(module: nn.Module) -> list[nn.Module]:
     """PEFT's adapter-holding modules (tuner layers, modules_to_save wrappers): they read ``_disable_adapters``."""
     return [m for m in module.modules()
             if type(m).__module__.startswith("peft") and isinstance(getattr(m, "_disable_adapters", None), bool)]
+
+
+def _check_base_frozen(causal_lm: nn.Module) -> None:
+    """With the adapters off the model must be the base model: no parameter outside the adapters may train.
+
+    A trainable head, or LoRA's ``bias="all"``, would move the "reference" with
+    every optimizer step.
+    """
+    adapter = set()
+    for layer in adapter_layers(causal_lm):
+        base = getattr(layer, "base_layer", None)
+        base = getattr(layer, "original_module", None) if base is None else base
+        frozen_part = set() if base is None else {id(p) for p in base.parameters()}
+        adapter |= {id(p) for p in layer.parameters()} - frozen_part
+    trained = [name for name, p in causal_lm.named_parameters() if p.requires_grad and id(p) not in adapter]
+    if trained:
+        raise PatchError(f"reference: 'adapters_disabled' takes the model without its adapters as the reference, but "
+                         f"{len(trained)} parameter(s) outside the adapters train with it (e.g. {trained[0]!r}), so the "
+                         "reference would drift; freeze them, or pass a frozen copy of the base model as the reference")
 
 
 def adapters_disabled(module: nn.Module):
