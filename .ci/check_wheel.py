@@ -13,8 +13,8 @@ installed package's dependencies):
 3. a fresh interpreter, started in another temporary directory with only that
    directory in front of the venv's site-packages, imports ``dft_ops`` and
    ``dft_ops.kernels`` from it and computes a tiny loss and its backward on the
-   torch backend and the Triton kernels (CPU interpreter), against the float64
-   reference.
+   torch backend and the Triton kernels (CPU interpreter), and an ASFT loss (two
+   heads), against the float64 reference.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ for backend in ("torch", "triton"):
     assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item()), (backend, loss.item(), want.item())
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0, backend
     print(f"wheel check: {backend} backend loss {loss.item():.6f} (reference {want.item():.6f})")
+# ASFT: a second (reference) head streamed beside the model's
+asft = dft_ops.objectives.ASFT(0.2, direction="reverse").with_reference(torch.randn(2, 7, 12), torch.randn(45, 12) * 0.3)
+want = dft_ops.naive.linear_cross_entropy(hidden.double(), weight.double(), labels, shift=True, objective=asft)
+for backend in ("torch", "triton"):
+    loss = dft_ops.linear_cross_entropy(hidden, weight, labels, shift=True, objective=asft, backend=backend)
+    assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item()), ("asft", backend, loss.item(), want.item())
+    print(f"wheel check: {backend} backend ASFT loss {loss.item():.6f} (reference {want.item():.6f})")
 """
 
 
