@@ -116,7 +116,7 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                 reference, ref_error = _loss_and_grads(torch_asft, h.float(), w.float(), y, ref_h.float(),
                                                        ref_w.float(), kl_coef, direction), None
             except Exception as exc:
-                reference, ref_error = None, _brief(exc)
+                reference, ref_error = None, measure.brief(exc)
             for name in providers:
                 rec = dict(provider=name, shape=head, hidden=h.shape[1], vocab=w.shape[0], tokens=n,
                            dtype=dtype_name(dtype), direction=direction, kl_coef=kl_coef, mode="forward+backward")
@@ -139,7 +139,7 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                     if memory is not None:
                         rec.update(peak_mb=memory.peak_bytes / MB)
                 except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
-                    rec.update(status="oom" if measure.is_oom(exc) else "error", reason=_brief(exc))
+                    rec.update(status="oom" if measure.is_oom(exc) else "error", reason=measure.brief(exc))
                 meter.cleanup()
                 if rec["status"] == "ok":
                     log(f"  {head} N={n} {name:14s} {rec['ms_median']:9.2f} ms  peak "
@@ -150,11 +150,6 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
             del inputs, h, w, ref_h, ref_w, reference
             meter.cleanup()
     return records
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"
 
 
 def _verdict(rec: dict) -> str:

@@ -117,8 +117,8 @@ def main(argv=None) -> int:
         if any(mb <= 0 for mb in sweep):
             print("--workspace-sweep: sizes must be positive MiB", file=sys.stderr)
             return 2
-        for mb in sweep:
-            provider = dft_ops_workspace_provider(mb)
+        sweep_providers = [dft_ops_workspace_provider(mb) for mb in sweep]
+        for provider in sweep_providers:
             PROVIDERS[provider.name] = provider
         stem += "-workspace"
     suite = args.suite or ("workspace" if sweep is not None else "gpu" if device.type == "cuda" else "cpu")
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         if case.modes:
             cases.append(case)
     if sweep is not None:
-        providers = [dft_ops_workspace_provider(mb).name for mb in sweep]
+        providers = [p.name for p in sweep_providers]
     else:
         providers = list(args.providers or (p for p in PROVIDERS if "@" not in p))
 

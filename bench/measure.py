@@ -49,6 +49,12 @@ class Memory:
     total_bytes: int | None  # absolute peak (GPU: everything allocated, inputs included)
 
 
+def brief(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters) for a result record."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
 def is_oom(error: BaseException) -> bool:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True

@@ -217,9 +217,4 @@ def attempt(thunk):
     try:
         return thunk(), None
     except Exception as e:  # noqa: BLE001 - every failure of a provider is a reported result
-        return None, ("oom" if measure.is_oom(e) else "error", _brief(e))
-
-
-def _brief(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+        return None, ("oom" if measure.is_oom(e) else "error", measure.brief(e))

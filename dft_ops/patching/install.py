@@ -264,7 +264,8 @@ class _PatchedForward:
         token_tensors = {n: kwargs.pop(n) for n in state.options.objective.token_inputs if n in kwargs}
         signature = self.__signature__
         bound = signature.bind_partial(*args, **kwargs).arguments
-        call_kwargs = bound.get(_var_keyword(signature)) or {}
+        var_keyword = _var_keyword(signature)
+        call_kwargs = bound.get(var_keyword) or {}
 
         def argument(name):
             return bound.get(name, call_kwargs.get(name))
@@ -281,7 +282,7 @@ class _PatchedForward:
             state.transform, state.transform_inputs = probe_unpatched(model), measured
         reference = None
         if state.reference is not None:  # first: its activations are gone before the model's are kept for backward
-            inputs = {**{k: v for k, v in bound.items() if k != _var_keyword(signature)}, **call_kwargs}
+            inputs = {**{k: v for k, v in bound.items() if k != var_keyword}, **call_kwargs}
             reference = state.reference.head_for_call(model, state.transform, reference_inputs(inputs))
         call = fused_call.FusedCall(
             model, state, labels=labels, shift_labels=shift_labels, num_items_in_batch=argument("num_items_in_batch"),

@@ -168,12 +168,15 @@ class AdaptersDisabled(Reference):
             raise PatchError(f"reference: 'adapters_disabled' needs PEFT adapter layers (LoRA, ...) in the model; "
                              f"{type(causal_lm).__name__} has none (prompt-learning methods are not supported: pass "
                              "a frozen reference model instead)")
-        _check_base_frozen(causal_lm)
+        # walked once: per training call only the flags are read (re-patching builds a new reference)
+        self._layers = adapter_layers(causal_lm)
+        self._base_parameters = base_parameters(causal_lm, self._layers)
+        _check_base_frozen(self._base_parameters)
 
     def head_for_call(self, causal_lm, transform, inputs):
-        _check_base_frozen(causal_lm)  # parameters may have been unfrozen since patch time
+        _check_base_frozen(self._base_parameters)  # parameters may have been unfrozen since patch time
         head = output_head(causal_lm)
-        with adapters_disabled(causal_lm):
+        with adapters_disabled(self._layers):
             # through __call__: the patched forward sees eval mode and runs the model's own forward
             captured = capture_head_input(causal_lm, head, inputs)
         hidden, _ = transform.fold(captured, None)
@@ -250,30 +253,39 @@ def adapter_layers(module: nn.Module) -> list[nn.Module]:
             if type(m).__module__.startswith("peft") and isinstance(getattr(m, "_disable_adapters", None), bool)]
 
 
-def _check_base_frozen(causal_lm: nn.Module) -> None:
+def base_parameters(causal_lm: nn.Module, layers: list[nn.Module]) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of ``causal_lm`` outside the adapters of ``layers``: what "adapters disabled" runs on.
+
+    An adapter layer's own parameters are adapters, except those of the module
+    it wraps (``base_layer``, or ``original_module`` for modules_to_save).
+    """
+    adapter = set()
+    for layer in layers:
+        base = getattr(layer, "base_layer", None)
+        base = getattr(layer, "original_module", None) if base is None else base
+        frozen_part = set() if base is None else {id(p) for p in base.parameters()}
+        adapter |= {id(p) for p in layer.parameters()} - frozen_part
+    return [(name, p) for name, p in causal_lm.named_parameters() if id(p) not in adapter]
+
+
+def _check_base_frozen(parameters: list[tuple[str, Tensor]]) -> None:
     """With the adapters off the model must be the base model: no parameter outside the adapters may train.
 
     A trainable head, or LoRA's ``bias="all"``, would move the "reference" with
     every optimizer step.
     """
-    adapter = set()
-    for layer in adapter_layers(causal_lm):
-        base = getattr(layer, "base_layer", None)
-        base = getattr(layer, "original_module", None) if base is None else base
-        frozen_part = set() if base is None else {id(p) for p in base.parameters()}
-        adapter |= {id(p) for p in layer.parameters()} - frozen_part
-    trained = [name for name, p in causal_lm.named_parameters() if p.requires_grad and id(p) not in adapter]
+    trained = [name for name, p in parameters if p.requires_grad]
     if trained:
         raise PatchError(f"reference: 'adapters_disabled' takes the model without its adapters as the reference, but "
                          f"{len(trained)} parameter(s) outside the adapters train with it (e.g. {trained[0]!r}), so the "
                          "reference would drift; freeze them, or pass a frozen copy of the base model as the reference")
 
 
-def adapters_disabled(module: nn.Module):
-    """Every PEFT adapter in ``module`` off for the block, each layer's own flag restored after.
+def adapters_disabled(layers: list[nn.Module]):
+    """Every PEFT adapter layer of ``layers`` (:func:`adapter_layers`) off for the block, each one's flag restored after.
 
     The flag PEFT's ``disable_adapter()`` sets, set directly: PEFT's toggles
     also change the adapters' ``requires_grad`` and re-enable every layer
     afterwards, which must not happen in the middle of a training step.
     """
-    return attributes_set(adapter_layers(module), "_disable_adapters", True)
+    return attributes_set(layers, "_disable_adapters", True)
