@@ -36,13 +36,12 @@ from torch import Tensor
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, GradCoefficients, check_backward_args, product_dtype
+from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, MB, GradCoefficients, check_backward_args, product_dtype
 from . import logit_grad
-from .launch import Config, bucket, interpreting, round_down, unit_column_strides, unit_stride_inputs
+from .launch import Config, bucket, interpreting, round_down
 from .products import add_product, write_product
 from .reference import reference_key
 
-MB = 2**20
 # Splits narrower than this many tiles make the fp32 d(hidden) accumulator's traffic (8 bytes
 # per token and hidden unit, every split) rival the GEMM itself: chunk the tokens instead.
 # (Two under the interpreter, so that small test vocabularies take several splits.)
@@ -181,13 +180,9 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         plan = plan_splits(M, V, D, compute=compute, hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
                            has_rows=rows is not None, need_hidden=need_hidden, need_weight=need_weight,
                            precise=precise, workspace_bytes=workspace_bytes)
-        targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
-        coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
-        lse = lse.to(torch.float32).contiguous()
-        class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
-        reference = reference if coef.reads_reference else None
-        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
-        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
+        hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse = \
+            logit_grad.backward_operands(hidden, weight, bias, targets, rows, lse, coef, class_weight, reference,
+                                         ref_lse)
         _Sweep(hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute, plan,
                acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype).run()
     return (_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if need_hidden else None, d_weight,
@@ -228,7 +223,7 @@ class _Sweep:
             for t_lo in range(0, M, plan.chunk):
                 t_hi = min(t_lo + plan.chunk, M)
                 g_parts = self._logit_grad(t_lo, t_hi, v_lo, v_hi)
-                for part, g in enumerate(g_parts):
+                for g in g_parts:
                     if w_split is not None:
                         add_product(self.acc_hidden[t_lo:t_hi], g, w_split)
                     if dw_target is not None:

@@ -27,8 +27,8 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, round_down, unit_column_strides, unit_stride_inputs
-from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
+from .launch import Config, Launch, Tuner, bucket, round_down
+from .logit_grad import backward_operands, gradient_family, gradient_inputs, gradient_per_config
 from .reference import reference_key
 from .tile import dot, grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
 
@@ -289,12 +289,8 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
     if need_weight:
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
     if M > 0:
-        targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
-        hidden, weight, reference = unit_column_strides(hidden, weight, reference)
-        coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
-        lse = lse.to(torch.float32).contiguous()
-        class_weight = class_weight.contiguous() if class_weight is not None and coef.uniform is not None else None
-        ref_lse = ref_lse.to(torch.float32).contiguous() if coef.reads_reference else None
+        hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse = backward_operands(
+            hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse)
         _, inv_temperature = logit_scales(softcap, temperature)
         if filter_eps is not None and coef.uniform is not None and softcap is not None:
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
@@ -314,7 +310,7 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         key = (D, V, chunk, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
                softcap is not None, temperature is not None, coef.uniform is not None, class_weight is not None,
                need_hidden, need_weight, need_bias, filter_eps is not None, precise, coef.reference is not None,
-               coef.gap is not None, *reference_key(reference if coef.reads_reference else None, compute_dtype))
+               coef.gap is not None, *reference_key(reference, compute_dtype))
         config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)

@@ -24,7 +24,7 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backend_contract import GradCoefficients, logit_scales
-from .launch import Config, Launch, Tuner, torch_to_tl
+from .launch import Config, Launch, Tuner, torch_to_tl, unit_column_strides, unit_stride_inputs
 from .reference import reference_even_d, reference_inputs, tile_family
 from .tile import grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
 
@@ -102,6 +102,32 @@ CONFIGS = {
 }
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "GROUP_N": 2}, num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
+
+
+def backward_operands(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, reference,
+                      ref_lse):
+    """A backward's operands as its kernels read them, for both backward modes (M > 0).
+
+    Unit-stride vectors and targets clamped (:func:`~dft_ops.kernels.launch.unit_stride_inputs`),
+    matrices with unit column stride (:func:`~dft_ops.kernels.launch.unit_column_strides`),
+    coefficients and log-sum-exps fp32; what ``coef`` does not read (the class
+    weights without a uniform term, the reference without a reference or gap
+    term) becomes None first, so it is never copied.
+
+    Returns:
+        (hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse).
+    """
+    if not coef.reads_reference:
+        reference = ref_lse = None
+    if coef.uniform is None:
+        class_weight = None
+    targets, rows, bias = unit_stride_inputs(targets, rows, bias, weight.shape[0])
+    hidden, weight, reference = unit_column_strides(hidden, weight, reference)
+    coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
+    lse = lse.to(torch.float32).contiguous()
+    class_weight = class_weight.contiguous() if class_weight is not None else None
+    ref_lse = ref_lse.to(torch.float32).contiguous() if ref_lse is not None else None
+    return hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse
 
 
 def gradient_inputs(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, *, softcap,
