@@ -2,27 +2,33 @@
 
     loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, objective="dft", shift=True)
 
-Options live in one validated object (:class:`LossOptions`), the token layout
-(shift, ignored tokens, loss-position mask) in one class (:class:`TokenLayout`).
-Data path: functional API -> autograd Function -> backend (Triton kernels in
-``dft_ops.kernels``, or the chunked PyTorch backend) -> kernel; objectives are
-rows of one table (:mod:`dft_ops.objectives`) used by both backends.
+The layers, top to bottom (docs/architecture.md): :mod:`dft_ops.patching` (Hugging Face models) and
+:mod:`dft_ops.integrations` (one file per training framework) call the functional API
+(:func:`linear_cross_entropy`, validating every argument once, with the options in one
+:class:`LossOptions`, the tokens in one :class:`TokenLayout`), which runs the autograd Function on a
+backend of :mod:`dft_ops.backends` (the Triton kernels in ``dft_ops.kernels``, or the chunked PyTorch
+backend); :mod:`dft_ops.distributed` turns DTensor and vocabulary-parallel inputs into local ones;
+objectives are rows of one table (:mod:`dft_ops.objectives`) used by both backends; :mod:`dft_ops.naive`
+is the float64 oracle everything is tested against.
 """
 
-from . import callbacks, naive, objectives, torch_backend
+from . import backends, callbacks, distributed, naive, objectives
+from .backends.protocol import SecondHead
 from .callbacks import TokenStatsRecorder
+from .distributed import VocabParallel
 from .functional import TokenStats, linear_cross_entropy
+from .integrations.trl import patch_sft_trainer
 from .layout import TokenLayout
 from .module import LinearCrossEntropy
 from .options import LossOptions
-from .vocab_parallel import VocabParallel
-from .integrations.trl import patch_sft_trainer
 from .patching import PatchError, patch, unpatch
+from . import _moved
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "VocabParallel", "TokenLayout", "TokenStats", "objectives", "naive", "torch_backend",
-           "patch", "unpatch", "PatchError", "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "SecondHead", "VocabParallel", "TokenLayout",
+           "TokenStats", "objectives", "naive", "backends", "distributed", "patch", "unpatch", "PatchError",
+           "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
 
 
 def __getattr__(name):
@@ -30,4 +36,6 @@ def __getattr__(name):
     # asked for (so it is not in __all__ either: `from dft_ops import *` must work without transformers)
     if name == "TokenStatsCallback":
         return callbacks.TokenStatsCallback
+    if name in _moved.MODULES:
+        return _moved.load(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

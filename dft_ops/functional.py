@@ -1,32 +1,41 @@
-"""The public functional API: ``dft_ops.linear_cross_entropy``.
+"""The public functional API: ``dft_ops.linear_cross_entropy``, the door every call goes through.
 
-Validates the tensors (a clear TypeError/ValueError naming the argument, never
-a kernel reading out of bounds), builds the :class:`~dft_ops.LossOptions` and
-the :class:`~dft_ops.TokenLayout` of the call (causal shift, ignored tokens
-dropped from the work; the head is never copied, cast or sliced, and the hidden
-states are only viewed as (N, D) - copied by that reshape alone when their
-leading dimensions cannot be flattened into a view), runs the autograd Function on the chosen backend, reduces, and returns
-the :class:`TokenStats` when asked.
+Validates every argument once (a clear TypeError/ValueError naming it, never a
+kernel reading out of bounds: the options by :class:`~dft_ops.LossOptions`,
+tensors by :mod:`dft_ops.inputs`), builds the call's
+:class:`~dft_ops.TokenLayout` (causal shift, ignored tokens dropped from the
+work; the head is never copied, cast or sliced, and the hidden states are only
+viewed as (N, D) - copied by that reshape alone when their leading dimensions
+cannot be flattened into a view), its head description and backend in one
+:class:`~dft_ops.loss_call.LossCall`, runs the autograd Function, reduces,
+and returns the :class:`TokenStats` when asked.
+
+Under vocabulary parallelism the ranks agree on the call before any other
+collective (:func:`~dft_ops.distributed.check_group`): every rank raises the
+same error, whichever rank's inputs are wrong.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from . import inputs as _inputs
 from . import objectives as _objectives
-from . import vocab_parallel as _vocab_parallel
-from .autograd import FunctionOutputs, LinearCrossEntropyFunction, autocast_dtype
-from .backend_contract import product_dtype
-from .dtensor_inputs import localize
-from .layout import TokenLayout, check_dense
+from .autograd import FunctionOutputs, LinearCrossEntropyFunction
+from .backends import select_backend
+from .backends.protocol import Head, SecondHead
+from .backends.sharded import ShardedBackend
+from .distributed import VocabParallel, check_group, is_dtensor, localize
+from .layout import TokenLayout
+from .loss_call import LossCall
 from .options import UNSET, LossOptions, resolve_options
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TOKEN_INPUTS = ("old_logprobs", "ref_logprobs")
+"""The objectives' per-token inputs a call can pass (:attr:`dft_ops.objectives.Objective.token_inputs`)."""
 
 
 class TokenStats(NamedTuple):
@@ -107,72 +116,43 @@ def linear_cross_entropy(
     temperature: float | None = UNSET["temperature"],
     class_weight: Tensor | None = UNSET["class_weight"],
     precise: bool = UNSET["precise"],
-    vocab_parallel: _vocab_parallel.VocabParallel | None = UNSET["vocab_parallel"],
+    vocab_parallel: VocabParallel | None = UNSET["vocab_parallel"],
     backward_mode: str = UNSET["backward_mode"],
     workspace_mb: float = UNSET["workspace_mb"],
     position_ids: Tensor | None = None,
+    second_head: SecondHead | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
     options: LossOptions | None = None,
 ):
     """Loss of ``softmax(hidden @ weight.T + bias)`` against ``labels``, without materializing logits.
 
-    Args:
+    Args (each option's formula, default and errors: docs/api.md):
         hidden: (..., D) float32 / bfloat16 / float16 final hidden states.
         weight: (V, D) output head, float32 / bfloat16 / float16.
         labels: (...) integer labels, the leading shape of hidden;
             ``ignore_index`` marks positions that contribute nothing.
         bias: (V,) head bias, or None.
-        objective: "dft" (``-sg(p) log p``), "ce" (``-log p``), "chord", or an
-            instance from :mod:`dft_ops.objectives` (an
-            :class:`~dft_ops.objectives.ASFT` holding this batch's reference,
-            ``ASFT(...).with_reference(ref_hidden, ref_weight, ...)``).
-        ignore_index: label value to ignore (an int64).
-        reduction: "mean" (sum over non-ignored tokens divided by their count,
-            by the sum of ``class_weight[label]`` over them with class
-            weights, or by ``num_items_in_batch`` when given), "sum", or "none"
-            (one value per loss position, 0 where ignored).
-        num_items_in_batch: positive finite number, or a real tensor holding one
-            (any device): the "mean" divisor (gradient accumulation: the token
-            count of the whole batch).
-        softcap: positive float: logits <- softcap * tanh(logits / softcap).
-        shift: position t predicts ``labels[..., t + shift]``; True is 1 (the
-            Hugging Face causal shift), False is 0. Needs labels with a sequence
-            dimension (ndim >= 2) when non-zero.
-        return_stats: also return :class:`TokenStats`.
-        backend: "triton" (CUDA), "torch" (chunked PyTorch, any device) or
-            "auto" (triton on CUDA, torch elsewhere).
-        filter_eps: gradient filtering for the Triton backward: skip a
-            (tokens x vocabulary) tile when every gradient entry in it is below
-            ``filter_eps * max|upstream x weight|``. None (default) is exact.
-        label_smoothing: eps in [0, 1): per token ``(1 - eps) u_y l + (eps / V)
-            w sum_j u_j (-log softmax_j)`` with the objective's loss ``l`` and
-            detached weight ``w`` (DFT: ``sg(p)``), u the class weights (PyTorch's
-            label_smoothing for "ce").
-        z_loss: adds ``z_loss * lse^2`` per token, unweighted (>= 0).
-        temperature: positive float: logits <- logits / temperature, after
-            the soft-cap (TRL's temperature).
-        class_weight: (V,) floating tensor >= 0 on hidden's device, or None:
-            the label term of a token weighs ``class_weight[label]`` (PyTorch's
-            ``weight``; see ``reduction`` for the mean). Not differentiated.
-        precise: the Triton backward feeds the 16-bit gradient tile to its
-            products as a high and a low part: elementwise-accurate 16-bit
-            gradients for twice the product work (no effect on fp32 products
-            or the torch backend, which keeps the tile in fp32).
-        vocab_parallel: a :class:`dft_ops.VocabParallel`: ``weight`` (and
-            ``bias``) are this rank's rows [start, stop) of a head split over a
-            process group, labels are global ids, and the result is the whole
-            vocabulary's on every rank (a collective: every rank calls it with
-            the same hidden states and labels). ``class_weight`` stays the whole
-            (V,) vector. See docs/distributed.md.
-        backward_mode: the Triton backward: "auto" ("gemm", or "fused" with
-            filter_eps), "gemm" (vocabulary splits, cuBLAS products, a bounded
-            workspace) or "fused" (one kernel, no workspace); docs/backward.md.
-        workspace_mb: bound of the "gemm" backward's workspace, MiB (default 256).
+        objective, ignore_index, reduction, softcap, shift, return_stats,
+            backend, filter_eps, label_smoothing, z_loss, temperature,
+            class_weight, precise, vocab_parallel, backward_mode,
+            workspace_mb: the options (:class:`dft_ops.LossOptions`).
+        num_items_in_batch: the "mean" divisor (gradient accumulation: the
+            token count of the whole batch): a finite number, or a real tensor
+            holding one (any device). 0 only for a batch with no token to
+            train on (loss 0, zero gradients).
         position_ids: (...) integer positions, the shape of labels, for packed
             batches: a new sequence starts wherever it is 0 (and at every row).
-            Only sequence-level objectives use it; without it the sequences
-            are the rows of labels.
-        options: a :class:`dft_ops.LossOptions` holding the options above;
-            option keywords given explicitly override its fields.
+            Only sequence-level objectives use it.
+        second_head: a :class:`dft_ops.SecondHead` (hidden (..., D2) with
+            hidden's leading shape, weight (V, D2), bias, softcap): the frozen
+            head an objective with ``needs_second_head`` compares with (ASFT's
+            reference model). Never differentiated.
+        old_logprobs / ref_logprobs: PSFT's / ImportanceWeighted's per-token
+            inputs, float tensors of the loss positions' shape (labels, or
+            ``labels[..., shift:]``).
+        options: a :class:`dft_ops.LossOptions` holding the options; option
+            keywords given explicitly override its fields.
 
     DTensors: a ``Shard(0)`` weight (and bias) is the vocabulary-parallel loss
     over its mesh; ``Replicate()`` DTensors are computed on their local
@@ -184,7 +164,7 @@ def linear_cross_entropy(
     of the head), with fp32 accumulation; the bias (any float dtype) is added
     in fp32; each gradient comes back in its own input's dtype. Under
     ``torch.autocast`` for hidden's device the products run in the autocast
-    dtype, as ``nn.Linear``'s would.
+    dtype, as ``nn.Linear``'s would. The same rule for a second head.
 
     Returns:
         loss: float32 0-d tensor, or (...) per loss position with
@@ -195,39 +175,17 @@ def linear_cross_entropy(
         TypeError / ValueError naming the offending argument. RuntimeError on
         double backward (``create_graph=True`` through this loss).
     """
-    opts = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
-                           softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
-                           filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
-                           temperature=temperature, class_weight=class_weight, precise=precise,
-                           vocab_parallel=vocab_parallel, backward_mode=backward_mode,
-                           workspace_mb=workspace_mb)
-    hidden, weight, bias, labels, split = localize(hidden, weight, bias, labels, opts.vocab_parallel)
-    _check_tensors(hidden, weight, labels, bias, vocab_rows=split is not None)
-    num_items = _check_num_items(num_items_in_batch)
-    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
-    split = _vocab_parallel.check_group(split, hidden, weight, labels)
-    opts = opts if split is opts.vocab_parallel else opts.replace(vocab_parallel=split)
-    D, V = hidden.shape[-1], weight.shape[0] if split is None else split.vocab_size
-    to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
-    if opts.class_weight is not None:
-        to_read |= _check_class_weight(opts.class_weight, V, hidden.device, layout,
-                                       weighted_mean=opts.reduction == "mean" and num_items is None)
-    # one device sync: label range, the computed-token count, and the 0-d tensors to read with them
-    read = dict(zip(to_read, layout.compact(V, *to_read.values())))
-    if "num_items" in read:
-        num_items = _positive_finite_items(read["num_items"])
-    if read.get("invalid_class_weights"):
-        raise ValueError(f"class_weight: {int(read['invalid_class_weights'])} value(s) negative or not finite; "
-                         "expected finite weights >= 0")
-
-    out = FunctionOutputs(*LinearCrossEntropyFunction.apply(hidden.reshape(-1, D), weight, bias, layout, opts))
-
-    if num_items is not None:
-        divisor = num_items
-    elif "target_weight_sum" in read:
-        divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
-    else:
-        divisor = max(layout.n_computed, 1)
+    keywords = dict(objective=objective, ignore_index=ignore_index, reduction=reduction, softcap=softcap, shift=shift,
+                    return_stats=return_stats, backend=backend, filter_eps=filter_eps,
+                    label_smoothing=label_smoothing, z_loss=z_loss, temperature=temperature,
+                    class_weight=class_weight, precise=precise, vocab_parallel=vocab_parallel,
+                    backward_mode=backward_mode, workspace_mb=workspace_mb)
+    batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head)
+    door = _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords, options)
+    call = door.call
+    layout, opts = call.layout, call.options
+    out = FunctionOutputs(*LinearCrossEntropyFunction.apply(door.hidden, call.head.weight, call.head.bias, call))
+    divisor = door.divisor
     loss = _reduce(out.value, layout, opts.reduction, divisor)
     if not opts.return_stats:
         return loss
@@ -250,100 +208,115 @@ def _reduce(values: Tensor, layout: TokenLayout, reduction: str, divisor: float)
     return values.sum() / divisor
 
 
-def _check_class_weight(class_weight: Tensor, V: int, device, layout: TokenLayout, *,
-                        weighted_mean: bool) -> dict[str, Tensor]:
-    """Length and device now; 0-d tensors to read with the labels: invalid values, the weighted mean's divisor."""
-    if tuple(class_weight.shape) != (V,):
-        raise ValueError(f"class_weight: expected shape ({V},) (V, the whole vocabulary's size), "
-                         f"got {tuple(class_weight.shape)}")
-    if class_weight.device != device:
-        raise ValueError(f"class_weight: on {class_weight.device} but hidden is on {device}; "
-                         "put it on hidden's device")
-    reads = {"invalid_class_weights": (~(torch.isfinite(class_weight) & (class_weight >= 0))).sum()}
-    if weighted_mean:
-        # PyTorch's weighted mean: sum_t u[y_t] over non-ignored tokens (labels outside [0, V) fail in compact)
-        u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
-        reads["target_weight_sum"] = torch.where(layout.valid, u, 0.0).sum()
-    return reads
+class _Door(NamedTuple):
+    """What the door hands on: hidden as (N, D), the validated call, the "mean" divisor."""
+
+    hidden: Tensor
+    call: LossCall
+    divisor: float
 
 
-def compute_dtype(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> torch.dtype:
-    """The dtype the products run in (see linear_cross_entropy's "Dtypes").
-
-    Under autocast for hidden's device: the autocast dtype (what ``nn.Linear``
-    would compute in). Otherwise the 16-bit dtype of hidden and weight, or
-    float32 when both are float32 (the backends' ``product_dtype``). bfloat16
-    with float16 has no common lower precision and raises a TypeError naming
-    ``weight``. The bias (any float dtype) is added in fp32 and never decides.
-    """
-    requested = autocast_dtype(hidden.device)
-    if requested is not None:
-        return requested
-    if {hidden.dtype, weight.dtype} == {torch.bfloat16, torch.float16}:
-        raise TypeError(f"weight: dtype {weight.dtype} cannot be combined with hidden's {hidden.dtype} (no common "
-                        "lower precision); cast one of them")
-    return product_dtype(hidden.dtype, weight.dtype)
-
-
-def _check_num_items(num_items_in_batch):
-    """None, a positive finite float, or a 0-d real tensor to read with the labels (checked after reading)."""
-    value = num_items_in_batch
-    if value is None:
-        return None
-    name = "num_items_in_batch"
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a positive number or a tensor holding one, got bool")
-    if isinstance(value, Tensor):
-        check_dense(name, value)
-        if value.dtype == torch.bool or value.dtype.is_complex:
-            raise TypeError(f"{name}: expected a real (integer or floating) tensor, got {value.dtype}")
-        if value.numel() != 1:
-            raise ValueError(f"{name}: expected a single number, got a tensor of shape {tuple(value.shape)}")
-        return value.detach().reshape(())
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number or a tensor holding one, got {type(value).__name__}")
+def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: dict, keywords: dict,
+               options) -> _Door:
+    """Every argument checked once and the call built (module docstring); one device synchronisation."""
+    hint = _vocab_parallel_hint(keywords, options, weight)
     try:
-        value = float(value)
-    except OverflowError:
-        value = math.inf
-    return _positive_finite_items(value)
+        opts = resolve_options(options, **keywords)
+        objective, held, held_second = _objectives.batch_tensors(opts.objective)
+        if objective is not opts.objective:  # this batch's tensors held the deprecated way: call arguments now
+            opts = opts.replace(objective=objective)
+            batch = {**batch, **{k: v for k, v in held.items() if batch.get(k) is None}}
+            batch["second_head"] = batch["second_head"] if batch["second_head"] is not None else held_second
+        local = localize(hidden, weight, bias, labels, opts.vocab_parallel)
+        hidden, weight, bias, labels = local.hidden, local.weight, local.bias, local.labels
+        _inputs.check_head_inputs(hidden, weight, labels, bias, vocab_rows=local.vocab_parallel is not None)
+        _inputs.check_labels(labels, opts.shift)
+        _inputs.check_position_ids(position_ids, labels)
+        num_items = _inputs.check_num_items(num_items_in_batch)
+        loss_shape = (*labels.shape[:-1], max(labels.shape[-1] - opts.shift, 0))
+        token_inputs = _check_token_inputs(opts.objective, batch, loss_shape, opts.shift, labels.device)
+        second = batch["second_head"]
+        if opts.objective.needs_second_head and second is None:
+            raise ValueError(f"second_head: objective {type(opts.objective).__name__} compares with a frozen second "
+                             "head: pass second_head=dft_ops.SecondHead(hidden2, weight2, bias=None, softcap=None) "
+                             "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
+        if second is not None and not opts.objective.needs_second_head:
+            raise ValueError(f"second_head: objective {type(opts.objective).__name__} takes no second head "
+                             "(only objectives such as ASFT compare with one)")
+        backend = select_backend(opts, hidden.device)
+        split = local.vocab_parallel
+    except (TypeError, ValueError) as err:
+        if hint is not None and dist.is_available() and dist.is_initialized():
+            check_group(hint, hidden=hidden, error=err)  # every rank learns of it, then raises
+        raise
+    if split is not None:
+        split = check_group(split, hidden=hidden, weight=weight, labels=labels, settings=opts.digests(),
+                            tensors={"class_weight": opts.class_weight, "position_ids": position_ids,
+                                     **token_inputs},
+                            sharded_dtensor=local.from_dtensor)
+        opts = opts.replace(vocab_parallel=split)
+        backend = ShardedBackend(backend, split)
+    V, D = (weight.shape[0] if split is None else split.vocab_size), hidden.shape[-1]
+    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
+    to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
+    class_weight = opts.class_weight
+    weighted_mean = class_weight is not None and opts.reduction == "mean" and num_items is None
+    if class_weight is not None:
+        _inputs.check_class_weight(class_weight, V, hidden.device)
+        to_read["invalid_class_weights"] = (~(torch.isfinite(class_weight) & (class_weight >= 0))).sum()
+        if weighted_mean:
+            # PyTorch's weighted mean: sum_t u[y_t] over non-ignored tokens (labels outside [0, V) fail in compact)
+            u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
+            to_read["target_weight_sum"] = torch.where(layout.valid, u, 0.0).sum()
+    if second is not None:
+        second = _inputs.check_second_head(second, layout.shape, V, hidden)
+    # the call's one device sync: label range, the computed-token count, and the 0-d tensors to read with them
+    read = dict(zip(to_read, layout.compact(V, *to_read.values())))
+    if read.get("invalid_class_weights"):
+        raise ValueError(f"class_weight: {int(read['invalid_class_weights'])} value(s) negative or not finite; "
+                         "expected finite weights >= 0")
+    if "num_items" in read:
+        num_items = read["num_items"]
+    if num_items is not None:
+        divisor = _inputs.num_items_divisor(num_items, layout.n_computed)
+    elif weighted_mean:
+        divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
+    else:
+        divisor = max(layout.n_computed, 1)
+    head = Head(weight, bias, opts.softcap, opts.temperature, _inputs.compute_dtype("weight", hidden, weight),
+                class_weight, second)
+    call = LossCall(layout, opts, head, backend, V,
+                    token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
+                    segments=layout.segments() if opts.objective.needs_segments else None)
+    return _Door(hidden.reshape(-1, D), call, divisor)
 
 
-def _positive_finite_items(value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"num_items_in_batch: must be a positive finite number, got {value}")
-    return value
+def _check_token_inputs(objective, batch: dict, loss_shape: tuple, shift: int, device) -> dict[str, Tensor]:
+    """The objective's per-token inputs from the call's keywords, each checked; unknown or missing ones refused."""
+    wanted = set(objective.token_inputs)
+    for name in TOKEN_INPUTS:
+        given = batch.get(name)
+        if name in wanted and given is None:
+            raise ValueError(f"{name}: objective {type(objective).__name__} needs this batch's {name}: pass "
+                             f"linear_cross_entropy(..., {name}=...) (a patched model takes the forward keyword "
+                             f"{name}=...)")
+        if name not in wanted and given is not None:
+            raise ValueError(f"{name}: objective {type(objective).__name__} takes no {name} (its per-token inputs: "
+                             f"{list(objective.token_inputs) or 'none'})")
+        if given is not None:
+            _inputs.check_token_input(name, given, loss_shape, shift, device)
+    return {name: batch[name] for name in objective.token_inputs}
 
 
-def _check_tensors(hidden, weight, labels, bias, vocab_rows: bool = False) -> None:
-    """``vocab_rows``: weight holds some rows of a vocabulary split over ranks (possibly none)."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)):
-        if name == "bias" and t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor{' or None' if name == 'bias' else ''}, "
-                            f"got {type(t).__name__}")
-        check_dense(name, t)
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
-    if hidden.ndim < 2:
-        raise ValueError(f"hidden: expected shape (..., D) with at least one token dimension, got {tuple(hidden.shape)}")
-    if hidden.shape[-1] == 0:
-        raise ValueError("hidden: hidden size D (last dimension) is 0")
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected shape (V, D), got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size D={hidden.shape[-1]}; "
-                         "expected (V, D)")
-    if weight.shape[0] == 0 and not vocab_rows:
-        raise ValueError("weight: vocabulary size V (first dimension) is 0")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match hidden's leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V,), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name}: on {t.device} but hidden is on {hidden.device}; put all inputs on one device")
-    compute_dtype(hidden, weight, bias)
+def _vocab_parallel_hint(keywords: dict, options, weight) -> VocabParallel | None:
+    """The vocabulary-parallel option a call asks for, read without validating anything: the ranks' group
+    to tell about a validation error (``check_group(error=...)``), or None."""
+    for candidate in (keywords.get("vocab_parallel"), getattr(options, "vocab_parallel", None)):
+        if isinstance(candidate, VocabParallel):
+            return candidate
+    if is_dtensor(weight):
+        try:
+            return localize(None, weight, None, None, None).vocab_parallel
+        except Exception:  # noqa: BLE001 - a hint only: the call's own checks will say what is wrong
+            return None
+    return None

@@ -21,25 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .objectives import Objective
-from .options import LossOptions
-
-def check_dense(name: str, t: Tensor) -> None:
-    """A clear error for tensors that carry no data (meta) or are not strided (sparse, nested)."""
-    if t.layout != torch.strided:
-        raise TypeError(f"{name}: {t.layout} tensors are not supported; pass a dense (strided) tensor")
-    if t.is_meta:
-        raise ValueError(f"{name}: is a meta tensor (no data); pass a tensor with values on a real device")
-
 
 class TokenLayout:
     """The token layout of one batch of labels.
 
-    Args:
+    Args (validated by the caller, ``dft_ops.linear_cross_entropy``'s door):
         labels: (..., S) integer tensor (any strides); ``ignore_index`` marks
             positions that contribute nothing. Unsigned dtypes up to 32 bits are
-            read exactly; uint64 is refused (its values past 2**63 would wrap).
-        shift: position t predicts ``labels[..., t + shift]`` (0: no shift; needs
+            read exactly.
+        shift: position t predicts ``labels[..., t + shift]`` (0: no shift;
             ``labels.ndim >= 2`` otherwise, so sequences cannot run into each other).
         ignore_index: an int64.
         position_ids: (..., S) integer tensor or None: packed documents start
@@ -59,10 +49,8 @@ class TokenLayout:
 
     def __init__(self, labels: Tensor, *, shift: int = 0, ignore_index: int = -100,
                  position_ids: Tensor | None = None):
-        # the options' own checks: a layout built outside the functional API validates the same way
-        self.shift = LossOptions.check("shift", shift)
-        self.ignore_index = LossOptions.check("ignore_index", ignore_index)
-        self._check_labels(labels)
+        assert labels.ndim >= (2 if shift else 1) and not labels.dtype.is_floating_point, labels.shape
+        self.shift, self.ignore_index = int(shift), int(ignore_index)
         self.shape = tuple(labels.shape)
         S = self.shape[-1]
         self.loss_shape = (*self.shape[:-1], max(S - self.shift, 0))
@@ -77,45 +65,11 @@ class TokenLayout:
         self.targets = targets.reshape(-1).contiguous()
         self.valid = self.targets != self.ignore_index
         self.mask = labels[..., self.shift:] != self.ignore_index
-        self.position_ids = self._check_position_ids(position_ids, labels)
+        assert position_ids is None or tuple(position_ids.shape) == self.shape
+        self.position_ids = None if position_ids is None else position_ids.contiguous()
         self.rows: Tensor | None = None
         self.row_targets: Tensor | None = None
         self.n_computed: int | None = None
-
-    # ------------------------------------------------------------------------------------------ checks
-
-    def _check_labels(self, labels) -> None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-        check_dense("labels", labels)
-        if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
-            raise TypeError(f"labels: expected an integer tensor (int64), got {labels.dtype}")
-        if labels.ndim == 0:
-            raise ValueError("labels: expected at least one dimension (the positions), got a 0-d tensor")
-        if labels.dtype == torch.uint64:
-            raise TypeError(f"labels: {labels.dtype} is not supported (values past 2**63 would wrap to negative ids, "
-                            "e.g. into ignore_index); use int64")
-        if self.shift and labels.ndim < 2:
-            raise ValueError(
-                f"shift: needs labels with a sequence dimension, shape (batch, seq) or (..., seq); got shape "
-                f"{tuple(labels.shape)}. Flattened tokens of several sequences cannot be shifted safely: "
-                "shift them yourself or pass 2-D labels."
-            )
-
-    @staticmethod
-    def _check_position_ids(position_ids, labels: Tensor) -> Tensor | None:
-        if position_ids is None:
-            return None
-        if not isinstance(position_ids, Tensor) or position_ids.dtype.is_floating_point \
-                or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
-            raise TypeError("position_ids: expected an integer tensor of the labels' shape or None")
-        check_dense("position_ids", position_ids)
-        if tuple(position_ids.shape) != tuple(labels.shape):
-            raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match labels' "
-                             f"{tuple(labels.shape)}")
-        if position_ids.device != labels.device:
-            raise ValueError(f"position_ids: on {position_ids.device} but the labels are on {labels.device}")
-        return position_ids.contiguous()
 
     # ------------------------------------------------------------------------------------------ compaction
 
@@ -173,36 +127,14 @@ class TokenLayout:
 
     # ------------------------------------------------------------------------------------------ per-token inputs
 
-    def align(self, t, where: str) -> Tensor:
-        """A per-token input of the loss positions' shape -> (M,) float32 contiguous, aligned with the rows.
-
-        ``where`` names the input in error messages (e.g. "objective: PSFT.old_logprobs").
-        """
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
-        check_dense(where, t)
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{where} must be a floating-point tensor, got {t.dtype}")
-        if tuple(t.shape) != self.loss_shape:
-            raise ValueError(f"{where} has shape {tuple(t.shape)}; expected the loss positions' shape {self.loss_shape}"
-                             + (f" (labels[..., {self.shift}:] with shift={self.shift})" if self.shift else ""))
-        if t.device != self.targets.device:
-            raise ValueError(f"{where} is on {t.device} but the labels are on {self.targets.device}")
+    def align(self, t: Tensor) -> Tensor:
+        """A per-token input of the loss positions' shape (validated) -> (M,) float32 contiguous, aligned with
+        the rows (detached: an objective's per-token inputs are constants)."""
+        assert tuple(t.shape) == self.loss_shape, (tuple(t.shape), self.loss_shape)
         t = t.detach().to(torch.float32)
         if self.shift:  # the last `shift` positions of a row predict nothing: any value, never computed
             t = torch.cat([t, t.new_zeros((*self.shape[:-1], self.shape[-1] - t.shape[-1]))], dim=-1)
         return self.pick(t.reshape(-1)).contiguous()
-
-    def objective_inputs(self, objective: Objective) -> dict[str, Tensor]:
-        """The objective's per-token tensors, each aligned with the computed rows: (M,) float32."""
-        out = {}
-        for name, t in objective.token_tensors().items():
-            where = f"objective: {type(objective).__name__}.{name}"
-            if t is None:
-                raise ValueError(f"{where} is None: pass this batch's tensor (objective.with_token_tensors({name}=...), "
-                                 f"or the forward keyword {name}=... of a model patched with dft_ops.patch)")
-            out[name] = self.align(t, where)
-        return out
 
     def segments(self) -> Tensor:
         """(M,) int64 sequence id of each computed row, numbered 0, 1, ... in order (TokenBatch.segments).

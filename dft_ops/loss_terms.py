@@ -17,26 +17,28 @@ d lse/dz = softmax) gives the backward's coefficients
     b = w * (1 - eps) * cw_y
     c = w * eps / V
 
-(see :mod:`dft_ops.backend_contract` for how a backend uses them and
-docs/math.md for the derivation).
+(the contract, :mod:`dft_ops.backends.protocol`, says how a backend uses them;
+docs/math.md derives them).
 
 An :class:`~dft_ops.objectives.ASFT` row adds ``kl_coef * KL`` to the value,
-KL from the forward's reference statistics, and its gradient ``kl_coef * (p - q)``
+KL from the forward's second-head statistics, and its gradient ``kl_coef * (p - q)``
 (forward KL: ``a += k``, ``e = k``) or ``kl_coef * p * (log p - log q - KL)``
 (reverse KL: ``a -= k KL``, ``f = k``; ``= k p ((z - r) - E_p[z - r])`` without
 the offset between the heads that ``z - r`` would carry).
+
+Every input arrives validated (the options by :class:`~dft_ops.LossOptions`,
+tensors at the door); this module only computes.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .backend_contract import ForwardStats, GradCoefficients
+from .backends.protocol import ForwardStats, GradTerms
+from .loss_call import LossCall
 from .objectives import ASFT, Objective, TokenBatch
 
 
@@ -49,108 +51,71 @@ class TokenLoss(NamedTuple):
         z_loss: ``z_loss * lse^2`` (already in ``value``), or None when z_loss is 0.
         target_weight: ``class_weight[y]``, or None without class weights. A
             "mean" over tokens with class weights divides by their sum (PyTorch).
-        coef: the backward's coefficients for a unit upstream gradient.
-        kl: the KL to the reference (an ASFT row; ``kl_coef * kl`` is in ``value``), else None.
+        terms: the backward's G terms for a unit upstream gradient.
+        kl: the KL to the second head (an ASFT row; ``kl_coef * kl`` is in ``value``), else None.
     """
 
     value: Tensor
     logp: Tensor
     z_loss: Tensor | None
     target_weight: Tensor | None
-    coef: GradCoefficients
+    terms: GradTerms
     kl: Tensor | None = None
 
 
-def check_options(*, label_smoothing=0.0, class_weight=None, z_loss=0.0, vocab_size: int | None = None) -> None:
-    """TypeError / ValueError naming the option; no device sync."""
-    for name, value, upper in (("label_smoothing", label_smoothing, 1.0), ("z_loss", z_loss, math.inf)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-        if not (math.isfinite(value) and 0.0 <= value <= upper):
-            raise ValueError(f"{name}: must be in [0, {upper}]" + (" and finite" if upper == math.inf else "")
-                             + f", got {value}")
-    if class_weight is not None:
-        if not isinstance(class_weight, Tensor) or not class_weight.dtype.is_floating_point:
-            got = class_weight.dtype if isinstance(class_weight, Tensor) else type(class_weight).__name__
-            raise TypeError(f"class_weight: expected a floating-point tensor (V,), got {got}")
-        if class_weight.ndim != 1 or (vocab_size is not None and class_weight.shape[0] != vocab_size):
-            raise ValueError(f"class_weight: expected shape ({vocab_size if vocab_size is not None else 'V'},), "
-                             f"got {tuple(class_weight.shape)}")
+def token_loss(stats: ForwardStats, call: LossCall) -> TokenLoss:
+    """Loss values and G terms of the M computed tokens of ``call``, from the backend's forward statistics.
 
-
-def token_loss(stats: ForwardStats, targets: Tensor, objective: Objective, *, vocab_size: int,
-               inputs: dict[str, Tensor] | None = None, segments: Tensor | None = None,
-               label_smoothing: float = 0.0, class_weight: Tensor | None = None, z_loss: float = 0.0) -> TokenLoss:
-    """Loss values and gradient coefficients of the M computed tokens.
-
-    Args:
-        stats: the backend's forward statistics; ``smooth_sum`` is needed when
-            ``label_smoothing > 0`` (forward with ``smoothing=True`` and the same
-            ``class_weight``).
-        targets: (M,) integer labels in [0, V) (global ids under vocabulary parallelism).
-        objective: a row of :mod:`dft_ops.objectives`.
-        vocab_size: V.
-        inputs / segments: the objective's per-token tensors and sequence ids (see TokenBatch).
-        label_smoothing: eps in [0, 1].
-        class_weight: (V,) float u, or None (all 1).
-        z_loss: coefficient of lse^2, >= 0.
-
-    Returns:
-        :class:`TokenLoss`.
+    ``stats.smooth_sum`` is there when the call has label smoothing (the
+    forward ran with ``smoothing=True`` and the head's class weights); the
+    targets are the call's (global ids under vocabulary parallelism).
     """
-    check_options(label_smoothing=label_smoothing, class_weight=class_weight, z_loss=z_loss, vocab_size=vocab_size)
-    if label_smoothing > 0 and stats.smooth_sum is None:
-        raise ValueError("stats: label_smoothing needs smooth_sum; run the forward with smoothing=True")
+    options, V = call.options, call.vocab_size
+    objective, eps, z_loss = options.objective, options.label_smoothing, options.z_loss
+    class_weight = options.class_weight
     lse = stats.lse
     logp = stats.target_logit - lse
-    batch = TokenBatch(logp=logp, inputs=inputs or {}, segments=segments)
+    batch = TokenBatch(logp=logp, inputs=call.token_inputs, segments=call.segments)
     value, weight = (_per_token(objective, name, getattr(objective, name)(batch), logp) for name in ("value", "weight"))
-    eps = float(label_smoothing)
 
     target_weight = None
     label_factor = 1.0 - eps  # (1 - eps) * cw_y, a tensor with class weights
     if class_weight is not None:
-        # clamped gather: never an out-of-bounds read, whatever reaches here
-        target_weight = class_weight.to(torch.float32).gather(0, targets.long().clamp(0, vocab_size - 1))
+        # clamped gather: the targets were checked against V, and a clamp costs nothing next to an illegal read
+        target_weight = class_weight.to(torch.float32).gather(0, call.layout.row_targets.clamp(0, V - 1))
         label_factor = label_factor * target_weight
     value = label_factor * value
     softmax_factor = label_factor
     uniform = None
     if eps > 0:
-        total_weight = class_weight.to(torch.float32).sum() if class_weight is not None else float(vocab_size)
+        total_weight = class_weight.to(torch.float32).sum() if class_weight is not None else float(V)
         smooth_nll = total_weight * lse - stats.smooth_sum
-        value = value + (eps / vocab_size) * weight * smooth_nll
-        softmax_factor = softmax_factor + eps * total_weight / vocab_size
-        uniform = weight * (eps / vocab_size)
+        value = value + (eps / V) * weight * smooth_nll
+        softmax_factor = softmax_factor + eps * total_weight / V
+        uniform = weight * (eps / V)
     softmax = weight * softmax_factor
     z_value = None
     if z_loss > 0:
         z_value = z_loss * lse * lse
         value = value + z_value
         softmax = softmax + (2.0 * z_loss) * lse
-    coef = GradCoefficients(softmax=softmax, target=weight * label_factor, uniform=uniform)
+    terms = GradTerms(lse=lse, softmax=softmax, target=weight * label_factor, uniform=uniform)
     kl = None
     if isinstance(objective, ASFT):
-        kl, coef = _kl_term(stats, objective, coef)
+        kl, terms = _kl_term(stats, objective, terms)
         value = value + objective.kl_coef * kl
-    return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, coef=coef, kl=kl)
+    return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, terms=terms, kl=kl)
 
 
-def kl_to_reference(stats: ForwardStats, direction: str) -> Tensor:
-    """(M,) float32 KL per token from a forward with a reference: KL(q || p) ("forward") or KL(p || q)."""
-    if stats.ref_lse is None:
-        raise ValueError("stats: a KL to the reference needs the forward's reference statistics "
-                         "(run lse_forward with reference=ReferenceHead(...))")
-    return stats.forward_kl if direction == "forward" else stats.reverse_kl
-
-
-def _kl_term(stats: ForwardStats, objective: ASFT, coef: GradCoefficients) -> tuple[Tensor, GradCoefficients]:
-    """The KL values and the coefficients with the KL's logit gradient added (module docstring)."""
-    kl = kl_to_reference(stats, objective.direction)
+def _kl_term(stats: ForwardStats, objective: ASFT, terms: GradTerms) -> tuple[Tensor, GradTerms]:
+    """The KL values and the terms with the KL's logit gradient added (module docstring)."""
+    assert stats.second_lse is not None, "an ASFT call streams its second head in the forward"
+    kl = stats.forward_kl if objective.direction == "forward" else stats.reverse_kl
     k = torch.full_like(kl, objective.kl_coef)
+    terms = terms._replace(second_lse=stats.second_lse)
     if objective.direction == "forward":
-        return kl, coef._replace(softmax=coef.softmax + k, reference=k)
-    return kl, coef._replace(softmax=coef.softmax - k * kl, gap=k)
+        return kl, terms._replace(softmax=terms.softmax + k, second=k)
+    return kl, terms._replace(softmax=terms.softmax - k * kl, gap=k)
 
 
 def _per_token(objective: Objective, name: str, out, logp: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ class LinearCrossEntropy(nn.Module):
     result is :attr:`options`.
 
     ``forward(hidden (..., D), weight (V, D), labels (...), bias=None,
-    num_items_in_batch=None, position_ids=None)`` returns what
+    num_items_in_batch=None, position_ids=None, second_head=None,
+    old_logprobs=None, ref_logprobs=None)`` returns what
     :func:`dft_ops.linear_cross_entropy` returns with these options. The
     module holds no parameters: the head's weight is passed in, so it can be
     the model's own ``lm_head.weight``. ``module.to(...)`` moves (and casts)
@@ -41,9 +42,11 @@ class LinearCrossEntropy(nn.Module):
                                        backward_mode=backward_mode, workspace_mb=workspace_mb)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-                num_items_in_batch=None, position_ids: Tensor | None = None):
+                num_items_in_batch=None, position_ids: Tensor | None = None, second_head=None,
+                old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None):
         return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
-                                    position_ids=position_ids, options=self.options)
+                                    position_ids=position_ids, second_head=second_head, old_logprobs=old_logprobs,
+                                    ref_logprobs=ref_logprobs, options=self.options)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(device) / .cuda() / .half() move class_weight with the module, as CrossEntropyLoss's weight buffer

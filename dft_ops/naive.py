@@ -1,6 +1,8 @@
-"""Float64 reference: materialized logits, autograd, formulas written out directly.
+"""The float64 oracle: materialized logits, autograd, formulas written out directly.
 
-This is what the fused implementations are tested against. It is written
+This is what the fused implementations are tested against ("naive" is its
+name throughout: not to be confused with a reference model, ASFT's, or the
+second head that carries one). It is written
 independently of :mod:`dft_ops.objectives`: the losses below are the formulas
 of the papers with ``.detach()`` for stop-gradients, and their gradients come
 from autograd, not from the objective table's ``weight``. Memory is
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # per-token loss from the label log-probability (float64), stop-gradients as .detach()
-REFERENCE_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
+NAIVE_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
     "ce": lambda logp: -logp,
     "dft": lambda logp: -logp.exp().detach() * logp,
     # CHORD's phi(p) = p (1 - p)
@@ -24,22 +26,24 @@ REFERENCE_LOSSES: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def naive_loss(objective, old_logprobs=None, ref_logprobs=None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The float64 per-token loss ``fn(logp, valid, sequence)`` of an objective name or instance.
 
     ``logp``: (...) float64 label log-probs at the loss positions (with
     autograd); ``valid``: (...) bool, False at ignored positions (whose logp
     is meaningless); ``sequence``: (...) int64 sequence id of each position.
-    The formulas read the instance's parameters, never its ``value`` / ``weight``.
+    ``old_logprobs`` / ``ref_logprobs``: PSFT's / iw-SFT's per-token inputs
+    (the loss positions' shape). The formulas read the instance's parameters,
+    never its ``value`` / ``weight``.
     """
     from . import objectives as o
 
     if isinstance(objective, o.ASFT):  # the base's part; the KL term is kl_divergence's
-        return reference_loss(objective.base)
+        return naive_loss(objective.base, old_logprobs, ref_logprobs)
     if isinstance(objective, str):
-        return lambda logp, valid, sequence: REFERENCE_LOSSES[objective](logp)
+        return lambda logp, valid, sequence: NAIVE_LOSSES[objective](logp)
     if type(objective) in (o.CE, o.DFT, o.Chord):
-        return reference_loss(objective.name)
+        return naive_loss(objective.name)
     if isinstance(objective, o.Power):
         a = objective.alpha
         return lambda logp, valid, sequence: (1 - logp.exp() ** a) / a
@@ -47,7 +51,7 @@ def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         g = objective.gamma
         return lambda logp, valid, sequence: -((1 - logp.exp()) ** g) * logp
     if isinstance(objective, o.Threshold):
-        base = REFERENCE_LOSSES[objective.base.name]
+        base = NAIVE_LOSSES[objective.base.name]
         lo = 0.0 if objective.min_p is None else objective.min_p
         hi = 1.0 if objective.max_p is None else objective.max_p
 
@@ -61,7 +65,7 @@ def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
         def psft(logp, valid, sequence):
             # PPO's clipped surrogate with advantage 1 (the ratio's gradient flows through p)
-            p_old = torch.where(valid, objective.old_logprobs.double(), 0.0).exp()
+            p_old = torch.where(valid, old_logprobs.double(), 0.0).exp()
             r = logp.exp() / p_old
             return -torch.min(r, r.clamp(1 - eps_low, 1 + eps_high))
 
@@ -70,7 +74,7 @@ def reference_loss(objective) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         lo, hi = objective.clamp
 
         def importance_weighted(logp, valid, sequence):
-            p_ref = torch.where(valid, objective.ref_logprobs.double(), 0.0).exp()
+            p_ref = torch.where(valid, ref_logprobs.double(), 0.0).exp()
             return -(logp.exp() / p_ref).clamp(lo, hi).detach() * logp
 
         return importance_weighted
@@ -158,10 +162,13 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     class_weight: Tensor | None = None,
     z_loss: float = 0.0,
+    second_head=None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
 ):
-    """Reference for :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
+    """The float64 oracle of :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
 
-    ``objective`` is "dft" (default), a name of :data:`REFERENCE_LOSSES`, an
+    ``objective`` is "dft" (default), a name of :data:`NAIVE_LOSSES`, an
     instance from :mod:`dft_ops.objectives` (see :func:`reference_loss`), or a
     callable mapping the (...,) float64 label log-probabilities to per-token
     losses. ``position_ids`` splits rows into sequences (for SequenceDFT).
@@ -173,17 +180,23 @@ def linear_cross_entropy(
     ``u_y`` with class weights (PyTorch's weighted mean), or by num_items_in_batch.
     An :class:`~dft_ops.objectives.ASFT` objective adds ``kl_coef * KL`` per
     token (:func:`kl_divergence` of the materialized logits of both heads, the
-    reference's capped by ``ref_softcap`` and divided by the same temperature,
-    and detached), after all of the above; stats then add "kl".
+    ``second_head``'s capped by its own soft-cap and divided by the same
+    temperature, and detached), after all of the above; stats then add "kl".
     Stats add "argmax" (first index of the max logit), "lse" and "z_loss".
     """
-    from .objectives import ASFT
+    from .objectives import ASFT, Objective, batch_tensors
 
+    if isinstance(objective, Objective):  # this batch's tensors held the deprecated way
+        objective, held, held_second = batch_tensors(objective)
+        old_logprobs = held.get("old_logprobs", old_logprobs)
+        ref_logprobs = held.get("ref_logprobs", ref_logprobs)
+        second_head = held_second if held_second is not None else second_head
     z = logits(hidden, weight, bias, softcap, temperature)
     asft = objective if isinstance(objective, ASFT) else None
     r = None
     if asft is not None:
-        r = logits(asft.ref_hidden, asft.ref_weight, asft.ref_bias, asft.ref_softcap, temperature).detach()
+        r = logits(second_head.hidden, second_head.weight, second_head.bias, second_head.softcap,
+                   temperature).detach()
     sequence = sequence_ids(labels.shape, position_ids, labels.device)
     if shift:  # position t predicts labels[..., t + shift]; True is 1
         kept = max(labels.shape[-1] - int(shift), 0)
@@ -198,7 +211,7 @@ def linear_cross_entropy(
     if callable(objective):  # a plain logp -> loss function
         loss_fn = lambda logp, valid, sequence: objective(logp)  # noqa: E731
     else:
-        loss_fn = reference_loss("dft" if objective is None else objective)
+        loss_fn = naive_loss("dft" if objective is None else objective, old_logprobs, ref_logprobs)
     per_token = loss_fn(logp, valid, sequence)
     u = torch.ones(V, dtype=torch.float64, device=z.device) if class_weight is None else class_weight.double()
     u_y = u[safe_labels]

@@ -25,10 +25,10 @@ float64 reference it is tested against lives in :mod:`dft_ops.naive`.
 from __future__ import annotations
 
 import copy
-
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -63,10 +63,13 @@ class TokenBatch:
 class Objective:
     """One row of the table. Subclasses define ``name``, ``value`` and ``weight``.
 
-    ``token_inputs`` names attributes holding tensors shaped like the loss
-    positions (labels, or labels[..., 1:] with shift); the functional API
-    aligns them with the computed tokens and passes them in ``TokenBatch.inputs``.
-    ``needs_segments`` asks for ``TokenBatch.segments`` (sequence ids).
+    An objective holds settings only (hashable, compared by value). This
+    batch's tensors are arguments of the call: ``token_inputs`` names the
+    per-token inputs the row reads (e.g. PSFT's ``old_logprobs``), passed as
+    keywords of ``dft_ops.linear_cross_entropy`` (or of a patched model's
+    forward), aligned with the computed tokens and handed over in
+    ``TokenBatch.inputs``; ``needs_segments`` asks for ``TokenBatch.segments``
+    (sequence ids); ``needs_second_head`` for the call's ``second_head``.
     Parameters are checked in ``__init__`` (ValueError / TypeError starting
     with the parameter's name); ``repr`` shows them.
     """
@@ -74,6 +77,11 @@ class Objective:
     name: ClassVar[str]
     token_inputs: ClassVar[tuple[str, ...]] = ()
     needs_segments: ClassVar[bool] = False
+    needs_second_head: ClassVar[bool] = False
+    # this batch's tensors held the deprecated way (PSFT(tensor), with_token_tensors, ASFT.with_reference):
+    # the functional API moves them to the call's arguments (dft_ops.objectives.batch_tensors)
+    _batch_inputs: dict = {}
+    _batch_second_head = None
 
     def value(self, t: TokenBatch) -> Tensor:
         """(M,) float32 loss of each token."""
@@ -83,48 +91,61 @@ class Objective:
         """(M,) float32 detached weight: the logit gradient is weight * (softmax - onehot)."""
         raise NotImplementedError
 
-    def token_tensors(self) -> dict[str, Tensor | None]:
-        return {n: getattr(self, n) for n in self.token_inputs}
-
     def with_token_tensors(self, **tensors: Tensor) -> "Objective":
-        """A copy of this objective with some per-token inputs replaced (one batch's tensors).
-
-        A patched model's forward uses this for keywords named in ``token_inputs``
-        (e.g. ``model(**batch, old_logprobs=...)``), so one objective created at
-        patch time serves every batch.
-        """
+        """Deprecated: pass the per-token inputs as keywords of the call (``old_logprobs=...``)."""
         unknown = set(tensors) - set(self.token_inputs)
         if unknown:
             raise ValueError(f"objective: {type(self).__name__} has no per-token input {sorted(unknown)}; "
                              f"it takes {list(self.token_inputs)}")
+        _deprecated(f"{type(self).__name__}.with_token_tensors({', '.join(tensors)}=...)",
+                    f"linear_cross_entropy(..., {', '.join(f'{n}=...' for n in tensors)})")
+        return self._holding(inputs={**self._batch_inputs, **{n: _token_tensor(n, t) for n, t in tensors.items()}})
+
+    def _holding(self, *, inputs=None, second_head=None) -> "Objective":
+        """A copy holding this batch's tensors the deprecated way (see :func:`batch_tensors`)."""
         clone = copy.copy(self)
-        for name, value in tensors.items():
-            setattr(clone, name, _token_tensor(name, value))
+        if inputs is not None:
+            clone._batch_inputs = inputs
+        if second_head is not None:
+            clone._batch_second_head = second_head
         return clone
 
     def _parameters(self) -> tuple[str, ...]:
-        """The constructor's parameter names: each is an attribute of the same name."""
+        """The constructor's setting names (each an attribute of the same name), per-token inputs left out."""
         return tuple(p.name for p in inspect.signature(type(self).__init__).parameters.values()
-                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                     and p.name not in self.token_inputs)
 
     def __eq__(self, other):
-        # the same row with the same parameters (a per-token tensor only as the same object: comparing
-        # values would read the device), so options built from the same names compare equal
+        # the same row with the same settings, so options built from the same names compare equal
         if type(other) is not type(self):
             return NotImplemented
-        return all(_same_parameter(getattr(self, n), getattr(other, n)) for n in self._parameters())
+        return all(getattr(self, n) == getattr(other, n) for n in self._parameters())
 
     def __hash__(self):
-        return hash((type(self), *(id(v) if isinstance(v, Tensor) else v for v in map(self.__getattribute__,
-                                                                                         self._parameters()))))
+        return hash((type(self), *(getattr(self, n) for n in self._parameters())))
 
     def __repr__(self) -> str:
-        def show(v):
-            if isinstance(v, Tensor):
-                return f"Tensor(shape={tuple(v.shape)}, dtype={v.dtype})"
-            return repr(v)
+        return f"{type(self).__name__}({', '.join(f'{p}={getattr(self, p)!r}' for p in self._parameters())})"
 
-        return f"{type(self).__name__}({', '.join(f'{p}={show(getattr(self, p))}' for p in self._parameters())})"
+
+def batch_tensors(objective: Objective) -> tuple[Objective, dict[str, Tensor], object]:
+    """(the objective without tensors, its per-token inputs, its second head) of an objective that holds
+    this batch's tensors the deprecated way; ``(objective, {}, None)`` for one that holds none."""
+    inputs, second = objective._batch_inputs, objective._batch_second_head
+    if not inputs and second is None:
+        return objective, {}, None
+    clean = copy.copy(objective)
+    clean._batch_inputs, clean._batch_second_head = {}, None
+    if isinstance(clean, ASFT):
+        clean.base, base_inputs, _ = batch_tensors(clean.base)
+        inputs = {**base_inputs, **inputs}
+    return clean, inputs, second
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"dft_ops: {old} is deprecated and will be removed in the next release; pass this batch's "
+                  f"tensors to the call instead: {new}", DeprecationWarning, stacklevel=3)
 
 
 class CE(Objective):
@@ -259,20 +280,25 @@ class PSFT(Objective):
     weight ``r * 1[r <= 1 + clip_high]`` (a token whose ratio already rose past
     the trust region gets no gradient).
 
+    This batch's old log-probs come with the call: ``linear_cross_entropy(...,
+    objective=PSFT(), old_logprobs=...)`` (a float tensor of the loss positions'
+    shape: labels, or labels[..., 1:] with shift; e.g. ``stats.logprob`` of an
+    earlier pass; ignored positions may hold anything), or a patched model's
+    forward keyword ``old_logprobs=``.
+
     Args:
-        old_logprobs: float tensor of the loss positions' shape (labels, or
-            labels[..., 1:] with shift): the old policy's label log-probs
-            (e.g. ``stats.logprob`` of an earlier pass). Ignored positions may
-            hold anything. None: supplied per batch (a patched model's forward
-            keyword ``old_logprobs=``, or :meth:`Objective.with_token_tensors`).
+        old_logprobs: deprecated (a tensor here still works, with a
+            DeprecationWarning, for one release); leave it None.
         clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]``.
     """
 
     name = "psft"
     token_inputs = ("old_logprobs",)
 
-    def __init__(self, old_logprobs: Tensor | None, clip_low: float = 0.2, clip_high: float = 0.28):
-        self.old_logprobs = _token_tensor("old_logprobs", old_logprobs, allow_none=True)
+    def __init__(self, old_logprobs: Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28):
+        if old_logprobs is not None:
+            _deprecated("PSFT(old_logprobs)", "linear_cross_entropy(..., objective=PSFT(), old_logprobs=...)")
+            self._batch_inputs = {"old_logprobs": _token_tensor("old_logprobs", old_logprobs)}
         self.clip_low = _real("clip_low", clip_low, minimum=0.0, maximum=1.0, open_maximum=True)
         self.clip_high = _real("clip_high", clip_high, minimum=0.0)
 
@@ -294,19 +320,25 @@ class ImportanceWeighted(Objective):
 
     weight ``clamp(p / p_ref, lo, hi)`` with ``p_ref = exp(ref_logprobs)``.
 
+    This batch's reference-policy log-probs come with the call:
+    ``linear_cross_entropy(..., objective=ImportanceWeighted(), ref_logprobs=...)``
+    (a float tensor of the loss positions' shape), or a patched model's forward
+    keyword ``ref_logprobs=``.
+
     Args:
-        ref_logprobs: float tensor of the loss positions' shape (labels, or
-            labels[..., 1:] with shift): a reference policy's label log-probs.
-            None: supplied per batch (a patched model's forward keyword
-            ``ref_logprobs=``, or :meth:`Objective.with_token_tensors`).
+        ref_logprobs: deprecated (a tensor here still works, with a
+            DeprecationWarning, for one release); leave it None.
         clamp: ``(lo, hi)`` bounds of the importance weight, ``0 <= lo <= hi``.
     """
 
     name = "importance_weighted"
     token_inputs = ("ref_logprobs",)
 
-    def __init__(self, ref_logprobs: Tensor | None, clamp: tuple[float, float] = (0.2, 1.8)):
-        self.ref_logprobs = _token_tensor("ref_logprobs", ref_logprobs, allow_none=True)
+    def __init__(self, ref_logprobs: Tensor | None = None, clamp: tuple[float, float] = (0.2, 1.8)):
+        if ref_logprobs is not None:
+            _deprecated("ImportanceWeighted(ref_logprobs)",
+                        "linear_cross_entropy(..., objective=ImportanceWeighted(), ref_logprobs=...)")
+            self._batch_inputs = {"ref_logprobs": _token_tensor("ref_logprobs", ref_logprobs)}
         if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
             raise ValueError(f"clamp: expected a pair (lo, hi), got {clamp!r}")
         lo = _real("clamp", clamp[0], minimum=0.0)
@@ -358,7 +390,7 @@ class ASFT(Objective):
     """Anchored SFT: a base objective plus a KL term to a frozen reference model, per token.
 
     ``loss_t = base_t + kl_coef * KL_t`` with p = softmax(z) the model's and
-    q = softmax(r) the reference's distribution over the vocabulary (both
+    q = softmax(r) the reference model's distribution over the vocabulary (both
     soft-capped by their own caps, then divided by the call's temperature):
 
     - direction "forward" (ASFT's code, Unsloth's default): ``KL(q || p) =
@@ -372,16 +404,19 @@ class ASFT(Objective):
     gets no gradient. Neither model's logits are materialized: both heads are
     streamed through the same online pass.
 
+    The reference model's head comes with each call as its second head:
+    ``linear_cross_entropy(..., objective=ASFT(0.1), second_head=dft_ops.SecondHead(ref_hidden,
+    ref_weight, bias=None, softcap=None))`` (``dft_ops.patch(..., reference=model)`` does
+    it per batch); calling the loss without one raises a ValueError.
+
     Args:
         kl_coef: lambda >= 0.
         direction: "forward" or "reverse".
         base: a name of the table or an Objective instance (not an ASFT).
-
-    Each batch's reference comes with :meth:`with_reference`; calling the loss
-    with an ASFT that has none raises a ValueError.
     """
 
     name = "asft"
+    needs_second_head = True
     DIRECTIONS: ClassVar[tuple[str, ...]] = ("forward", "reverse")
 
     def __init__(self, kl_coef: float, direction: str = "forward", base: str | Objective = "dft"):
@@ -398,25 +433,13 @@ class ASFT(Objective):
         # the base row's per-token inputs and segments are this objective's
         self.token_inputs = self.base.token_inputs
         self.needs_segments = self.base.needs_segments
-        self.ref_hidden = self.ref_weight = self.ref_bias = None
-        self.ref_softcap = None
 
     def with_reference(self, ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Tensor | None = None,
                        ref_softcap: float | None = None) -> "ASFT":
-        """A copy holding one batch's reference (detached: the reference gets no gradient).
+        """Deprecated: pass ``second_head=dft_ops.SecondHead(ref_hidden, ref_weight, ref_bias, ref_softcap)``
+        to the call. Returns a copy holding this batch's reference head (one release more)."""
+        from .backends.protocol import SecondHead
 
-        Args:
-            ref_hidden: (..., D_ref) float32 / bfloat16 / float16, the reference
-                model's final hidden states, the leading shape of ``hidden``
-                (shift and ignored-token compaction apply to it as to hidden).
-            ref_weight: (V, D_ref), the reference's output head.
-            ref_bias: (V,) or None.
-            ref_softcap: positive float or None: the reference's final-logit
-                soft-cap. A logit scale is folded into ref_hidden / ref_bias
-                by the caller.
-
-        Shapes against the model's are checked when the loss is called.
-        """
         for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
             if t is None and name == "ref_bias":
                 continue
@@ -425,15 +448,14 @@ class ASFT(Objective):
                 raise TypeError(f"{name}: expected a floating-point tensor, got {got}")
         if ref_softcap is not None:
             ref_softcap = _positive("ref_softcap", ref_softcap)
-        clone = copy.copy(self)
-        clone.ref_hidden, clone.ref_weight = ref_hidden.detach(), ref_weight.detach()
-        clone.ref_bias = None if ref_bias is None else ref_bias.detach()
-        clone.ref_softcap = ref_softcap
-        return clone
+        _deprecated("ASFT.with_reference(ref_hidden, ref_weight, ...)",
+                    "linear_cross_entropy(..., second_head=dft_ops.SecondHead(ref_hidden, ref_weight, bias, softcap))")
+        return self._holding(second_head=SecondHead(ref_hidden, ref_weight, ref_bias, ref_softcap))
 
     @property
     def has_reference(self) -> bool:
-        return self.ref_hidden is not None
+        """Whether this (deprecated) instance holds a batch's reference head (:meth:`with_reference`)."""
+        return self._batch_second_head is not None
 
     def value(self, t):
         """The base row's value; the KL term is added from the backend's statistics (loss_terms)."""
@@ -442,31 +464,13 @@ class ASFT(Objective):
     def weight(self, t):
         return self.base.weight(t)
 
-    def token_tensors(self):
-        return self.base.token_tensors()
-
     def with_token_tensors(self, **tensors):
         clone = copy.copy(self)
         clone.base = self.base.with_token_tensors(**tensors)
         return clone
 
     def _parameters(self):
-        # the reference tensors compare (and hash) by identity, like any per-token tensor
-        return ("kl_coef", "direction", "base", "ref_hidden", "ref_weight", "ref_bias", "ref_softcap")
-
-    def __repr__(self):
-        ref = ""
-        if self.has_reference:
-            ref = (f", reference=(hidden {tuple(self.ref_hidden.shape)}, weight {tuple(self.ref_weight.shape)}"
-                   f"{', bias' if self.ref_bias is not None else ''}"
-                   f"{f', softcap {self.ref_softcap}' if self.ref_softcap is not None else ''})")
-        return f"ASFT(kl_coef={self.kl_coef}, direction={self.direction!r}, base={self.base!r}{ref})"
-
-
-def _same_parameter(a, b) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return a is b
-    return a == b
+        return ("kl_coef", "direction", "base")
 
 
 def _weighted_nll(w: Tensor, logp: Tensor) -> Tensor:
@@ -506,14 +510,8 @@ def _positive(name: str, value) -> float:
     return value
 
 
-def _token_tensor(name: str, value, allow_none: bool = False) -> Tensor | None:
-    """A per-token input: a floating tensor (its shape is checked against the labels at call time).
-
-    ``None`` (where allowed) means "supplied per batch", through a patched model's
-    forward keyword of the same name (see :meth:`Objective.with_token_tensors`).
-    """
-    if value is None and allow_none:
-        return None
+def _token_tensor(name: str, value) -> Tensor:
+    """A per-token input held the deprecated way: a floating tensor (its shape is checked at the call)."""
     if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
         got = value.dtype if isinstance(value, Tensor) else type(value).__name__
         raise TypeError(f"{name}: expected a floating-point tensor of the loss positions' shape, got {got}")

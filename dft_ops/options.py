@@ -2,13 +2,19 @@
 
 The functional API builds one from its keywords (or takes ``options=``),
 :class:`dft_ops.LinearCrossEntropy` holds one, ``dft_ops.patch`` builds one
-from its options dict (:meth:`LossOptions.from_dict`), and the autograd
-Function receives it as a single argument. Per-call data (labels, bias,
-``num_items_in_batch``, ``position_ids``) are not options.
+from its options dict (:meth:`LossOptions.from_dict`). Options are settings:
+a batch's tensors (labels, bias, ``num_items_in_batch``, ``position_ids``, a
+second head, an objective's per-token inputs) are call arguments, never
+options. The one tensor among the settings is ``class_weight``, a constant of
+the loss as ``nn.CrossEntropyLoss``'s ``weight`` is; it compares by identity
+(reading it to compare would synchronise the device).
 
-Adding an option is one field below, declared with :func:`_option` and the
-function that checks and normalizes its value (a TypeError / ValueError whose
-message starts with the field's name).
+This is the one place each option is validated (the layers below receive
+checked values): adding an option is one field below, declared with
+:func:`_option` and the function that checks and normalizes its value (a
+TypeError / ValueError whose message starts with the field's name), plus its
+formula in docs/api.md. Combinations of options are judged once, here, the
+same for every backend (:meth:`LossOptions._check_combinations`).
 """
 
 from __future__ import annotations
@@ -16,15 +22,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
 
 from . import objectives as _objectives
-from .loss_terms import check_options as _check_loss_options
-from .vocab_parallel import VocabParallel
-from .backend_contract import BACKWARD_MODES, DEFAULT_WORKSPACE_MB
+from .backends.protocol import BACKWARD_MODES, DEFAULT_WORKSPACE_MB
+from .distributed.vocab_parallel import VocabParallel
+from .inputs import check_dense
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -112,24 +119,28 @@ def _open_unit_interval(name, value) -> float | None:
 
 def _label_smoothing(name, value) -> float:
     value = _real(name, value, "a float in [0, 1)")
-    # narrower than loss_terms' [0, 1]: eps = 1 leaves no label term, the uniform distribution is the target
+    # eps = 1 would leave no label term at all: the uniform distribution would be the target
     if not 0 <= value < 1:
         raise ValueError(f"{name}: must be in [0, 1), got {value}")
     return value
 
 
 def _z_loss(name, value) -> float:
-    _check_loss_options(z_loss=value)
-    return float(value)
+    value = _real(name, value, "a float >= 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: must be finite and >= 0, got {value}")
+    return value
 
 
 def _class_weight(name, value) -> Tensor | None:
     """Type, dtype and rank only: the length (V), device and values are checked per call, with the labels."""
     if value is None:
         return None
-    from .layout import check_dense  # layout imports this module
-
-    _check_loss_options(class_weight=value)
+    if not isinstance(value, Tensor) or not value.dtype.is_floating_point:
+        got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"{name}: expected a floating-point tensor (V,), got {got}")
+    if value.ndim != 1:
+        raise ValueError(f"{name}: expected shape (V,), got {tuple(value.shape)}")
     check_dense(name, value)
     # constants of the loss, never differentiated; a tensor without grad is kept as is (the same object)
     return value.detach() if value.requires_grad else value
@@ -173,7 +184,7 @@ class LossOptions:
         return_stats: also return :class:`dft_ops.TokenStats`.
         backend: "auto", "triton" or "torch".
         filter_eps: gradient filtering threshold in (0, 1) of the Triton
-            backward, or None (exact).
+            "fused" backward, or None (exact); refused with backward_mode="gemm".
         label_smoothing: eps in [0, 1): the label term weighs ``1 - eps``, a
             uniform term over the vocabulary ``eps`` (PyTorch's label_smoothing).
         z_loss: coefficient of the per-token ``lse^2`` regularizer (>= 0;
@@ -194,11 +205,12 @@ class LossOptions:
         workspace_mb: bound of the "gemm" backward's workspace in MiB (default 256).
 
     Every field is checked and normalized by the constructor (TypeError /
-    ValueError starting with the field's name); instances are immutable:
-    :meth:`replace` returns a checked copy with some fields changed. Two
-    instances are equal when their fields are (objectives: the same row with
-    the same parameters); tensors (``class_weight``, an objective's per-token
-    inputs) compare by identity, so no tensor is ever read to compare.
+    ValueError starting with the field's name), and so are combinations
+    (``filter_eps`` with backward_mode "gemm"; a second-head objective with
+    ``vocab_parallel``); instances are immutable: :meth:`replace` returns a
+    checked copy with some fields changed. Two instances are equal when their
+    fields are (objectives: the same row with the same settings);
+    ``class_weight`` compares by identity, so no tensor is ever read to compare.
     """
 
     objective: _objectives.Objective = _option("dft", _objective)
@@ -222,6 +234,19 @@ class LossOptions:
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, f.metadata["check"](f.name, getattr(self, f.name)))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Options that contradict each other, refused the same on every backend and device."""
+        if self.backward_mode == "gemm" and self.filter_eps is not None:
+            # judged here, not by the Triton backend: a configuration tried on CPU first must not fail on a GPU
+            raise ValueError("filter_eps: gradient filtering skips tiles of backward_mode='fused'; the 'gemm' "
+                             "backward computes every product in cuBLAS. Use backward_mode='fused' (or 'auto') "
+                             "with filter_eps.")
+        if self.vocab_parallel is not None and self.objective.needs_second_head:
+            raise ValueError(f"vocab_parallel: {type(self.objective).__name__} is not supported with a "
+                             "vocabulary-parallel head yet (the second head's log-sum-exp and KL sums would need "
+                             "their own all-reduces); gather the heads or use another objective")
 
     def __eq__(self, other):
         if other.__class__ is not self.__class__:
@@ -262,6 +287,18 @@ class LossOptions:
     def as_dict(self) -> dict[str, Any]:
         """The options as a dict (the objective stays an instance)."""
         return {name: getattr(self, name) for name in self.names()}
+
+    def digests(self) -> dict[str, int]:
+        """Per option (``vocab_parallel`` left out), a digest of its value that is the same in every process
+        (``hash`` of a str is salted per process): what the ranks of a vocabulary-parallel group compare.
+        ``class_weight`` by shape and dtype (its values are compared as a tensor)."""
+        def text(value) -> str:
+            if isinstance(value, Tensor):
+                return f"Tensor{tuple(value.shape)}{value.dtype}"
+            return repr(value)
+
+        return {name: zlib.crc32(text(value).encode()) for name, value in self.as_dict().items()
+                if name != "vocab_parallel"}
 
     @classmethod
     def _check_names(cls, options: Mapping[str, Any]) -> None:

@@ -8,18 +8,18 @@ writes the tokens x vocabulary logits to global memory:
 - :func:`gemm_backward` - the default backward: per vocabulary split, the logit
   gradient G of (tokens x split) into a bounded workspace (kernels/logit_grad.py),
   then cuBLAS products for d(hidden), d(weight), d(bias).
-- :func:`grad_backward` - the fused backward: d(hidden), d(weight), d(bias) from
-  recomputed tiles with fp32 atomics, no workspace (the memory-first mode).
+- :func:`fused_backward` - d(hidden), d(weight), d(bias) from recomputed tiles
+  with fp32 atomics, no workspace (the memory-first mode).
 
-:class:`TritonBackend` joins them as one :class:`dft_ops.backend_contract.Backend`.
-No autograd, nn.Module or transformers here: see ``dft_ops`` for those.
+:class:`TritonBackend` joins them as one :class:`dft_ops.backends.protocol.Backend`.
+This package imports only the contract from dft_ops (``dft_ops.backends.protocol``
+and its shared math ``dft_ops.backends.partials``); no autograd, nn.Module or
+transformers here.
 """
 
-from dft_ops.backend_contract import interpreting
-
 from .backend import TritonBackend
+from .fused_backward import fused_backward
 from .gemm_backward import gemm_backward, plan_splits
-from .grad_backward import grad_backward
 from .lse_forward import lse_forward
 
-__all__ = ["TritonBackend", "lse_forward", "gemm_backward", "grad_backward", "plan_splits", "interpreting"]
+__all__ = ["TritonBackend", "lse_forward", "gemm_backward", "fused_backward", "plan_splits"]

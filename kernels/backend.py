@@ -2,42 +2,42 @@
 
 ``TritonBackend("gemm")`` (the default on CUDA) reduces per vocabulary split
 with cuBLAS (:mod:`~dft_ops.kernels.gemm_backward`); ``TritonBackend("fused")``
-runs the single atomic kernel (:mod:`~dft_ops.kernels.grad_backward`, no
+runs the single atomic kernel (:mod:`~dft_ops.kernels.fused_backward`, no
 workspace, the memory-first mode, and the one gradient filtering applies to).
 docs/backward.md says which to use when.
 """
 
 from __future__ import annotations
 
-import numbers
-
-# absolute: see grad_backward.py
-from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, MB, Grads, resolve_backward_mode
+# absolute: see fused_backward.py
+from dft_ops.backends.protocol import DEFAULT_WORKSPACE_MB, MB, Grads
+from .fused_backward import fused_backward
 from .gemm_backward import gemm_backward
-from .grad_backward import grad_backward
 from .lse_forward import lse_forward
 
 
 class TritonBackend:
-    """The :class:`~dft_ops.backend_contract.Backend` of the Triton kernels.
+    """The :class:`~dft_ops.backends.protocol.Backend` of the Triton kernels.
 
     Args:
-        backward_mode: "gemm", "fused", or "auto" ("gemm"; "fused" for a call
-            that asks for gradient filtering).
+        backward_mode: "gemm" or "fused" (``dft_ops.backends.resolve_backward_mode``
+            turns the option's "auto" into one of them).
         workspace_bytes: bound of the "gemm" backward's workspace.
+        filter_eps: gradient filtering of the "fused" backward, or None (exact).
+        precise: 16-bit G as a high and a low part in the backward's products.
         vocab_chunk: vocabulary rows per launch of the "fused" backward (None: about 32 MB of fp32 rows).
         splits: vocabulary slices of the forward (None: from the tiles and the GPU's SM count).
+
+    The settings arrive validated (``LossOptions``); the constructor asserts them.
     """
 
-    def __init__(self, backward_mode: str = "auto", *, workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB,
-                 vocab_chunk: int | None = None, splits: int | None = None):
-        resolve_backward_mode(backward_mode, None)
-        for name, value, optional in (("workspace_bytes", workspace_bytes, False), ("vocab_chunk", vocab_chunk, True),
-                                      ("splits", splits, True)):
-            if not (optional and value is None) and (
-                    isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise ValueError(f"{name}: expected a positive int{' or None' if optional else ''}, got {value!r}")
-        self.backward_mode = backward_mode
+    def __init__(self, backward_mode: str = "gemm", *, workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB,
+                 filter_eps: float | None = None, precise: bool = False, vocab_chunk: int | None = None,
+                 splits: int | None = None):
+        assert backward_mode in ("gemm", "fused"), backward_mode
+        assert filter_eps is None or backward_mode == "fused", "gradient filtering skips tiles of the fused kernel"
+        assert workspace_bytes > 0 and (vocab_chunk is None or vocab_chunk > 0) and (splits is None or splits > 0)
+        self.backward_mode, self.filter_eps, self.precise = backward_mode, filter_eps, precise
         self.workspace_bytes, self.vocab_chunk, self.splits = int(workspace_bytes), vocab_chunk, splits
 
     @property
@@ -46,19 +46,18 @@ class TritonBackend:
 
     def __repr__(self) -> str:
         return (f"TritonBackend({self.backward_mode!r}, workspace_bytes={self.workspace_bytes}, "
-                f"vocab_chunk={self.vocab_chunk}, splits={self.splits})")
+                f"filter_eps={self.filter_eps}, precise={self.precise}, vocab_chunk={self.vocab_chunk}, "
+                f"splits={self.splits})")
 
-    def lse_forward(self, hidden, weight, bias, targets, rows=None, **options):
-        """:func:`dft_ops.kernels.lse_forward` (keywords of the contract only)."""
-        return lse_forward(hidden, weight, bias, targets, rows, splits=self.splits, **options)
+    def lse_forward(self, hidden, head, tokens, *, with_stats=False, smoothing=False):
+        """:func:`dft_ops.kernels.lse_forward`."""
+        return lse_forward(hidden, head, tokens, with_stats=with_stats, smoothing=smoothing, splits=self.splits)
 
-    def grad_backward(self, hidden, weight, bias, targets, rows, lse, coef, *, filter_eps=None, **options) -> Grads:
-        """The backward of this mode: :func:`~dft_ops.kernels.gemm_backward.gemm_backward` or the fused
-        :func:`~dft_ops.kernels.grad_backward.grad_backward` (keywords of the contract only)."""
-        if resolve_backward_mode(self.backward_mode, filter_eps) == "fused":
-            return grad_backward(hidden, weight, bias, targets, rows, lse, coef, filter_eps=filter_eps,
-                                 vocab_chunk=self.vocab_chunk, **options)
-        return gemm_backward(hidden, weight, bias, targets, rows, lse, coef, workspace_bytes=self.workspace_bytes,
-                             **options)
-
-
+    def grad_backward(self, hidden, head, tokens, terms, needs) -> Grads:
+        """The backward of this mode: :func:`~dft_ops.kernels.gemm_backward.gemm_backward` or
+        :func:`~dft_ops.kernels.fused_backward.fused_backward`."""
+        if self.backward_mode == "fused":
+            return fused_backward(hidden, head, tokens, terms, needs, filter_eps=self.filter_eps,
+                                  precise=self.precise, vocab_chunk=self.vocab_chunk)
+        return gemm_backward(hidden, head, tokens, terms, needs, precise=self.precise,
+                             workspace_bytes=self.workspace_bytes)

@@ -1,6 +1,6 @@
 """Backward pass at GEMM speed: logit-gradient tiles per vocabulary split, reduced by cuBLAS.
 
-The fused backward (:mod:`dft_ops.kernels.grad_backward`) reduces d(hidden)
+The fused backward (:mod:`dft_ops.kernels.fused_backward`) reduces d(hidden)
 over the vocabulary and d(weight) over the tokens with fp32 atomics, one per
 (token tile x vocabulary tile) and output element: about N.D.V.(1/BLOCK_V +
 1/BLOCK_N) additions through L2, several times the GEMM time at LM-head sizes.
@@ -36,11 +36,11 @@ from torch import Tensor
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB, MB, GradCoefficients, check_backward_args, product_dtype
+from dft_ops.backends.protocol import DEFAULT_WORKSPACE_MB, MB, Grads, GradTerms, Head, Needs, Tokens, assert_inputs
 from . import logit_grad
-from .launch import Config, bucket, interpreting, round_down
+from .launch import Config, bucket, interpreting, kernel_operands, round_down
 from .products import add_product, write_product
-from .reference import reference_key
+from .second_head import second_head_key
 
 # Splits narrower than this many tiles make the fp32 d(hidden) accumulator's traffic (8 bytes
 # per token and hidden unit, every split) rival the GEMM itself: chunk the tokens instead.
@@ -130,19 +130,13 @@ def tile_granules() -> tuple[int, int]:
     return max(c.blocks["BLOCK_N"] for c in pool), max(c.blocks["BLOCK_V"] for c in pool)
 
 
-def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
-                  temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  precise=False, compute_dtype=None, reference=None, ref_lse=None,
-                  workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB):
-    """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
-
-    The contract of :func:`dft_ops.kernels.grad_backward` (see
-    :mod:`dft_ops.backend_contract`), computed split by split with cuBLAS GEMMs.
+def gemm_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: Needs, *, precise=False,
+                  workspace_bytes: int = DEFAULT_WORKSPACE_MB * MB) -> Grads:
+    """The contract's gradients (:class:`~dft_ops.backends.protocol.Grads`) of G given by ``terms``, split by
+    split with cuBLAS GEMMs.
 
     Args:
-        hidden: (N, D) fp32/bf16/fp16, any strides. weight: (V, D), any strides.
-        bias: (V,) or None. targets, rows, lse, coef, softcap, temperature,
-            class_weight, need_*, compute_dtype, reference, ref_lse: as in ``grad_backward``.
+        hidden, head, tokens, terms, needs: the contract's (:mod:`dft_ops.backends.protocol`).
         precise: G as two parts of the compute dtype (high + low), each product
             run twice; no effect when the products run in fp32.
         workspace_bytes: bound on the workspace (G, staged rows, d(weight)
@@ -150,58 +144,52 @@ def gemm_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
             and the gradients themselves are not part of it.
 
     Returns:
-        (d_hidden (N, D) hidden.dtype | None, d_weight (V, D) weight.dtype | None,
-        d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
+        :class:`~dft_ops.backends.protocol.Grads`; rows of hidden not computed get 0.
     """
-    M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype,
-                            reference=reference, ref_lse=ref_lse)
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
-        raise ValueError(f"workspace_bytes: expected a positive int, got {workspace_bytes!r}")
+    M = assert_inputs(hidden, head, tokens, terms)
+    assert workspace_bytes > 0
     N, D = hidden.shape
+    weight, bias = head.weight, head.bias
     V = weight.shape[0]
-    need_bias = need_bias and bias is not None
-    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    need_bias = needs.bias and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     # fp32 accumulators: d(hidden) of the computed rows (the output itself when it is fp32 and
     # every row is computed), d(weight) when the weight is fp32, d(bias)
-    direct_hidden = hidden.dtype == torch.float32 and rows is None
-    acc_hidden = torch.zeros(M, D, **f32) if need_hidden else None
+    direct_hidden = hidden.dtype == torch.float32 and tokens.rows is None
+    acc_hidden = torch.zeros(M, D, **f32) if needs.hidden else None
     d_weight = None
-    if need_weight:
+    if needs.weight:
         # contiguous whatever weight's strides: each split writes whole rows of it (cuBLAS out=)
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else \
             torch.empty(V, D, dtype=weight.dtype, device=weight.device)
     d_bias = torch.zeros(V, **f32) if need_bias else None
+    rows = tokens.rows
     if M == 0:
-        if need_weight and weight.dtype != torch.float32:
+        if needs.weight and weight.dtype != torch.float32:
             d_weight.zero_()
     else:
-        plan = plan_splits(M, V, D, compute=compute, hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
-                           has_rows=rows is not None, need_hidden=need_hidden, need_weight=need_weight,
+        plan = plan_splits(M, V, D, compute=head.compute_dtype, hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
+                           has_rows=rows is not None, need_hidden=needs.hidden, need_weight=needs.weight,
                            precise=precise, workspace_bytes=workspace_bytes)
-        hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse = \
-            logit_grad.backward_operands(hidden, weight, bias, targets, rows, lse, coef, class_weight, reference,
-                                         ref_lse)
-        _Sweep(hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute, plan,
-               acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype).run()
-    return (_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if need_hidden else None, d_weight,
-            d_bias.to(bias.dtype) if need_bias else None)
+        operands = kernel_operands(hidden, head, tokens, terms, class_weight=terms.uniform is not None,
+                                   second=terms.reads_second_head)
+        _Sweep(*operands, plan, acc_hidden, d_weight, d_bias).run()
+        hidden, rows = operands[0], operands[2].rows
+    return Grads(_finish_hidden(acc_hidden, hidden, rows, N, direct_hidden) if needs.hidden else None, d_weight,
+                 d_bias.to(bias.dtype) if need_bias else None)
 
 
 class _Sweep:
     """One backward call's loop over splits and chunks, with its workspace."""
 
-    def __init__(self, hidden, weight, bias, targets, rows, lse, coef, class_weight, softcap, temperature, compute,
-                 plan: SplitPlan, acc_hidden, d_weight, d_bias, reference, ref_lse, compute_dtype):
-        self.hidden, self.weight, self.bias, self.targets, self.rows = hidden, weight, bias, targets, rows
-        self.reference, self.ref_lse, self.compute_dtype = reference, ref_lse, compute_dtype
-        self.lse, self.coef, self.class_weight = lse, coef, class_weight
-        self.softcap, self.temperature, self.compute, self.plan = softcap, temperature, compute, plan
+    def __init__(self, hidden, head: Head, tokens: Tokens, terms: GradTerms, plan: SplitPlan, acc_hidden, d_weight,
+                 d_bias):
+        self.hidden, self.head, self.tokens, self.terms, self.plan = hidden, head, tokens, terms, plan
+        self.weight, self.rows = head.weight, tokens.rows
         self.acc_hidden, self.d_weight, self.d_bias = acc_hidden, d_weight, d_bias
-        self.M, self.D = targets.numel(), hidden.shape[1]
-        self.V = weight.shape[0]
-        on = dict(dtype=compute, device=hidden.device)
+        self.M, self.D = tokens.count, hidden.shape[1]
+        self.V = head.weight.shape[0]
+        on = dict(dtype=head.compute_dtype, device=hidden.device)
         self.g = torch.empty(plan.parts, plan.chunk, plan.split, **on)
         self.staged_weight = torch.empty(plan.split, self.D, **on) if plan.stage_weight else None
         self.staged_hidden = torch.empty(plan.chunk, self.D, **on) if plan.stage_hidden else None
@@ -240,18 +228,16 @@ class _Sweep:
     def _logit_grad(self, t_lo, t_hi, v_lo, v_hi) -> list[Tensor]:
         """G of computed tokens [t_lo, t_hi) x vocabulary rows [v_lo, v_hi): views of the workspace."""
         views = [self.g[p, : t_hi - t_lo, : v_hi - v_lo] for p in range(self.plan.parts)]
-        launch = logit_grad.logit_grad_launch(
-            self.hidden, self.weight, self.bias, self.targets, self.rows, self.lse, self.coef, self.class_weight,
-            views[0], views[1] if len(views) > 1 else None, t_lo, t_hi, v_lo, v_hi,
-            softcap=self.softcap, temperature=self.temperature, compute=self.compute, reference=self.reference,
-            ref_lse=self.ref_lse, compute_dtype=self.compute_dtype)
+        head, terms = self.head, self.terms
+        launch = logit_grad.logit_grad_launch(self.hidden, head, self.tokens, terms, views[0],
+                                              views[1] if len(views) > 1 else None, t_lo, t_hi, v_lo, v_hi)
         if self.config is None:
             # G is only written: tuning trials on the workspace leave nothing behind
             key = (self.D, self.V, self.plan.split, bucket(self.plan.chunk), self.hidden.dtype, self.weight.dtype,
-                   self.compute, self.bias is not None, self.softcap is not None, self.temperature is not None,
-                   self.coef.uniform is not None, self.class_weight is not None, self.rows is not None,
-                   self.plan.parts, self.coef.reference is not None, self.coef.gap is not None,
-                   *reference_key(self.reference, self.compute_dtype))
+                   head.compute_dtype, head.bias is not None, head.softcap is not None, head.temperature is not None,
+                   terms.uniform is not None, head.class_weight is not None, self.rows is not None,
+                   self.plan.parts, terms.second is not None, terms.gap is not None,
+                   *second_head_key(head.second if terms.reads_second_head else None))
             self.config = logit_grad.TUNER.pick(launch, key)
         launch.run(self.config)
         return views

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dft_ops.backend_contract import interpreting
+from dft_ops.backends.protocol import GradTerms, Head, Tokens, interpreting
 
 
 def family(dtype: torch.dtype) -> str:
@@ -152,33 +152,37 @@ class Tuner:
             return float("inf")
 
 
-def unit_stride_inputs(targets, rows, bias, vocab: int):
-    """(targets, rows, bias) ready for a kernel: unit stride, targets clamped to [-1, vocab].
+def kernel_operands(hidden, head: Head, tokens: Tokens, terms: GradTerms | None = None, *, class_weight: bool,
+                    second: bool) -> tuple[torch.Tensor, Head, Tokens, GradTerms | None]:
+    """A call's operands as the kernels read them (M > 0): (hidden, head, tokens, terms).
 
-    Kernels index these O(tokens) / O(vocabulary) tensors as contiguous; a
-    caller's view (labels[:, 0], an expanded bias) is copied here, which costs
-    nothing next to the products. Clamping keeps a label outside [0, V) outside
-    after the kernel's int32 cast (2**32 + 5 would otherwise read as 5).
-    """
-    return (targets.clamp(-1, vocab).contiguous(),
-            rows.contiguous() if rows is not None else None,
-            bias.contiguous() if bias is not None else None)
-
-
-def unit_column_strides(hidden, weight, reference=None):
-    """(hidden, weight, reference) with every matrix's stride(1) == 1: as they are, or a contiguous copy.
-
-    The kernels address element (i, k) of a matrix as ``i * stride(0)`` in int64 plus
-    ``k * stride(1)`` in int32 (int64 column offsets cost the registers the largest tiles
-    need): a column-major operand (a ``.T`` view, stride(1) = rows) would wrap at 2^31
-    elements. Such an operand is rare, and one copy costs a pass over it next to the products.
+    - (M,) / (V,) vectors with unit stride (a caller's view such as labels[:, 0]
+      or an expanded bias is copied, which costs nothing next to the products),
+      targets clamped to [-1, V] so a label outside [0, V) stays outside after
+      the kernels' int32 cast (2**32 + 5 would otherwise read as 5);
+    - matrices with unit column stride: kernels address element (i, k) as
+      ``i * stride(0)`` in int64 plus ``k * stride(1)`` in int32 (int64 column
+      offsets cost the registers the largest tiles need), so a column-major
+      operand (a ``.T`` view) is copied once rather than wrapping at 2^31;
+    - terms fp32 and contiguous;
+    - what the launch does not read dropped first, so it is never copied: the
+      class weights unless ``class_weight``, the second head unless ``second``.
     """
     def unit(matrix):
         return matrix if matrix.stride(1) == 1 else matrix.contiguous()
 
-    if reference is not None:
-        reference = reference._replace(hidden=unit(reference.hidden), weight=unit(reference.weight))
-    return unit(hidden), unit(weight), reference
+    V = head.weight.shape[0]
+    tokens = Tokens(tokens.targets.clamp(-1, V).contiguous(),
+                    tokens.rows.contiguous() if tokens.rows is not None else None)
+    two = head.second if second else None
+    if two is not None:
+        two = two._replace(hidden=unit(two.hidden), weight=unit(two.weight))
+    head = head._replace(weight=unit(head.weight), bias=head.bias.contiguous() if head.bias is not None else None,
+                         class_weight=head.class_weight.contiguous() if class_weight and head.class_weight is not None
+                         else None, second=two)
+    if terms is not None:
+        terms = GradTerms(*(t.to(torch.float32).contiguous() if t is not None else None for t in terms))
+    return unit(hidden), head, tokens, terms
 
 
 def next_power_of_2(n: int) -> int:

@@ -1,7 +1,7 @@
 """The logit-gradient tile kernel: G of (a token chunk x a vocabulary split) into a workspace.
 
 The GEMM backward (:mod:`dft_ops.kernels.gemm_backward`) needs the logit
-gradient ``G = (a s - b onehot - c u - e q + f s (log s - log q)) dz/du`` of a bounded block of
+gradient G (the contract's formula, :mod:`dft_ops.backends.protocol`) of a bounded block of
 tokens x vocabulary rows as a dense matrix, so that cuBLAS can reduce it
 against the weight (d_hidden) and the hidden states (d_weight) with the
 reductions in its fp32 accumulators. This kernel recomputes that block's
@@ -23,27 +23,27 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import GradCoefficients, logit_scales
-from .launch import Config, Launch, Tuner, torch_to_tl, unit_column_strides, unit_stride_inputs
-from .reference import reference_even_d, reference_inputs, tile_family
-from .tile import grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
+from dft_ops.backends.protocol import GradTerms, Head, Tokens
+from .launch import Config, Launch, Tuner, torch_to_tl
+from .second_head import second_even_d, second_head_inputs, tile_family
+from .tile import grouped_tile, logit_grad_tile, round_to, second_terms, token_terms
 
 
 @triton.jit
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr,
-    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
+    h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
     g_ptr, g_lo_ptr,
     softcap, inv_softcap, inv_temperature, t_lo, t_count, v_lo, v_count, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
-    ref_softcap, ref_inv_softcap, D_ref, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+    softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, PRECISE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr,
-    REF_HAS_SOFTCAP: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    EVEN_D: tl.constexpr, REF_EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(t_count, BLOCK_N), tl.cdiv(v_count, BLOCK_V), GROUP_N)
     # i: row of G (token t_lo + i of the computed tokens); j: column of G (vocabulary row v_lo + j)
@@ -53,17 +53,17 @@ def _logit_grad_kernel(
     col_mask = j < v_count
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         t_lo + i, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
-    ref_lse, coef_e, coef_f = reference_terms(t_lo + i, row_mask, lse, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
-                                              HAS_REF_Q, HAS_REF_GAP)
+    lse2, coef_e, coef_f = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                                              HAS_Q, HAS_GAP)
     v0 = v_lo + pid_v * BLOCK_V
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, v_lo + j.to(tl.int64), col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
-        rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, ref_lse, coef_e, coef_f,
-        ref_softcap, ref_inv_softcap, D_ref, stride_rhd, stride_rwv, stride_rwd,
+        h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
+        softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
-        HAS_REF_Q, HAS_REF_GAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE,
-        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, REF_EVEN_D, FP32_PRECISION,
+        HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION,
     )
     # int64 row offsets: a large workspace passes 2**31 elements
     offsets = i.to(tl.int64)[:, None] * stride_gn + j[None, :]
@@ -89,13 +89,13 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
     ],
-    # with a reference head (ASFT): its tile stays live through the model's product
-    "16bit+ref": [
+    # with a second head (ASFT): its tile stays live through the model's product
+    "16bit+second": [
         Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=3),
     ],
-    "fp32+ref": [
+    "fp32+second": [
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP_N": 8}, num_warps=4, num_stages=3),
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16, "GROUP_N": 8}, num_warps=8, num_stages=3),
     ],
@@ -104,99 +104,69 @@ INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "GROUP_N
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
 
 
-def backward_operands(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, reference,
-                      ref_lse):
-    """A backward's operands as its kernels read them, for both backward modes (M > 0).
-
-    Unit-stride vectors and targets clamped (:func:`~dft_ops.kernels.launch.unit_stride_inputs`),
-    matrices with unit column stride (:func:`~dft_ops.kernels.launch.unit_column_strides`),
-    coefficients and log-sum-exps fp32; what ``coef`` does not read (the class
-    weights without a uniform term, the reference without a reference or gap
-    term) becomes None first, so it is never copied.
-
-    Returns:
-        (hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse).
-    """
-    if not coef.reads_reference:
-        reference = ref_lse = None
-    if coef.uniform is None:
-        class_weight = None
-    targets, rows, bias = unit_stride_inputs(targets, rows, bias, weight.shape[0])
-    hidden, weight, reference = unit_column_strides(hidden, weight, reference)
-    coef = GradCoefficients(*(t.to(torch.float32).contiguous() if t is not None else None for t in coef))
-    lse = lse.to(torch.float32).contiguous()
-    class_weight = class_weight.contiguous() if class_weight is not None else None
-    ref_lse = ref_lse.to(torch.float32).contiguous() if ref_lse is not None else None
-    return hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse
-
-
-def gradient_inputs(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, *, softcap,
-                    temperature, compute, reference=None, ref_lse=None, compute_dtype=None) -> tuple[dict, dict]:
+def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tuple[dict, dict]:
     """(arguments, constexprs) of :func:`~dft_ops.kernels.tile.logit_grad_tile`'s inputs, for any kernel using it.
 
-    The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
-    (:func:`dft_ops.kernels.launch.unit_stride_inputs`); coefficients, lse and
-    ref_lse fp32. Pointers a flag switches off point at ``lse`` (never read).
-    The reference head is read only when ``coef`` has a reference or gap term.
-    ``REF_EVEN_D`` depends on the tile configuration (:func:`gradient_per_config`).
+    The operands as :func:`~dft_ops.kernels.launch.kernel_operands` returns them
+    (the class weights only with a uniform term, the second head only when
+    ``terms`` reads it). Pointers a flag switches off point at ``terms.lse``
+    (never read). ``EVEN_D2`` depends on the tile configuration
+    (:func:`gradient_per_config`).
     """
-    unused = lse
-    reference = reference if coef.reads_reference else None
-    ref_args, ref_constexprs = reference_inputs(reference, compute, unused, compute_dtype)
-    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    unused = terms.lse
+    second = head.second if terms.reads_second_head else None
+    second_args, second_constexprs = second_head_inputs(second, head.compute_dtype, unused)
+    targets, rows = tokens
+    weight, bias, class_weight = head.weight, head.bias, head.class_weight
     args = dict(
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else unused,
-        rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=lse,
-        coef_a_ptr=coef.softmax, coef_b_ptr=coef.target,
-        coef_c_ptr=coef.uniform if coef.uniform is not None else unused,
+        rows_ptr=rows if rows is not None else targets, targets_ptr=targets, lse_ptr=terms.lse,
+        coef_a_ptr=terms.softmax, coef_b_ptr=terms.target,
+        coef_c_ptr=terms.uniform if terms.uniform is not None else unused,
         cw_ptr=class_weight if class_weight is not None else unused,
-        softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-        inv_temperature=inv_temperature, D=hidden.shape[1],
+        softcap=float(head.softcap) if head.softcap is not None else 1.0, inv_softcap=head.inv_softcap,
+        inv_temperature=head.inv_temperature, D=hidden.shape[1],
         stride_hn=hidden.stride(0), stride_hd=hidden.stride(1), stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-        ref_lse_ptr=ref_lse if coef.reads_reference else unused,
-        coef_e_ptr=coef.reference if coef.reference is not None else unused,
-        coef_f_ptr=coef.gap if coef.gap is not None else unused, **ref_args,
+        lse2_ptr=terms.second_lse if second is not None else unused,
+        coef_e_ptr=terms.second if terms.second is not None else unused,
+        coef_f_ptr=terms.gap if terms.gap is not None else unused, **second_args,
     )
     constexprs = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
-        HAS_UNIFORM=coef.uniform is not None, HAS_CLASS_WEIGHT=coef.uniform is not None and class_weight is not None,
-        COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3",
-        HAS_REF_Q=coef.reference is not None, HAS_REF_GAP=coef.gap is not None, **ref_constexprs,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
+        HAS_UNIFORM=terms.uniform is not None, HAS_CLASS_WEIGHT=terms.uniform is not None and class_weight is not None,
+        COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3",
+        HAS_Q=terms.second is not None, HAS_GAP=terms.gap is not None, **second_constexprs,
     )
     return args, constexprs
 
 
-def gradient_per_config(config: Config, reference) -> dict:
+def gradient_per_config(config: Config, head: Head, terms: GradTerms) -> dict:
     """Constexprs of the logit-gradient inputs that depend on the tile configuration."""
-    return {"REF_EVEN_D": reference_even_d(reference, config.blocks["BLOCK_D"])}
+    second = head.second if terms.reads_second_head else None
+    return {"EVEN_D2": second_even_d(second, config.blocks["BLOCK_D"])}
 
 
-def gradient_family(compute, coef: GradCoefficients, reference, compute_dtype=None) -> str:
+def gradient_family(head: Head, terms: GradTerms) -> str:
     """The tile-configuration family of a launch building G (fp32 when either head's products are)."""
-    return tile_family(compute, reference if coef.reads_reference else None, compute_dtype)
+    return tile_family(head, terms.reads_second_head)
 
 
-def logit_grad_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight, g, g_lo,
-                      t_lo, t_hi, v_lo, v_hi, *, softcap, temperature, compute, reference=None, ref_lse=None,
-                      compute_dtype=None):
+def logit_grad_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, g, g_lo, t_lo, t_hi, v_lo, v_hi):
     """The launch writing G of computed tokens [t_lo, t_hi) x vocabulary rows [v_lo, v_hi).
 
     g (and g_lo when precise): (t_hi - t_lo, v_hi - v_lo) views of the
-    workspace in ``compute`` dtype, unit stride along the vocabulary. The other
+    workspace in the compute dtype, unit stride along the vocabulary. The other
     inputs as in :func:`gradient_inputs`.
     """
     D = hidden.shape[1]
     t_count, v_count = t_hi - t_lo, v_hi - v_lo
-    reference = reference if coef.reads_reference else None
-    args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
-                                       softcap=softcap, temperature=temperature, compute=compute,
-                                       reference=reference, ref_lse=ref_lse, compute_dtype=compute_dtype)
+    args, constexprs = gradient_inputs(hidden, head, tokens, terms)
     return Launch(
         kernel=_logit_grad_kernel,
         args=dict(args, g_ptr=g, g_lo_ptr=g_lo if g_lo is not None else g, t_lo=t_lo, t_count=t_count, v_lo=v_lo,
                   v_count=v_count, stride_gn=g.stride(0)),
         constexprs=dict(constexprs, PRECISE=g_lo is not None),
         grid=lambda c: (triton.cdiv(t_count, c.blocks["BLOCK_N"]) * triton.cdiv(v_count, c.blocks["BLOCK_V"]),),
-        per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, **gradient_per_config(c, reference)},
-        family=gradient_family(compute, coef, reference, compute_dtype),
+        per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, **gradient_per_config(c, head, terms)},
+        family=gradient_family(head, terms),
     )

@@ -5,11 +5,11 @@ vocabulary. It streams that slice in BLOCK_V tiles, builds each logit tile from
 tl.dot with fp32 accumulation, and keeps an online (max, sum-exp) per token -
 plus, for the statistics, the sum of exp(z - max) * (z - max) (entropy) and the
 first index of the max, and for label smoothing sum_j u_j z_j. Partials per
-split are combined in PyTorch (backend_contract.combine_partials), so global
+split are combined in PyTorch (dft_ops.backends.partials), so global
 memory only ever holds O(tokens * splits) floats, never tokens x vocabulary.
 
-With a reference head (ASFT) each program also builds the reference's tile r
-(kernels/reference.py) and keeps its online (max, sum-exp) and the two sums of
+With a second head (ASFT's reference model) each program also builds its tile r
+(kernels/second_head.py) and keeps its online (max, sum-exp) and the two sums of
 the gap ``(z - max) - (r - max_r)`` weighted by exp(z - max) and exp(r - max_r),
 moved as either maximum grows: the KL's terms in the same pass, still without
 logits, and free of any constant offset between the heads.
@@ -27,29 +27,28 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import (ForwardStats, check_forward_args, combine_kl, combine_partials, logit_scales,
-                                     product_dtype)
-from .launch import (Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl,
-                     unit_column_strides, unit_stride_inputs)
-from .reference import reference_even_d, reference_inputs, reference_key, tile_family
-from .tile import cap_and_temper, class_weights, logit_tile, reference_tile
+from dft_ops.backends.partials import combine_kl, combine_partials
+from dft_ops.backends.protocol import ForwardStats, Head, Tokens, assert_inputs
+from .launch import Config, Launch, Tuner, bucket, device_arch, interpreting, kernel_operands, sm_count, torch_to_tl
+from .second_head import second_even_d, second_head_inputs, second_head_key, tile_family
+from .tile import cap_and_temper, class_weights, logit_tile, second_tile
 
 
 @triton.jit
 def _lse_forward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, cw_ptr,
     part_max_ptr, part_sumexp_ptr, part_ent_ptr, part_arg_ptr, part_smooth_ptr, target_logit_ptr,
-    rh_ptr, rw_ptr, rb_ptr, part_ref_max_ptr, part_ref_sumexp_ptr, part_gap_ptr, part_ref_gap_ptr,
+    h2_ptr, w2_ptr, b2_ptr, part_max2_ptr, part_sumexp2_ptr, part_gap_ptr, part_gap2_ptr,
     softcap, inv_softcap, inv_temperature, M, D, V, SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    ref_softcap, ref_inv_softcap, D_ref, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+    softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
     WITH_STATS: tl.constexpr, SMOOTHING: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    HAS_REFERENCE: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
-    REF_COMPUTE_DTYPE: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_SOFTCAP2: tl.constexpr,
+    COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    REF_EVEN_D: tl.constexpr,
+    EVEN_D2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # consecutive programs share a token tile and walk different splits, so the
@@ -80,8 +79,8 @@ def _lse_forward_kernel(
     arg = tl.zeros((BLOCK_N,), dtype=tl.int32) + v_lo
     smooth = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum u_j * z_j
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # the reference head: its own online (max, sum-exp), and for x = z and x = r the gap sums
-    # sum exp(x - max_x) * ((z - max_z) - (r - max_r)) (backend_contract.combine_kl)
+    # the second head: its own online (max, sum-exp), and for x = z and x = r the gap sums
+    # sum exp(x - max_x) * ((z - max_z) - (r - max_r)) (dft_ops.backends.partials.combine_kl)
     m_r = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     sumexp_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     gap = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -90,13 +89,13 @@ def _lse_forward_kernel(
         local = tl.arange(0, BLOCK_V)
         cols = v0 + local.to(tl.int64)
         col_mask = local < v_hi - v0
-        if HAS_REFERENCE:
-            # the reference's tile first: only it stays live through the model's product (after it,
-            # the model's tile, its exponentials and the reference's product would all be)
-            r = reference_tile(
-                rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, row_mask, cols, col_mask,
-                ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
-                REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
+        if HAS_SECOND:
+            # the second head's tile first: only it stays live through the model's product (after it,
+            # the model's tile, its exponentials and the second head's product would all be)
+            r = second_tile(
+                h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, row_mask, cols, col_mask,
+                softcap2, inv_softcap2, inv_temperature, D2, stride_h2d, stride_w2v, stride_w2d,
+                HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D2,
                 FP32_PRECISION,
             )
         u = logit_tile(
@@ -129,7 +128,7 @@ def _lse_forward_kernel(
             # costs fewer registers than tl.argmax's value/index pairs on z.)
             first = tl.min(tl.where(d == 0.0, local[None, :], BLOCK_V), axis=1)
             arg = tl.where(tile_max > m, v0 + first, arg)
-        if HAS_REFERENCE:
+        if HAS_SECOND:
             # Both heads' logits relative to their own running maxima (d, d_r): a constant offset between
             # the heads never enters the gap sums. r is finite on masked columns (zero loads), so the gap
             # there is -inf and never read; a column without probability (e == 0: masked, or a -inf
@@ -159,11 +158,11 @@ def _lse_forward_kernel(
         tl.store(part_arg_ptr + part, arg, mask=row_mask)
     if SMOOTHING:
         tl.store(part_smooth_ptr + part, smooth, mask=row_mask)
-    if HAS_REFERENCE:
-        tl.store(part_ref_max_ptr + part, m_r, mask=row_mask)
-        tl.store(part_ref_sumexp_ptr + part, sumexp_r, mask=row_mask)
+    if HAS_SECOND:
+        tl.store(part_max2_ptr + part, m_r, mask=row_mask)
+        tl.store(part_sumexp2_ptr + part, sumexp_r, mask=row_mask)
         tl.store(part_gap_ptr + part, gap, mask=row_mask)
-        tl.store(part_ref_gap_ptr + part, gap_r, mask=row_mask)
+        tl.store(part_gap2_ptr + part, gap_r, mask=row_mask)
     tl.store(target_logit_ptr + offs, zy, mask=row_mask & (y >= v_lo) & (y < v_hi))
 
 
@@ -183,14 +182,14 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=3),
     ],
-    # with a reference head (ASFT): its tile stays live through the model's product
-    "16bit+ref": [
+    # with a second head (ASFT): its tile stays live through the model's product
+    "16bit+second": [
         # BLOCK_D 32 spills on sm_80 with the gap sums live (and fp32 operands rounded to bf16)
         Config({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 16}, num_warps=8, num_stages=3),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     ],
-    # 128-row tiles spill on sm_80 with the gap sums live (a bf16 model beside an fp32 reference)
-    "fp32+ref": [
+    # 128-row tiles spill on sm_80 with the gap sums live (a bf16 model beside an fp32 second head)
+    "fp32+second": [
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     ],
 }
@@ -219,28 +218,23 @@ def forward_splits(config: Config, n_tokens: int, vocab: int, sms: int) -> int:
 
 
 def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
-    """Per-config constexprs. Statistics, smoothing or a reference head keep more per-element values
+    """Per-config constexprs. Statistics, smoothing or a second head keep more per-element values
     live after the product (entropy and argmax terms, class weights, the model's tile during the
-    reference's product): BLOCK_V is capped at 64 there, as 128-wide tiles spill on sm_80
+    second head's product): BLOCK_V is capped at 64 there, as 128-wide tiles spill on sm_80
     (tests/test_compile.py)."""
     block_v = min(config.blocks["BLOCK_V"], 64) if heavy_epilogue else config.blocks["BLOCK_V"]
     return {"BLOCK_V": block_v, "EVEN_D": D % config.blocks["BLOCK_D"] == 0}
 
 
-def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature, with_stats, smoothing,
-                   class_weight, compute_dtype=None, splits=None, reference=None):
-    """Build the forward launch and its output buffers (see :func:`lse_forward`).
-
-    The small per-token / per-class tensors (targets, rows, bias, class
-    weights) are made contiguous here, so the kernel reads them with unit
-    stride whatever view the caller passed (an expanded bias, a column slice
-    of labels). targets are clamped to [-1, V]: outside [0, V) stays outside.
-    """
+def forward_launch(hidden, head: Head, tokens: Tokens, *, with_stats: bool, smoothing: bool, splits=None):
+    """Build the forward launch and its output buffers (see :func:`lse_forward`); operands as
+    :func:`~dft_ops.kernels.launch.kernel_operands` returns them."""
+    targets, rows = tokens
     M = targets.numel()
     D = hidden.shape[1]
+    weight, bias, second, class_weight = head.weight, head.bias, head.second, head.class_weight
     V = weight.shape[0]
-    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
-    tiles = tile_family(compute, reference, compute_dtype)
+    tiles = tile_family(head, second is not None)
 
     def splits_for(config: Config) -> int:
         if splits:
@@ -251,8 +245,6 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
     # partials for the most splits any allowed configuration takes; the picked one fills the first rows
     S = max(splits_for(c) for c in TUNER.allowed(tiles, device_arch(hidden.device))) \
         if not interpreting() else splits_for(INTERPRET_CONFIG)
-    targets, rows, bias = unit_stride_inputs(targets, rows, bias, V)
-    class_weight = class_weight.contiguous() if smoothing and class_weight is not None else None
     f32 = dict(dtype=torch.float32, device=hidden.device)
     unused = torch.empty(1, **f32)
     out = {
@@ -263,10 +255,9 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
         "part_smooth": torch.empty(S, M, **f32) if smoothing else unused,
         "target_logit": torch.zeros(M, **f32),
     }
-    for name in ("part_ref_max", "part_ref_sumexp", "part_gap", "part_ref_gap"):
-        out[name] = torch.empty(S, M, **f32) if reference is not None else unused
-    ref_args, ref_constexprs = reference_inputs(reference, compute, unused, compute_dtype)
-    inv_softcap, inv_temperature = logit_scales(softcap, temperature)
+    for name in ("part_max2", "part_sumexp2", "part_gap", "part_gap2"):
+        out[name] = torch.empty(S, M, **f32) if second is not None else unused
+    second_args, second_constexprs = second_head_inputs(second, head.compute_dtype, unused)
     launch = Launch(
         kernel=_lse_forward_kernel,
         args=dict(
@@ -275,88 +266,73 @@ def forward_launch(hidden, weight, bias, targets, rows, *, softcap, temperature,
             cw_ptr=class_weight if class_weight is not None else unused,
             part_max_ptr=out["part_max"], part_sumexp_ptr=out["part_sumexp"], part_ent_ptr=out["part_ent"],
             part_arg_ptr=out["part_arg"], part_smooth_ptr=out["part_smooth"], target_logit_ptr=out["target_logit"],
-            part_ref_max_ptr=out["part_ref_max"], part_ref_sumexp_ptr=out["part_ref_sumexp"],
-            part_gap_ptr=out["part_gap"], part_ref_gap_ptr=out["part_ref_gap"], **ref_args,
-            softcap=float(softcap) if softcap is not None else 1.0, inv_softcap=inv_softcap,
-            inv_temperature=inv_temperature, M=M, D=D, V=V,
+            part_max2_ptr=out["part_max2"], part_sumexp2_ptr=out["part_sumexp2"],
+            part_gap_ptr=out["part_gap"], part_gap2_ptr=out["part_gap2"], **second_args,
+            softcap=float(head.softcap) if head.softcap is not None else 1.0, inv_softcap=head.inv_softcap,
+            inv_temperature=head.inv_temperature, M=M, D=D, V=V,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wd=weight.stride(1),
         ),
         constexprs=dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ROWS=rows is not None,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
             WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
-            COMPUTE_DTYPE=torch_to_tl(compute), FP32_PRECISION="tf32x3", HAS_REFERENCE=reference is not None,
-            **ref_constexprs,
+            COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3", HAS_SECOND=second is not None,
+            **second_constexprs,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * splits_for(c),),
-        per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing or reference is not None),
-                              "SPLITS": splits_for(c), "REF_EVEN_D": reference_even_d(reference, c.blocks["BLOCK_D"])},
+        per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing or second is not None),
+                              "SPLITS": splits_for(c), "EVEN_D2": second_even_d(second, c.blocks["BLOCK_D"])},
         family=tiles,
     )
     return launch, out, splits_for
 
 
-def lse_forward(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, with_stats=False,
-                smoothing=False, class_weight=None, compute_dtype=None, reference=None, splits=None) -> ForwardStats:
-    """Per-token log-sum-exp and label logit of ``hidden @ weight.T + bias``, without logits.
+def lse_forward(hidden, head: Head, tokens: Tokens, *, with_stats=False, smoothing=False,
+                splits=None) -> ForwardStats:
+    """Per-token log-sum-exp and label logit of the contract's logits, without logits.
 
     Args:
-        hidden: (N, D) fp32/bf16/fp16, any strides (stride(1) != 1: copied, see
-            :func:`~dft_ops.kernels.launch.unit_column_strides`).
-        weight: (V, D) fp32/bf16/fp16, any strides; may differ from hidden's
-            dtype (products then run in the 16-bit one, see
-            :func:`dft_ops.backend_contract.product_dtype`).
-        bias: (V,) any float dtype and strides, or None.
-        targets: (M,) integer label of each computed token; outside [0, V)
-            gives target_logit 0 (e.g. labels of another vocabulary shard).
-        rows: (M,) integer row of ``hidden`` for each computed token, or None
-            for rows 0..M-1 (then M == N). Any strides.
-        softcap: logits become softcap * tanh(logits / softcap) when given.
-        temperature: logits are then divided by it when given.
+        hidden: (N, D), any strides (stride(1) != 1: copied, see
+            :func:`~dft_ops.kernels.launch.kernel_operands`).
+        head: the :class:`~dft_ops.backends.protocol.Head`; its class weights
+            are read for smoothing only; with a second head, also returns its
+            lse2 and both KLs, from the same pass.
+        tokens: the computed tokens (targets outside [0, V) give target_logit 0).
         with_stats: also return entropy, max logit and argmax.
         smoothing: also return smooth_sum = sum_j u_j z_j.
-        class_weight: (V,) u_j for smooth_sum (None: 1); any float dtype.
-        compute_dtype: the dtype of the products (e.g. autocast's bf16 for
-            fp32 inputs), None for product_dtype's rule; operands are rounded
-            in registers, never copied.
-        reference: a :class:`~dft_ops.backend_contract.ReferenceHead` (ASFT), or None: also return
-            ref_lse, reverse_kl and forward_kl, from the same pass.
         splits: vocabulary slices to split over (default: from the picked tiles and the SM count,
             :func:`forward_splits`).
 
     Returns:
-        :class:`~dft_ops.backend_contract.ForwardStats`, each field (M,).
+        :class:`~dft_ops.backends.protocol.ForwardStats`, each field (M,).
     """
-    M = check_forward_args(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                           class_weight=class_weight, compute_dtype=compute_dtype, reference=reference)
-    with_ref = reference is not None
+    M = assert_inputs(hidden, head, tokens)
+    two_heads = head.second is not None
     if M == 0:
         def empty(on, dtype=torch.float32):
             return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
         return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
-                            empty(with_stats, torch.int64), empty(smoothing), empty(with_ref), empty(with_ref),
-                            empty(with_ref))
-    hidden, weight, reference = unit_column_strides(hidden, weight, reference)
-    launch, out, splits_for = forward_launch(
-        hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature, with_stats=with_stats,
-        smoothing=smoothing, class_weight=class_weight, compute_dtype=compute_dtype, splits=splits,
-        reference=reference)
-    key = (hidden.shape[1], weight.shape[0], hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
-           softcap is not None, temperature is not None, with_stats, smoothing, class_weight is not None, splits,
-           *reference_key(reference, compute_dtype))
+                            empty(with_stats, torch.int64), empty(smoothing), empty(two_heads), empty(two_heads),
+                            empty(two_heads))
+    hidden, head, tokens, _ = kernel_operands(hidden, head, tokens, class_weight=smoothing, second=two_heads)
+    launch, out, splits_for = forward_launch(hidden, head, tokens, with_stats=with_stats, smoothing=smoothing,
+                                             splits=splits)
+    key = (hidden.shape[1], head.weight.shape[0], hidden.dtype, head.weight.dtype, head.compute_dtype, bucket(M),
+           head.bias is not None, head.softcap is not None, head.temperature is not None, with_stats, smoothing,
+           head.class_weight is not None, splits, *second_head_key(head.second))
     S = splits_for(TUNER.run(launch, key))
     part_max, part_sumexp = out["part_max"][:S], out["part_sumexp"][:S]
     lse, max_logit, entropy, argmax = combine_partials(
         part_max, part_sumexp, out["part_ent"][:S] if with_stats else None,
         out["part_arg"][:S] if with_stats else None)
-    ref_lse = reverse_kl = forward_kl = None
-    if with_ref:
-        ref_parts = out["part_ref_max"][:S], out["part_ref_sumexp"][:S]
-        ref_lse = combine_partials(*ref_parts)[0]
-        reverse_kl, forward_kl = combine_kl(part_max, part_sumexp, *ref_parts, out["part_gap"][:S],
-                                            out["part_ref_gap"][:S])
+    second_lse = reverse_kl = forward_kl = None
+    if two_heads:
+        second_parts = out["part_max2"][:S], out["part_sumexp2"][:S]
+        second_lse = combine_partials(*second_parts)[0]
+        reverse_kl, forward_kl = combine_kl(part_max, part_sumexp, *second_parts, out["part_gap"][:S],
+                                            out["part_gap2"][:S])
     return ForwardStats(
         lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
         argmax=argmax, smooth_sum=out["part_smooth"][:S].sum(dim=0) if smoothing else None,
-        ref_lse=ref_lse, reverse_kl=reverse_kl, forward_kl=forward_kl,
+        second_lse=second_lse, reverse_kl=reverse_kl, forward_kl=forward_kl,
     )

@@ -9,8 +9,8 @@ way, so the backward recomputes exactly the logits the forward normalised.
 import triton
 import triton.language as tl
 
-# absolute: see kernels/grad_backward.py
-from dft_ops.backend_contract import interpreting
+# absolute: see kernels/fused_backward.py
+from dft_ops.backends.protocol import interpreting
 
 # The interpreter (TRITON_INTERPRET=1) stores bfloat16 as raw uint16 bits and
 # its tl.dot multiplies those bits as integers; it also rounds fp32->bf16 by
@@ -152,23 +152,23 @@ def logit_tile(
 
 
 @triton.jit
-def reference_tile(
-    rh_ptr, rw_ptr, rb_ptr, rh_rows, row_mask, cols, col_mask,
-    ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
-    REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, REF_EVEN_D: tl.constexpr,
+def second_tile(
+    h2_ptr, w2_ptr, b2_ptr, h2_rows, row_mask, cols, col_mask,
+    softcap2, inv_softcap2, inv_temperature, D2, stride_h2d, stride_w2v, stride_w2d,
+    HAS_BIAS2: tl.constexpr, HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D2: tl.constexpr,
     FP32_PRECISION: tl.constexpr,
 ):
-    """The reference's logits r of one tile, (BLOCK_N, BLOCK_V) fp32, capped and tempered (not masked).
+    """The second head's logits r of one tile, (BLOCK_N, BLOCK_V) fp32, capped and tempered (not masked).
 
-    rh_rows: (BLOCK_N,) int64 element offset of each token's row in the reference's hidden states.
+    h2_rows: (BLOCK_N,) int64 element offset of each token's row in the second head's hidden states.
     """
     u = logit_tile(
-        rh_ptr, rw_ptr, rb_ptr, rh_rows, row_mask, cols, col_mask,
-        D_ref, stride_rhd, stride_rwv, stride_rwd,
-        REF_HAS_BIAS, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D, FP32_PRECISION,
+        h2_ptr, w2_ptr, b2_ptr, h2_rows, row_mask, cols, col_mask,
+        D2, stride_h2d, stride_w2v, stride_w2d,
+        HAS_BIAS2, COMPUTE_DTYPE2, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D2, FP32_PRECISION,
     )
-    return cap_and_temper(u, ref_softcap, ref_inv_softcap, inv_temperature, REF_HAS_SOFTCAP)
+    return cap_and_temper(u, softcap2, inv_softcap2, inv_temperature, HAS_SOFTCAP2)
 
 
 @triton.jit
@@ -201,7 +201,7 @@ def token_terms(offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef
     Returns (h_row, y, lse, a, b, c): the row of hidden (int64), the target
     (int32; targets were clamped to [-1, V], so outside [0, V) matches no
     column), the log-sum-exp and the coefficients (c is 0 without a uniform term).
-    Masked tokens get a = b = c = 0. The reference terms: :func:`reference_terms`.
+    Masked tokens get a = b = c = 0. The second head's terms: :func:`second_terms`.
     """
     if HAS_ROWS:
         h_row = tl.load(rows_ptr + offs, mask=row_mask, other=0).to(tl.int64)
@@ -219,22 +219,22 @@ def token_terms(offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef
 
 
 @triton.jit
-def reference_terms(offs, row_mask, lse, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
-                    HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr):
-    """(ref_lse, e, f) of computed tokens ``offs``: the reference's log-sum-exp (both terms read
+def second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                    HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr):
+    """(lse2, e, f) of computed tokens ``offs``: the second head's log-sum-exp (both terms read
     it) and the coefficients of its softmax and of the gap term, each 0 when its term is off or
     the token masked. ``lse``: the tokens' (BLOCK_N,) fp32 log-sum-exp (gives the shape)."""
     zero = tl.zeros_like(lse)
-    ref_lse = zero
+    lse2 = zero
     coef_e = zero
     coef_f = zero
-    if HAS_REF_Q or HAS_REF_GAP:
-        ref_lse = tl.load(ref_lse_ptr + offs, mask=row_mask, other=0.0)
-    if HAS_REF_Q:
+    if HAS_Q or HAS_GAP:
+        lse2 = tl.load(lse2_ptr + offs, mask=row_mask, other=0.0)
+    if HAS_Q:
         coef_e = tl.load(coef_e_ptr + offs, mask=row_mask, other=0.0)
-    if HAS_REF_GAP:
+    if HAS_GAP:
         coef_f = tl.load(coef_f_ptr + offs, mask=row_mask, other=0.0)
-    return ref_lse, coef_e, coef_f
+    return lse2, coef_e, coef_f
 
 
 @triton.jit
@@ -242,28 +242,28 @@ def logit_grad_tile(
     h_ptr, w_ptr, b_ptr, cw_ptr,
     h_rows, row_mask, cols, col_mask, y_local, lse, coef_a, coef_b, coef_c,
     softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
-    rh_ptr, rw_ptr, rb_ptr, rh_rows, ref_lse, coef_e, coef_f,
-    ref_softcap, ref_inv_softcap, D_ref, stride_rhd, stride_rwv, stride_rwd,
+    h2_ptr, w2_ptr, b2_ptr, h2_rows, lse2, coef_e, coef_f,
+    softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr,
-    REF_HAS_SOFTCAP: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, REF_EVEN_D: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """The logit gradient G of one tile, (BLOCK_N, BLOCK_V) fp32, 0 outside the masks.
 
-    ``G = (a s - b onehot - c u - e q + f s (log s - log q)) dz/du`` (dft_ops.backend_contract),
-    from logits rebuilt exactly as the forward built them; the reference's tile r
-    (q = exp(r - ref_lse)) only when HAS_REF_Q or HAS_REF_GAP. y_local: (BLOCK_N,)
+    G, the contract's formula (dft_ops.backends.protocol),
+    from logits rebuilt exactly as the forward built them; the second head's tile r
+    (q = exp(r - lse2)) only when HAS_Q or HAS_GAP. y_local: (BLOCK_N,)
     int32 target minus the tile's first column.
     """
-    if HAS_REF_Q or HAS_REF_GAP:
-        # the reference's tile first: only it stays live through the model's product
-        r = reference_tile(
-            rh_ptr, rw_ptr, rb_ptr, rh_rows, row_mask, cols, col_mask,
-            ref_softcap, ref_inv_softcap, inv_temperature, D_ref, stride_rhd, stride_rwv, stride_rwd,
-            REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, REF_EVEN_D,
+    if HAS_Q or HAS_GAP:
+        # the second head's tile first: only it stays live through the model's product
+        r = second_tile(
+            h2_ptr, w2_ptr, b2_ptr, h2_rows, row_mask, cols, col_mask,
+            softcap2, inv_softcap2, inv_temperature, D2, stride_h2d, stride_w2v, stride_w2d,
+            HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D2,
             FP32_PRECISION,
         )
     u = logit_tile(
@@ -278,11 +278,11 @@ def logit_grad_tile(
     g -= tl.where(tl.arange(0, BLOCK_V)[None, :] == y_local[:, None], coef_b[:, None], 0.0)
     if HAS_UNIFORM:
         g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
-    if HAS_REF_Q:
-        g -= coef_e[:, None] * tl.exp(r - ref_lse[:, None])
-    if HAS_REF_GAP:
+    if HAS_Q:
+        g -= coef_e[:, None] * tl.exp(r - lse2[:, None])
+    if HAS_GAP:
         # log s - log q, each head relative to its own lse: no offset between the heads enters.
         # A logit without probability gets no gradient, whatever its gap (0 * inf)
-        g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - ref_lse[:, None])), 0.0)
+        g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - lse2[:, None])), 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

@@ -70,8 +70,8 @@ def _reference(spec: str, hidden_dtype, weight_dtype, N: int, V: int):
         return None, ""
     term, _, dtype = spec.partition(":")
     ref_hidden_dtype, ref_weight_dtype = (DTYPES[dtype],) * 2 if dtype else (hidden_dtype, weight_dtype)
-    D_ref = 192
-    return ReferenceHead(torch.randn(N, D_ref, dtype=ref_hidden_dtype), torch.randn(V, D_ref, dtype=ref_weight_dtype),
+    D2 = 192
+    return ReferenceHead(torch.randn(N, D2, dtype=ref_hidden_dtype), torch.randn(V, D2, dtype=ref_weight_dtype),
                          torch.randn(V, dtype=ref_weight_dtype), softcap=20.0), term
 
 
@@ -95,7 +95,7 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
     f32 = torch.float32
     coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
                             torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None)
-    ref_args = dict(reference=reference, ref_lse=torch.randn(M) if term else None)
+    second_args = dict(reference=reference, lse2=torch.randn(M) if term else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
         compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
@@ -104,12 +104,12 @@ def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
         return lgrad.logit_grad_launch(
             hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight, g[0, :, split],
             g[1, :, split] if features and compute != f32 else None, 8, 40, 16, V, softcap=softcap,
-            temperature=temperature, compute=compute, compute_dtype=compute_dtype, **ref_args)
+            temperature=temperature, compute=compute, compute_dtype=compute_dtype, **second_args)
     return bwd.backward_launch(
         hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
         torch.ones(1) if features else None,
         torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
-        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype, **ref_args,
+        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype, **second_args,
     )
 
 
@@ -139,7 +139,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 KERNELS = {"lse_forward": fwd, "grad_backward": bwd, "logit_grad": lgrad}
 ARCHS = (80, 90)
-FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+ref": ("bf16",), "fp32+ref": ("fp32",)}
+FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+second": ("bf16",), "fp32+second": ("fp32",)}
 # hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
 # operands are rounded to bf16 in registers, so their wider tiles in shared memory and
 # registers must fit the 16-bit configurations too
@@ -176,11 +176,11 @@ def jobs(quick: bool):
     slower path, not held to the no-spill rule); real heads use multiples of 64.
     A configuration is built for the architectures it is offered on (``min_arch``):
     the no-spill rule holds per target.
-    The "+ref" configurations (a reference head, ASFT) are built with it, every
+    The "+second" configurations (a reference head, ASFT) are built with it, every
     feature on and each KL term of a backward (the forward KL's q, the reverse
-    KL's gap), in their family's dtype; "16bit+ref" also with the mixed dtypes
+    KL's gap), in their family's dtype; "16bit+second" also with the mixed dtypes
     (model and reference alike, and autocast's model with a bf16 reference);
-    "fp32+ref" also for a bf16 model and for bf16 hidden states with an fp32
+    "fp32+second" also for a bf16 model and for bf16 hidden states with an fp32
     head, each with an fp32 reference (whose fp32 products take those
     configurations)."""
     for kernel, module in KERNELS.items():
@@ -188,12 +188,12 @@ def jobs(quick: bool):
             dtypes = FAMILY_DTYPES[family][:1] if quick else FAMILY_DTYPES[family]
             for index, config in enumerate(configs):
                 for arch in (a for a in ARCHS if a >= config.min_arch):
-                    if family.endswith("+ref"):
+                    if family.endswith("+second"):
                         for term in REFERENCE_TERMS[kernel]:
                             yield kernel, family, index, dtypes[0], 256, True, arch, term
                             if quick:
                                 continue
-                            if family == "16bit+ref":
+                            if family == "16bit+second":
                                 for dtype in MIXED_DTYPES:
                                     yield kernel, family, index, dtype, 256, True, arch, term
                                 # autocast's model beside a bf16 reference model

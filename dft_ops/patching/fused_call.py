@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..callbacks import recorder_of
-from ..dtensor_inputs import like_linear_output, local
+from ..backends.protocol import SecondHead
+from ..distributed import like_linear_output, local
 from ..functional import linear_cross_entropy
 from .head import check_head, forward_slot, output_head, replaced_attribute
 
@@ -44,16 +45,16 @@ class FusedCall:
             as the forward was called (ignore_index None: the patch option).
         protocol: a :class:`~dft_ops.patching.protocols.CallerProtocol` asking
             for per-token values, or None for the usual scalar loss.
-        token_tensors: per-token inputs of the objective from the call's keywords.
-        reference: ASFT's reference for this call (:class:`~dft_ops.patching.reference.ReferenceHead`), or None.
+        token_tensors: per-token inputs of the objective from the call's keywords (``old_logprobs=``, ...).
+        reference: the reference model's pass of this call (:class:`~dft_ops.patching.reference.ReferencePass`),
+            or None.
     """
 
     def __init__(self, causal_lm: nn.Module, state, *, labels, shift_labels, num_items_in_batch, ignore_index,
                  position_ids, protocol, token_tensors: dict, reference=None):
         self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
         self.per_token = protocol is not None
-        objective = state.options.objective
-        self.objective = objective.with_token_tensors(**token_tensors) if token_tensors else objective
+        self.token_tensors = token_tensors
         self.reference = reference
         self.shift = shift_labels is None
         self.given_labels = labels if self.shift else shift_labels
@@ -75,7 +76,7 @@ class FusedCall:
         transform = self.state.transform
         hidden = hidden.to(weight.device)
         hidden, bias = transform.fold(hidden, bias)
-        objective = self.objective if self.reference is None else self._with_reference(hidden, weight, bias)
+        second_head = None if self.reference is None else self._second_head(hidden, weight, bias)
         targets = self.given_labels.to(hidden.device)
         position_ids = self.position_ids
         if position_ids is not None and tuple(position_ids.shape) != tuple(targets.shape):
@@ -88,12 +89,13 @@ class FusedCall:
             recorder = None
         patch_options = self.state.options
         options = patch_options.replace(
-            objective=objective, ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
+            ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
             reduction="none" if self.per_token else patch_options.reduction,
             return_stats=self.per_token or patch_options.return_stats or recorder is not None)
         # dtypes as nn.Linear would compute (the autocast dtype under autocast): linear_cross_entropy's rule
         out = linear_cross_entropy(hidden, weight, targets, bias=bias, options=options, position_ids=position_ids,
-                                   num_items_in_batch=None if self.per_token else self.num_items_in_batch)
+                                   num_items_in_batch=None if self.per_token else self.num_items_in_batch,
+                                   second_head=second_head, **self.token_tensors)
         self.loss, self.stats = out if isinstance(out, tuple) else (out, None)
         if recorder is not None:
             recorder.record(self.stats)
@@ -103,8 +105,9 @@ class FusedCall:
         empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
         return like_linear_output(empty, head_input, weight)
 
-    def _with_reference(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
-        """The objective holding this call's reference head (the model's own head, detached, with adapters off)."""
+    def _second_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> SecondHead:
+        """This call's reference model as the loss's second head (the model's own head, detached, with adapters
+        off, when the reference shares it)."""
         ref = self.reference
         if tuple(ref.hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
             raise RuntimeError(f"reference: its forward fed its head hidden states of shape {tuple(ref.hidden.shape)}, "
@@ -114,8 +117,7 @@ class FusedCall:
         else:
             ref_weight = ref.weight.to(weight.device)
             ref_bias = None if ref.bias is None else ref.bias.to(weight.device)
-        return self.objective.with_reference(ref.hidden.to(hidden.device), ref_weight, ref_bias=ref_bias,
-                                             ref_softcap=ref.softcap)
+        return SecondHead(ref.hidden.to(hidden.device), ref_weight, ref_bias, ref.softcap)
 
     # ---------------------------------------------------------------------------- the model's loss_function
 

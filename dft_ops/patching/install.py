@@ -210,9 +210,9 @@ def _validate_options(objective, loss_options: dict) -> LossOptions:
 
 def _validate_reference(objective, reference, causal_lm: nn.Module) -> Reference | None:
     """The patch's reference: required by an objective that compares with a reference model (ASFT), refused otherwise."""
-    wants_reference = callable(getattr(objective, "with_reference", None))
+    wants_reference = objective.needs_second_head
     if getattr(objective, "has_reference", False):
-        raise ValueError("objective: pass ASFT to patch without a reference (no with_reference): the reference "
+        raise ValueError("objective: pass ASFT to patch without a reference head (no with_reference): the reference "
                          "model supplies each batch's hidden states")
     if wants_reference and reference is None:
         raise ValueError(f"reference: objective {type(objective).__name__} needs a reference model: "

@@ -19,7 +19,8 @@ output head replaced by a function that keeps the head's input and returns an
 empty ``(..., 0)`` tensor: the reference's final hidden states are captured
 exactly as its own forward feeds them to its head (after ``logits_to_keep``),
 and no reference logits are ever built. The loss then streams the reference
-head next to the model's (``ASFT.with_reference``).
+head next to the model's, as its second head (``linear_cross_entropy(...,
+second_head=...)``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..dtensor_inputs import is_dtensor
+from ..distributed import is_dtensor
 from .head import PatchError, check_head, forward_slot, head_shape, output_head, replaced_attribute
 from .probe import HeadTransform, transform_inputs
 
@@ -43,8 +44,8 @@ _LOSS_KEYWORDS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index"
 
 
 @dataclass
-class ReferenceHead:
-    """What one fused call's loss needs from the reference.
+class ReferencePass:
+    """What the reference model's pass of one fused call gives the loss (its second head).
 
     Attributes:
         hidden: (..., D_ref) final hidden states of the reference, the leading
@@ -64,7 +65,7 @@ class ReferenceHead:
 class Reference:
     """How the patched forward obtains the reference's hidden states (and head) for one call."""
 
-    def head_for_call(self, causal_lm: nn.Module, transform: HeadTransform, inputs: dict) -> ReferenceHead:
+    def head_for_call(self, causal_lm: nn.Module, transform: HeadTransform, inputs: dict) -> ReferencePass:
         """The reference for one fused call of ``causal_lm`` on ``inputs`` (the call's keywords, by name).
 
         ``transform``: the model's head transform (the reference's, for a
@@ -124,7 +125,7 @@ class FrozenReference(Reference):
         weight, bias = head.weight, head.bias
         _check_unsharded(weight)  # an engine may have wrapped the reference after patching
         hidden, bias = self.transform.fold(captured, None if bias is None else bias.detach())
-        return ReferenceHead(hidden=hidden, weight=weight.detach(), bias=bias, softcap=self.transform.softcap)
+        return ReferencePass(hidden=hidden, weight=weight.detach(), bias=bias, softcap=self.transform.softcap)
 
 
 def _attention(causal_lm: nn.Module) -> str | None:
@@ -180,7 +181,7 @@ class AdaptersDisabled(Reference):
             # through __call__: the patched forward sees eval mode and runs the model's own forward
             captured = capture_head_input(causal_lm, head, inputs)
         hidden, _ = transform.fold(captured, None)
-        return ReferenceHead(hidden=hidden, weight=None, bias=None, softcap=transform.softcap)
+        return ReferencePass(hidden=hidden, weight=None, bias=None, softcap=transform.softcap)
 
 
 def make_reference(reference, causal_lm: nn.Module) -> Reference | None:

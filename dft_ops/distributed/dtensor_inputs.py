@@ -26,6 +26,8 @@ from dataclasses import replace
 
 from torch import Tensor
 
+from typing import NamedTuple
+
 from .vocab_parallel import VocabParallel
 
 
@@ -44,17 +46,29 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
-def localize(hidden, weight, bias, labels, vocab_parallel: VocabParallel | None):
-    """(hidden, weight, bias, labels, vocab_parallel) with every DTensor replaced by its local tensor (module rules).
+class LocalInputs(NamedTuple):
+    """The loss's inputs as local tensors; ``vocab_parallel`` the option, from a ``Shard(0)`` weight when
+    ``from_dtensor``."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    labels: Tensor
+    vocab_parallel: VocabParallel | None
+    from_dtensor: bool = False
+
+
+def localize(hidden, weight, bias, labels, vocab_parallel: VocabParallel | None) -> LocalInputs:
+    """The inputs with every DTensor replaced by its local tensor (module rules).
 
     Plain tensors pass through unchanged (no DTensor import cost beyond the check).
     """
     if not any(is_dtensor(t) for t in (hidden, weight, bias, labels)):
-        return hidden, weight, bias, labels, vocab_parallel
+        return LocalInputs(hidden, weight, bias, labels, vocab_parallel)
     vocab_dim = _vocab_dim(weight) if is_dtensor(weight) else None
     if vocab_dim is None:
-        return (*(replicated_local(name, t) for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
-                                                        ("labels", labels))), vocab_parallel)
+        return LocalInputs(*(replicated_local(name, t) for name, t in (
+            ("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels))), vocab_parallel)
     if vocab_parallel is not None:
         raise ValueError("vocab_parallel: given together with a Shard(0) DTensor weight, whose placement already says "
                          "how the vocabulary is split; pass the DTensor or the option with the local rows, not both")
@@ -75,7 +89,8 @@ def localize(hidden, weight, bias, labels, vocab_parallel: VocabParallel | None)
         vocab_parallel = replace(vocab_parallel, reduce_hidden_grad=False)
     else:
         hidden = replicated_local("hidden", hidden)
-    return hidden, weight.to_local(), bias, replicated_local("labels", labels), vocab_parallel
+    return LocalInputs(hidden, weight.to_local(), bias, replicated_local("labels", labels), vocab_parallel,
+                       from_dtensor=True)
 
 
 def _vocab_dim(weight) -> int | None:

@@ -1,15 +1,11 @@
-"""Backward pass: gradients of hidden, weight and bias from recomputed logit tiles.
+"""The fused backward: gradients of hidden, weight and bias from recomputed logit tiles, no workspace.
 
-Every objective with every option (label smoothing, class weights, z-loss)
-has the logit gradient ``a_t softmax - b_t onehot - c_t u`` for token t, with
-per-token coefficients (the upstream gradient folded in; 0 for ignored tokens)
-and class weights u, plus ASFT's KL terms ``- e_t q + f_t softmax (log softmax - log q)``
-from a reference head's recomputed tile (:mod:`dft_ops.backend_contract`);
-soft-capping and temperature multiply it by dz/du. Each
-program owns one (BLOCK_N tokens x BLOCK_V vocabulary) tile: it rebuilds the
-logits exactly as the forward did, forms that gradient G in fp32, and adds ``G @ W`` into
-d(hidden) and ``G.T @ H`` into d(weight), BLOCK_DM columns at a time, with fp32
-atomics. Nothing of size tokens x vocabulary reaches global memory.
+Every objective with every option has the contract's logit gradient G
+(:mod:`dft_ops.backends.protocol`), from per-token terms with the upstream
+gradient folded in (0 for ignored tokens). Each program owns one (BLOCK_N
+tokens x BLOCK_V vocabulary) tile: it rebuilds the logits exactly as the forward
+did, forms G in fp32, and adds ``G @ W`` into d(hidden) and ``G.T @ H`` into
+d(weight), BLOCK_DM columns at a time, with fp32 atomics. Nothing of size tokens x vocabulary reaches global memory.
 
 fp32 accumulation: every tile's contribution lands in an fp32 buffer and is
 rounded to the parameter dtype once at the end. Peers that accumulate in bf16
@@ -26,43 +22,43 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backend_contract import GradCoefficients, check_backward_args, logit_scales, product_dtype
-from .launch import Config, Launch, Tuner, bucket, round_down
-from .logit_grad import backward_operands, gradient_family, gradient_inputs, gradient_per_config
-from .reference import reference_key
-from .tile import dot, grouped_tile, logit_grad_tile, reference_terms, round_to, token_terms
+from dft_ops.backends.protocol import Grads, GradTerms, Head, Needs, Tokens, assert_inputs
+from .launch import Config, Launch, Tuner, bucket, kernel_operands, round_down
+from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
+from .second_head import second_head_key
+from .tile import dot, grouped_tile, logit_grad_tile, second_terms, round_to, token_terms
 
 
 @triton.jit
-def _grad_backward_kernel(
+def _fused_backward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr, filter_ptr,
-    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
+    h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
     dh_ptr, dw_ptr, db_ptr,
     softcap, inv_softcap, inv_temperature, M, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
-    ref_softcap, ref_inv_softcap, D_ref, stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+    softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr,
     HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_FILTER: tl.constexpr, GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
     GRAD_BIAS: tl.constexpr, PRECISE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
-    HAS_REF_Q: tl.constexpr, HAS_REF_GAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr,
-    REF_HAS_SOFTCAP: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
+    HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
-    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr, REF_EVEN_D: tl.constexpr,
+    GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr, EVEN_D2: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < M
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
-    ref_lse, coef_e, coef_f = reference_terms(offs, row_mask, lse, ref_lse_ptr, coef_e_ptr, coef_f_ptr,
-                                              HAS_REF_Q, HAS_REF_GAP)
+    lse2, coef_e, coef_f = second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                                              HAS_Q, HAS_GAP)
     size = tl.abs(coef_a) + tl.abs(coef_b)
     if HAS_UNIFORM:
         size += tl.abs(coef_c)
-    if HAS_REF_Q:
+    if HAS_Q:
         size += tl.abs(coef_e)
-    if HAS_REF_GAP:
+    if HAS_GAP:
         size += tl.abs(coef_f)
     # tiles of ignored tokens (or zero upstream gradient) add exactly nothing
     if tl.max(size, axis=0) == 0.0:
@@ -76,11 +72,11 @@ def _grad_backward_kernel(
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, cols, col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
-        rh_ptr, rw_ptr, rb_ptr, rows * stride_rhn, ref_lse, coef_e, coef_f,
-        ref_softcap, ref_inv_softcap, D_ref, stride_rhd, stride_rwv, stride_rwd,
+        h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
+        softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
-        HAS_REF_Q, HAS_REF_GAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, REF_COMPUTE_DTYPE,
-        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, REF_EVEN_D, FP32_PRECISION,
+        HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION,
     )
     if HAS_FILTER:
         # gradient filtering (opt-in): skip tiles whose every entry is negligible
@@ -161,16 +157,16 @@ CONFIGS = {
         Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 32, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
-    # with a reference head (ASFT): its tile stays live through the model's product
-    "fp32+ref": [
+    # with a second head (ASFT): its tile stays live through the model's product
+    "fp32+second": [
         Config({"BLOCK_N": 64, "BLOCK_V": 32, "BLOCK_D": 32, "BLOCK_DM": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
         Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
         Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 8}, num_warps=8, num_stages=2),
     ],
 }
-# of the 16-bit tiles, only the 64-row 8-warp one leaves room for the reference's tile and the
+# of the 16-bit tiles, only the 64-row 8-warp one leaves room for the second head's tile and the
 # reverse KL's log s - log q with mixed dtypes (the others spill on sm_80)
-CONFIGS["16bit+ref"] = [CONFIGS["16bit"][1]]
+CONFIGS["16bit+second"] = [CONFIGS["16bit"][1]]
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_DM": 16, "GROUP_N": 2},
                           num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
@@ -203,26 +199,21 @@ def _d_blocks(config: Config, D: int, narrow: bool) -> dict:
     return {"BLOCK_D": block_d, "BLOCK_DM": block_dm, "EVEN_DM": D % block_dm == 0, "EVEN_D": D % block_d == 0}
 
 
-def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, class_weight,
-                    filter_threshold, d_hidden, d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, softcap, temperature,
-                    precise, compute_dtype=None, reference=None, ref_lse=None):
+def backward_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, filter_threshold, d_hidden,
+                    d_weight_chunk, d_bias_chunk, v_lo, v_hi, *, precise):
     """The launch for vocabulary rows [v_lo, v_hi); d_weight_chunk/d_bias_chunk start at row v_lo.
 
-    The (M,) / (V,) tensors must have unit stride and targets lie in [-1, V]
-    (:func:`dft_ops.kernels.launch.unit_stride_inputs` does both).
+    Operands as :func:`~dft_ops.kernels.launch.kernel_operands` returns them.
     """
-    M = targets.numel()
+    M = tokens.count
     D = hidden.shape[1]
-    any_buf = lse  # stands in for pointers a flag switches off
-    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    any_buf = terms.lse  # stands in for pointers a flag switches off
+    compute = head.compute_dtype
     precise = bool(precise) and compute != torch.float32
-    reference = reference if coef.reads_reference else None
-    narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, weight.dtype))
-    args, constexprs = gradient_inputs(hidden, weight, bias, targets, rows, lse, coef, class_weight,
-                                       softcap=softcap, temperature=temperature, compute=compute,
-                                       reference=reference, ref_lse=ref_lse, compute_dtype=compute_dtype)
+    narrow = precise or (compute != torch.float32 and torch.float32 in (hidden.dtype, head.weight.dtype))
+    args, constexprs = gradient_inputs(hidden, head, tokens, terms)
     return Launch(
-        kernel=_grad_backward_kernel,
+        kernel=_fused_backward_kernel,
         args=dict(
             args,
             filter_ptr=filter_threshold if filter_threshold is not None else any_buf,
@@ -238,28 +229,19 @@ def backward_launch(hidden, weight, bias, targets, rows, lse, coef: GradCoeffici
             GRAD_WEIGHT=d_weight_chunk is not None, GRAD_BIAS=d_bias_chunk is not None, PRECISE=precise,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
-        per_config=lambda c: {**_d_blocks(c, D, narrow), **gradient_per_config(c, reference)},
+        per_config=lambda c: {**_d_blocks(c, D, narrow), **gradient_per_config(c, head, terms)},
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
-        family=gradient_family(compute, coef, reference, compute_dtype),
+        family=gradient_family(head, terms),
     )
 
 
-def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficients, *, softcap=None,
-                  temperature=None, class_weight=None, need_hidden=True, need_weight=True, need_bias=False,
-                  filter_eps=None, precise=False, compute_dtype=None, reference=None, ref_lse=None, vocab_chunk=None):
-    """Gradients w.r.t. hidden, weight and bias of the logit gradient G given by ``coef``.
-
-    ``G[t, j] = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (z_tj - r_tj)) dz_tj/du_tj``
-    with ``(a, b, c, e, f) = coef``, ``u = class_weight`` (or 1), s and q the
-    model's and the reference's softmax; see :mod:`dft_ops.backend_contract`.
+def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: Needs, *, filter_eps=None,
+                   precise=False, vocab_chunk=None) -> Grads:
+    """The contract's gradients (:class:`~dft_ops.backends.protocol.Grads`) of G given by ``terms``, in one
+    atomic kernel per vocabulary chunk.
 
     Args:
-        hidden, weight, bias, targets, rows, softcap, temperature: as in :func:`lse_forward`.
-        lse: (M,) fp32 log-sum-exp from the forward.
-        coef: :class:`~dft_ops.backend_contract.GradCoefficients`, each (M,)
-            float (upstream gradient already folded in); ``uniform`` None is 0.
-        class_weight: (V,) u_j of the uniform term (None: 1).
-        need_hidden / need_weight / need_bias: which gradients to build.
+        hidden, head, tokens, terms, needs: the contract's (:mod:`dft_ops.backends.protocol`).
         filter_eps: skip a tile when every |G| in it is below
             ``filter_eps * max_t max(|a_t|, |b_t|, |e_t|, |f_t|) / temperature`` (None: exact).
             The uniform term is then added exactly outside the kernel (it is
@@ -267,79 +249,71 @@ def grad_backward(hidden, weight, bias, targets, rows, lse, coef: GradCoefficien
         precise: G goes into the products as two 16-bit parts (high + low) instead
             of one, for elementwise-accurate gradients where terms cancel
             (twice the product work; no effect when the products run in fp32).
-        compute_dtype: as in :func:`lse_forward`.
-        reference: the :class:`~dft_ops.backend_contract.ReferenceHead` of the forward, read when
-            ``coef.reference`` or ``coef.gap`` is given; ref_lse: its (M,) log-sum-exp.
         vocab_chunk: vocabulary rows per launch (bounds the fp32 d(weight) buffer).
 
     Returns:
-        (d_hidden (N, D) hidden.dtype | None, d_weight (V, D) weight.dtype | None,
-        d_bias (V,) bias.dtype | None). Rows of hidden not in ``rows`` get 0.
+        :class:`~dft_ops.backends.protocol.Grads`; rows of hidden not computed get 0.
     """
-    M = check_backward_args(hidden, weight, bias, targets, rows, lse, coef, softcap=softcap,
-                            temperature=temperature, class_weight=class_weight, compute_dtype=compute_dtype,
-                            reference=reference, ref_lse=ref_lse)
+    M = assert_inputs(hidden, head, tokens, terms)
     N, D = hidden.shape
+    weight, bias = head.weight, head.bias
     V = weight.shape[0]
-    need_bias = need_bias and bias is not None
+    need_bias = needs.bias and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(N, D, **f32) if need_hidden else None
+    d_hidden = torch.zeros(N, D, **f32) if needs.hidden else None
     d_bias = torch.zeros(V, **f32) if need_bias else None
     d_weight = None
-    if need_weight:
+    if needs.weight:
         d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
     if M > 0:
-        hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse = backward_operands(
-            hidden, weight, bias, targets, rows, lse, coef, class_weight, reference, ref_lse)
-        _, inv_temperature = logit_scales(softcap, temperature)
-        if filter_eps is not None and coef.uniform is not None and softcap is not None:
+        hidden, head, tokens, terms = kernel_operands(hidden, head, tokens, terms,
+                                                      class_weight=terms.uniform is not None,
+                                                      second=terms.reads_second_head)
+        if filter_eps is not None and terms.uniform is not None and head.softcap is not None:
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
         threshold = uniform = None
         if filter_eps is not None:
-            size = torch.stack([t.abs().max() for t in (coef.softmax, coef.target, coef.reference, coef.gap)
+            size = torch.stack([t.abs().max() for t in (terms.softmax, terms.target, terms.second, terms.gap)
                                 if t is not None]).max()
-            threshold = (size * (filter_eps * inv_temperature)).reshape(1)
+            threshold = (size * (filter_eps * head.inv_temperature)).reshape(1)
             # the kernel's skip test would drop the small, dense c_t u_j entries of every tile:
             # add that rank-one term exactly outside instead
-            uniform = _RankOneUniform.build(hidden, weight, rows, coef.uniform, class_weight, inv_temperature,
-                                            product_dtype(hidden.dtype, weight.dtype, compute_dtype))
-            coef = coef._replace(uniform=None)
+            uniform = _RankOneUniform.build(hidden, head, tokens.rows, terms.uniform)
+            terms = terms._replace(uniform=None)
         fp32_weight = weight.dtype == torch.float32
         chunk = V if fp32_weight else (vocab_chunk or default_vocab_chunk(V, D))
-        scratch = torch.empty(min(chunk, V), D, **f32) if need_weight and not fp32_weight else None
-        key = (D, V, chunk, hidden.dtype, weight.dtype, compute_dtype, bucket(M), bias is not None,
-               softcap is not None, temperature is not None, coef.uniform is not None, class_weight is not None,
-               need_hidden, need_weight, need_bias, filter_eps is not None, precise, coef.reference is not None,
-               coef.gap is not None, *reference_key(reference, compute_dtype))
+        scratch = torch.empty(min(chunk, V), D, **f32) if needs.weight and not fp32_weight else None
+        key = (D, V, chunk, hidden.dtype, weight.dtype, head.compute_dtype, bucket(M), bias is not None,
+               head.softcap is not None, head.temperature is not None, terms.uniform is not None,
+               head.class_weight is not None, needs.hidden, needs.weight, need_bias, filter_eps is not None, precise,
+               terms.second is not None, terms.gap is not None,
+               *second_head_key(head.second if terms.reads_second_head else None))
         config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)
             dw = None
-            if need_weight:
+            if needs.weight:
                 dw = d_weight[v_lo:v_hi] if fp32_weight else scratch[: v_hi - v_lo].zero_()
             db = d_bias[v_lo:v_hi] if need_bias else None
-            launch = backward_launch(
-                hidden, weight, bias, targets, rows, lse, coef, class_weight, threshold,
-                d_hidden, dw, db, v_lo, v_hi, softcap=softcap, temperature=temperature, precise=precise,
-                compute_dtype=compute_dtype, reference=reference, ref_lse=ref_lse,
-            )
+            launch = backward_launch(hidden, head, tokens, terms, threshold, d_hidden, dw, db, v_lo, v_hi,
+                                     precise=precise)
             if config is None:
                 # tuned on the first chunk, before anything is accumulated (the tuner zeroes its trials)
                 config = TUNER.pick(launch, key)
             launch.run(config)
             if uniform is not None:
                 uniform.add_to_weight_rows(dw, db, v_lo, v_hi)
-            if need_weight and not fp32_weight:
+            if needs.weight and not fp32_weight:
                 d_weight[v_lo:v_hi].copy_(dw)
         if uniform is not None and d_hidden is not None:
             uniform.add_to_hidden(d_hidden)
-    elif need_weight and weight.dtype != torch.float32:
+    elif needs.weight and weight.dtype != torch.float32:
         d_weight.zero_()
     if d_hidden is not None and hidden.dtype != torch.float32:
         d_hidden = d_hidden.to(hidden.dtype)
     if d_bias is not None and bias.dtype != torch.float32:
         d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+    return Grads(d_hidden, d_weight, d_bias)
 
 
 class _RankOneUniform:
@@ -359,16 +333,17 @@ class _RankOneUniform:
         self.bias_row_scale = c.sum() * scale  # a device scalar: no sync
 
     @classmethod
-    def build(cls, hidden, weight, rows, c, class_weight, inv_temperature, compute):
+    def build(cls, hidden, head: Head, rows, c):
         if c is None:
             return None
+        weight, class_weight, compute = head.weight, head.class_weight, head.compute_dtype
         V, M = weight.shape[0], c.numel()
         u = class_weight.to(torch.float32) if class_weight is not None else weight.new_ones(V, dtype=torch.float32)
         u_weight = sum(u[lo:lo + cls._CHUNK] @ weight[lo:lo + cls._CHUNK].to(compute).float()
                        for lo in range(0, V, cls._CHUNK))
         c_hidden = sum(c[lo:lo + cls._CHUNK] @ hidden[_token_slice(rows, lo, lo + cls._CHUNK)].to(compute).float()
                        for lo in range(0, M, cls._CHUNK))
-        return cls(c, u, rows, u_weight, c_hidden, -inv_temperature)
+        return cls(c, u, rows, u_weight, c_hidden, -head.inv_temperature)
 
     def add_to_weight_rows(self, d_weight_rows, d_bias_rows, v_lo, v_hi):
         if d_weight_rows is not None:

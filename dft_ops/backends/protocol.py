@@ -1,0 +1,284 @@
+"""The contract every backend implements, and its data types. Imports no implementation.
+
+A backend (:class:`Backend`) computes two passes over the tokens x vocabulary
+logits of one head without ever writing them to memory::
+
+    lse_forward(hidden, head, tokens, *, with_stats=False, smoothing=False) -> ForwardStats
+    grad_backward(hidden, head, tokens, terms, needs) -> Grads
+
+``hidden`` is (N, D); ``head`` (:class:`Head`) describes the output head (its
+weight and bias, soft-cap, temperature, the dtype its products run in, class
+weights, an optional :class:`SecondHead`); ``tokens`` (:class:`Tokens`) says
+which M rows of hidden are computed and their targets. How a backend runs
+(Triton's backward mode, workspace, gradient filtering; chunk sizes) is fixed
+when it is built (``dft_ops.backends.select_backend``), never per call.
+
+**Logits.** For computed token t (hidden row ``rows[t]``) and vocabulary row j::
+
+    u_tj = weight_j . hidden_rows[t] + bias_j
+    z_tj = softcap * tanh(u_tj / softcap)   (when softcap is set), then z_tj / temperature
+
+``s = softmax(z)`` with log-sum-exp ``lse``. A target outside ``[0, V)`` (an
+ignored token, or a label another vocabulary shard owns) has no label logit (0)
+and no one-hot term. -inf logits (a -inf bias masks a class) have no
+probability: they add 0 to every sum, never NaN.
+
+**The second head** (:class:`SecondHead`: ASFT's reference model, a teacher)
+is read at the same rows: ``r = weight2 . hidden2_rows[t] + bias2``, capped by
+its own soft-cap and divided by the same temperature; ``q = softmax(r)`` with
+log-sum-exp ``lse2``. The forward streams both heads in one pass and returns
+``lse2`` and both KLs; each head's logits enter only relative to that head's
+own maximum or log-sum-exp, so a constant offset between the heads cancels
+exactly. The second head gets no gradient.
+
+**The logit gradient** (the one formula every backward computes, written once
+here)::
+
+    G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)) * dz_tj/du_tj
+
+with :class:`GradTerms` ``(a, b, c, e, f)`` per token (the upstream gradient
+folded in; c, e, f None for 0), ``u_j = class_weight[j]`` (1 without class
+weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``. The backward
+accumulates ``d_hidden = G W``, ``d_weight = G^T H``, ``d_bias = sum_t G`` in
+fp32 and returns each in its input's dtype. Where the terms come from (the
+objective table, label smoothing, class weights, z-loss, the KL terms):
+:mod:`dft_ops.loss_terms`.
+
+**Dtypes.** ``head.compute_dtype`` (:func:`product_dtype`, decided once per
+call) is the dtype both operands of every product are rounded to, in registers
+(never a copy of the head); accumulation is fp32.
+
+**Validation.** Inputs reach a backend validated (``dft_ops.linear_cross_entropy``
+checks every argument once, at the door); backends only assert shapes
+(:func:`assert_inputs`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKWARD_MODES = ("auto", "gemm", "fused")
+"""Backward modes of the Triton backend (docs/backward.md): "gemm" = vocabulary splits, G in a
+bounded workspace, cuBLAS products; "fused" = one kernel, fp32 atomics, no workspace;
+"auto" = "gemm", or "fused" when gradient filtering is asked for."""
+DEFAULT_WORKSPACE_MB = 256
+"""Default bound of the "gemm" backward's workspace, MiB (G in the compute dtype, staged rows, scratch)."""
+MB = 2**20
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1).
+
+    The one place that reads the variable: Triton reads it when ``@triton.jit``
+    decorates a kernel, so it must be set before ``dft_ops.kernels`` is imported.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def product_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
+                  requested: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a head's products run in: ``requested`` (autocast's) if given; else fp32 only if
+    both operands are, else the 16-bit one of the two.
+
+    bf16 with fp16 has no common lower precision: the caller refuses that mix
+    (``dft_ops.inputs``); here bf16 would win, as it keeps fp16's range.
+    """
+    if requested is not None:
+        return requested
+    if hidden_dtype == weight_dtype:
+        return hidden_dtype
+    if torch.float32 in (hidden_dtype, weight_dtype):
+        return weight_dtype if hidden_dtype == torch.float32 else hidden_dtype
+    return torch.bfloat16
+
+
+class SecondHead(NamedTuple):
+    """A frozen second head read at the same token positions as the model's (ASFT's reference model,
+    a distillation teacher). Never differentiated.
+
+    Attributes:
+        hidden: its final hidden states, float32 / bfloat16 / float16: (..., D2)
+            with the model's hidden's leading shape as a call argument; (N, D2),
+            row i beside hidden's row i, once the call is validated.
+        weight: (V, D2), the model's vocabulary.
+        bias: (V,) or None.
+        softcap: its own final-logit soft-cap, or None (the call's temperature
+            applies to both heads; a logit scale is folded into hidden / bias
+            by the caller).
+        compute_dtype: the dtype of its products; None as a call argument
+            (decided by the call, as the model head's is).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+    compute_dtype: torch.dtype | None = None
+
+
+class Head(NamedTuple):
+    """The output head of one call, built once by the validated call and handed down unchanged.
+
+    Attributes:
+        weight: (V, D) float32 / bfloat16 / float16, any strides.
+        bias: (V,) any float dtype, or None.
+        softcap: positive float or None.
+        temperature: positive float or None.
+        compute_dtype: the dtype of the products (:func:`product_dtype`).
+        class_weight: (V,) float class weights u (the rows of ``weight``), or None.
+        second: a :class:`SecondHead` with ``compute_dtype`` set, or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    softcap: float | None
+    temperature: float | None
+    compute_dtype: torch.dtype
+    class_weight: Tensor | None = None
+    second: SecondHead | None = None
+
+    @property
+    def inv_softcap(self) -> float:
+        """1 / softcap as a float (1.0 without a soft-cap)."""
+        return 1.0 / float(self.softcap) if self.softcap is not None else 1.0
+
+    @property
+    def inv_temperature(self) -> float:
+        """1 / temperature as a float (1.0 without a temperature)."""
+        return 1.0 / float(self.temperature) if self.temperature is not None else 1.0
+
+
+class Tokens(NamedTuple):
+    """The M computed tokens of a call.
+
+    Attributes:
+        targets: (M,) int64 label of each computed token (outside [0, V): none).
+        rows: (M,) int64 row of hidden of each, distinct; None for rows 0..M-1 (then M == N).
+    """
+
+    targets: Tensor
+    rows: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.targets.shape[0]
+
+
+class ForwardStats(NamedTuple):
+    """Per-token results of ``lse_forward``; each (M,), float32 unless said.
+
+    Attributes:
+        lse: log-sum-exp of the (capped, tempered) logits.
+        target_logit: z_y, 0 where the target is outside [0, V).
+        entropy: entropy (nats) of softmax(z); with_stats only.
+        max_logit: max_j z_j; with_stats only.
+        argmax: int64, first index of the max logit; with_stats only.
+        smooth_sum: sum_j u_j z_j with u = class_weight (or 1); smoothing only.
+        second_lse: log-sum-exp of the second head's logits r; with a second head only.
+        reverse_kl: KL(p || q) = E_p[z - r] - lse + lse2 (p = softmax(z), q = softmax(r)); with a second head.
+        forward_kl: KL(q || p) = lse - lse2 - E_q[z - r]; with a second head.
+    """
+
+    lse: Tensor
+    target_logit: Tensor
+    entropy: Tensor | None = None
+    max_logit: Tensor | None = None
+    argmax: Tensor | None = None
+    smooth_sum: Tensor | None = None
+    second_lse: Tensor | None = None
+    reverse_kl: Tensor | None = None
+    forward_kl: Tensor | None = None
+
+
+class GradTerms(NamedTuple):
+    """Per-token inputs of the logit gradient G (module docstring); each (M,) float32.
+
+    Attributes:
+        lse: the forward's log-sum-exp.
+        softmax: a_t, the factor of softmax(z_t).
+        target: b_t, the factor of the one-hot label.
+        uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
+        second: e_t, the factor of the second head's softmax q, or None for 0.
+        gap: f_t, the factor of ``s (log s - log q)``, or None for 0.
+        second_lse: the second head's log-sum-exp (read by e and f), or None.
+    """
+
+    lse: Tensor
+    softmax: Tensor
+    target: Tensor
+    uniform: Tensor | None = None
+    second: Tensor | None = None
+    gap: Tensor | None = None
+    second_lse: Tensor | None = None
+
+    @property
+    def reads_second_head(self) -> bool:
+        """The backward rebuilds the second head's logits (an e or f term is present)."""
+        return self.second is not None or self.gap is not None
+
+    def scaled(self, upstream: Tensor) -> "GradTerms":
+        """The coefficients times a per-token upstream gradient (M,) (lse and second_lse unchanged)."""
+        return self._replace(**{name: upstream * t for name, t in self._asdict().items()
+                                if t is not None and name not in ("lse", "second_lse")})
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward builds (a bias gradient only where the head has a bias)."""
+
+    hidden: bool = True
+    weight: bool = True
+    bias: bool = False
+
+
+class Grads(NamedTuple):
+    """A backward's result: each gradient in its input's dtype, or None where not needed.
+
+    Attributes:
+        hidden: (N, D); rows that are not computed get 0.
+        weight: (V, D).
+        bias: (V,).
+    """
+
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The two passes of the contract (module docstring); implementations keep their own settings.
+
+    ``name`` says what runs (e.g. "torch", "triton-gemm"): benchmarks and errors report it.
+    """
+
+    name: str
+
+    def lse_forward(self, hidden: Tensor, head: Head, tokens: Tokens, *, with_stats: bool = False,
+                    smoothing: bool = False) -> ForwardStats: ...
+
+    def grad_backward(self, hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms,
+                      needs: Needs) -> Grads: ...
+
+
+def assert_inputs(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms | None = None) -> int:
+    """Shape assertions of a backend call (the inputs were validated at the door); returns M."""
+    N, D = hidden.shape
+    V = head.weight.shape[0]
+    assert head.weight.shape == (V, D), (tuple(head.weight.shape), D)
+    assert head.compute_dtype in FLOAT_DTYPES, head.compute_dtype
+    M = tokens.targets.shape[0]
+    assert tokens.rows is not None or M == N, (M, N)
+    assert head.bias is None or head.bias.shape == (V,)
+    assert head.class_weight is None or head.class_weight.shape == (V,)
+    if head.second is not None:
+        assert head.second.hidden.shape[0] == N and head.second.weight.shape == (V, head.second.hidden.shape[1])
+        assert head.second.compute_dtype in FLOAT_DTYPES
+    if terms is not None:
+        assert terms.lse.shape == (M,) and terms.softmax.shape == (M,) and terms.target.shape == (M,)
+        assert not terms.reads_second_head or (head.second is not None and terms.second_lse is not None)
+    return M
