@@ -133,14 +133,15 @@ def batch_tensors(objective: Objective) -> tuple[Objective, dict[str, Tensor], o
     """(the objective without tensors, its per-token inputs, its second head) of an objective that holds
     this batch's tensors the deprecated way; ``(objective, {}, None)`` for one that holds none."""
     inputs, second = objective._batch_inputs, objective._batch_second_head
-    if not inputs and second is None:
+    base = getattr(objective, "base", None) if isinstance(objective, ASFT) else None
+    clean_base, base_inputs, _ = batch_tensors(base) if base is not None else (None, {}, None)
+    if not inputs and second is None and not base_inputs:
         return objective, {}, None
     clean = copy.copy(objective)
     clean._batch_inputs, clean._batch_second_head = {}, None
-    if isinstance(clean, ASFT):
-        clean.base, base_inputs, _ = batch_tensors(clean.base)
-        inputs = {**base_inputs, **inputs}
-    return clean, inputs, second
+    if base is not None:
+        clean.base = clean_base
+    return clean, {**base_inputs, **inputs}, second
 
 
 def _deprecated(old: str, new: str) -> None:

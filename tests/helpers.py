@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dft_ops
+from dft_ops.backends.protocol import GradTerms, Head, Needs, Tokens, product_dtype
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
@@ -94,3 +97,49 @@ def check_against_reference(hidden, weight, labels, bias, *, backend, upstream=N
         # underflowing to an exact 0 against a float64 reference of 1e-28)
         assert err < tol or (a.double() - b).norm() < 1e-20, f"grad {name}: relative error {err:.2e} > {tol}"
     return ours, ref
+
+
+# --- calling a backend's passes with the test's descriptive arguments ------------------------------------------
+
+class Coef(NamedTuple):
+    """The G coefficients of a test (a, b, c, e, f of the contract); the log-sum-exps come with the call."""
+
+    softmax: torch.Tensor
+    target: torch.Tensor
+    uniform: torch.Tensor | None = None
+    second: torch.Tensor | None = None
+    gap: torch.Tensor | None = None
+
+
+def contract(hidden, weight, bias, targets, rows=None, *, softcap=None, temperature=None, class_weight=None,
+             compute_dtype=None, second=None):
+    """(Head, Tokens) of the contract (dft_ops.backends.protocol) for a test's tensors.
+
+    ``compute_dtype``: the requested (autocast) dtype, or None for the product-dtype rule of the operands;
+    ``second``: a SecondHead whose compute dtype follows the same rule.
+    """
+    compute = product_dtype(hidden.dtype, weight.dtype, compute_dtype)
+    if second is not None and second.compute_dtype is None:
+        second = second._replace(compute_dtype=product_dtype(second.hidden.dtype, second.weight.dtype, compute_dtype))
+    head = Head(weight, bias, softcap, temperature, compute, class_weight, second)
+    return head, Tokens(targets, rows)
+
+
+def forward(impl, hidden, weight, bias, targets, rows=None, *, with_stats=False, smoothing=False, softcap=None,
+            temperature=None, class_weight=None, compute_dtype=None, second=None, **settings):
+    """``lse_forward`` of a Backend object or a module-level pass function (``settings``: its own keywords)."""
+    head, tokens = contract(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                            class_weight=class_weight, compute_dtype=compute_dtype, second=second)
+    fn = impl.lse_forward if hasattr(impl, "lse_forward") else impl
+    return fn(hidden, head, tokens, with_stats=with_stats, smoothing=smoothing, **settings)
+
+
+def backward(impl, hidden, weight, bias, targets, rows, lse, coef, *, need_hidden=True, need_weight=True,
+             need_bias=False, second_lse=None, softcap=None, temperature=None, class_weight=None, compute_dtype=None,
+             second=None, **settings):
+    """``grad_backward`` of a Backend object or a module-level backward function; returns Grads."""
+    head, tokens = contract(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
+                            class_weight=class_weight, compute_dtype=compute_dtype, second=second)
+    terms = GradTerms(lse, *coef, second_lse=second_lse)
+    fn = impl.grad_backward if hasattr(impl, "grad_backward") else impl
+    return fn(hidden, head, tokens, terms, Needs(need_hidden, need_weight, need_bias), **settings)

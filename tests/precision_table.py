@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from dft_ops import kernels, torch_backend  # noqa: E402
+from dft_ops import kernels  # noqa: E402
+from dft_ops.backends import torch_backend  # noqa: E402
 from test_backends import elementwise_errors, peaked_case  # noqa: E402
 
 
@@ -32,15 +33,15 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for peak in (0.0, 1.0, 1.5, 2.0, 3.0):
         hidden, weight, targets, lse, coef, want = peaked_case(n, d, v, peak, "cpu")
-        p = (kernels.lse_forward(hidden, weight, None, targets).target_logit - lse).exp().median().item()
+        p = (forward(kernels.lse_forward, hidden, weight, None, targets).target_logit - lse).exp().median().item()
         rows = {
-            "bf16 (default)": kernels.grad_backward(hidden, weight, None, targets, None, lse, coef,
+            "bf16 (default)": backward(kernels.fused_backward, hidden, weight, None, targets, None, lse, coef,
                                                     need_weight=False)[0],
-            "bf16 hi + lo (precise)": kernels.grad_backward(hidden, weight, None, targets, None, lse, coef,
+            "bf16 hi + lo (precise)": backward(kernels.fused_backward, hidden, weight, None, targets, None, lse, coef,
                                                             need_weight=False, precise=True)[0],
             # the torch backend's own lse: G from logits and lse computed the same way
-            "fp32 (torch backend)": torch_backend.grad_backward(
-                hidden, weight, None, targets, None, torch_backend.lse_forward(hidden, weight, None, targets).lse,
+            "fp32 (torch backend)": backward(torch_backend.grad_backward, 
+                hidden, weight, None, targets, None, forward(torch_backend.lse_forward, hidden, weight, None, targets).lse,
                 coef, need_weight=False)[0],
         }
         for name, d_hidden in rows.items():
@@ -59,7 +60,7 @@ def mode_table(n=128, d=64, v=1000, seed=0):
     over n tokens); the gradients come back in the inputs' dtype, so 16-bit rows include that
     final rounding.
     """
-    from dft_ops.backend_contract import GradCoefficients
+    from dft_ops.backend_contract import Coef
     from test_backends import reference
 
     print("| inputs | backward | G stored as | d(hidden) | d(weight) |")
@@ -69,17 +70,17 @@ def mode_table(n=128, d=64, v=1000, seed=0):
         weight = (torch.randn(v, d) / d**0.5).to(dtype)
         targets = torch.randint(0, v, (n,))
         hidden = (1.5 * weight[targets].float() * d**0.5 + torch.randn(n, d)).to(dtype)
-        stats = kernels.lse_forward(hidden, weight, None, targets)
+        stats = forward(kernels.lse_forward, hidden, weight, None, targets)
         p = (stats.target_logit - stats.lse).exp()
-        coef = GradCoefficients(p / n, p / n)
+        coef = Coef(p / n, p / n)
         _, want = reference(hidden, weight, None, targets, None, coef)
         g16 = "fp32" if dtype == torch.float32 else ("bf16" if dtype == torch.bfloat16 else "fp16")
         runs = {
-            ("gemm", g16): lambda: kernels.gemm_backward(hidden, weight, None, targets, None, stats.lse, coef),
-            ("gemm, precise", f"{g16} hi + lo"): lambda: kernels.gemm_backward(
+            ("gemm", g16): lambda: backward(kernels.gemm_backward, hidden, weight, None, targets, None, stats.lse, coef),
+            ("gemm, precise", f"{g16} hi + lo"): lambda: backward(kernels.gemm_backward, 
                 hidden, weight, None, targets, None, stats.lse, coef, precise=True),
-            ("fused", g16): lambda: kernels.grad_backward(hidden, weight, None, targets, None, stats.lse, coef),
-            ("torch backend", "fp32"): lambda: torch_backend.grad_backward(
+            ("fused", g16): lambda: backward(kernels.fused_backward, hidden, weight, None, targets, None, stats.lse, coef),
+            ("torch backend", "fp32"): lambda: backward(torch_backend.grad_backward, 
                 hidden, weight, None, targets, None, stats.lse, coef),
         }
         for (mode, stored), run in runs.items():

@@ -1,4 +1,4 @@
-"""The backend contract (dft_ops.backend_contract) on both backends, against float64 written out here.
+"""The backend contract (dft_ops.backends.protocol) on both backends, against float64 written out here.
 
 Calls ``lse_forward`` / ``grad_backward`` of each backend directly (the Triton
 kernels under TRITON_INTERPRET=1 on CPU). The float64 reference builds the
@@ -13,12 +13,15 @@ import triton
 import triton.language as tl
 
 import dft_ops
-from dft_ops import kernels, loss_terms, naive, torch_backend
-from dft_ops.backend_contract import GradCoefficients, product_dtype
+from dft_ops import LossOptions, TokenLayout, kernels, loss_terms, naive
+from dft_ops.backends.protocol import Needs
+from dft_ops.loss_call import LossCall
+from dft_ops.backends import torch_backend
+from dft_ops.backends.protocol import product_dtype
 from dft_ops.kernels.tile import round_to, tanh
-from helpers import TOL, make_inputs, rel_err
+from helpers import TOL, Coef, backward, contract, forward, make_inputs, rel_err
 
-# the Backend objects (dft_ops.backend_contract.Backend); the GEMM backward with a workspace of 4 KiB,
+# the Backend objects (dft_ops.backends.protocol.Backend); the GEMM backward with a workspace of 4 KiB,
 # so that every test shape takes several vocabulary splits and token chunks
 BACKENDS = {"torch": torch_backend.TorchBackend(),
             "triton-gemm": kernels.TritonBackend("gemm", workspace_bytes=4096),
@@ -96,7 +99,7 @@ def reference(hidden, weight, bias, targets, rows, coef=None, *, softcap=None, t
 
 
 def random_coefficients(M, device, *, uniform=True):
-    return GradCoefficients(torch.randn(M, device=device), torch.randn(M, device=device),
+    return Coef(torch.randn(M, device=device), torch.randn(M, device=device),
                             torch.rand(M, device=device) * 0.3 if uniform else None)
 
 
@@ -127,7 +130,7 @@ def test_forward_and_backward_match_float64(backend, dtypes, options, device):
     hidden, weight, bias, targets, rows, class_weight = backend_inputs(hidden_dtype, weight_dtype, opts, device)
     cap = dict(softcap=opts.get("softcap"), temperature=opts.get("temperature"), compute_dtype=requested)
     impl = BACKENDS[backend]
-    stats = impl.lse_forward(hidden, weight, bias, targets, rows, with_stats=True, smoothing=opts.get("smoothing", False),
+    stats = forward(impl, hidden, weight, bias, targets, rows, with_stats=True, smoothing=opts.get("smoothing", False),
                              class_weight=class_weight, **cap)
     coef = random_coefficients(targets.numel(), device, uniform=opts.get("smoothing", False))
     want, grads_want = reference(hidden, weight, bias, targets, rows, coef, class_weight=class_weight, **cap)
@@ -138,7 +141,7 @@ def test_forward_and_backward_match_float64(backend, dtypes, options, device):
     if not opts.get("smoothing"):
         assert stats.smooth_sum is None
 
-    grads = impl.grad_backward(hidden, weight, bias, targets, rows, stats.lse, coef, class_weight=class_weight,
+    grads = backward(impl, hidden, weight, bias, targets, rows, stats.lse, coef, class_weight=class_weight,
                                need_bias=bias is not None, **cap)
     tol = max(TOL[product_dtype(hidden_dtype, weight_dtype, requested)], TOL[hidden_dtype], TOL[weight_dtype])
     for name, like, got, ref in zip(("hidden", "weight", "bias"), (hidden, weight, bias), grads, grads_want):
@@ -160,13 +163,13 @@ def test_targets_outside_the_vocabulary_add_no_label_term(backend, device):
     impl = BACKENDS[backend]
     inside = targets.clone()
     inside[:4] = torch.tensor([3, 5, 8, 13])
-    stats_in = impl.lse_forward(hidden, weight, bias, inside)
-    stats_out = impl.lse_forward(hidden, weight, bias, targets)
+    stats_in = forward(impl, hidden, weight, bias, inside)
+    stats_out = forward(impl, hidden, weight, bias, targets)
     assert torch.equal(stats_in.lse, stats_out.lse)
     assert (stats_out.target_logit[:4] == 0).all() and (stats_in.target_logit[:4] != 0).all()
     coef = random_coefficients(N, device, uniform=False)
-    g_in = impl.grad_backward(hidden, weight, bias, inside, None, stats_in.lse, coef, need_bias=True)
-    g_out = impl.grad_backward(hidden, weight, bias, targets, None, stats_out.lse, coef, need_bias=True)
+    g_in = backward(impl, hidden, weight, bias, inside, None, stats_in.lse, coef, need_bias=True)
+    g_out = backward(impl, hidden, weight, bias, targets, None, stats_out.lse, coef, need_bias=True)
     # only the one-hot terms of the four tokens differ: b_t at (t, y_t) of d(bias)
     expected_db = g_in[2].clone()
     for t, y in enumerate([3, 5, 8, 13]):
@@ -182,9 +185,9 @@ def test_backends_agree_on_chunking_and_splits(device):
     rows, targets = valid.nonzero().squeeze(1), labels[valid]
     class_weight = torch.rand(150, device=device)
     opts = dict(softcap=4.0, temperature=1.3, with_stats=True, smoothing=True, class_weight=class_weight)
-    ref = torch_backend.lse_forward(hidden, weight, bias, targets, rows, token_chunk=7, vocab_chunk=33, **opts)
+    ref = forward(torch_backend.lse_forward, hidden, weight, bias, targets, rows, token_chunk=7, vocab_chunk=33, **opts)
     for splits in (1, 3, 5):
-        got = kernels.lse_forward(hidden, weight, bias, targets, rows, splits=splits, **opts)
+        got = forward(kernels.lse_forward, hidden, weight, bias, targets, rows, splits=splits, **opts)
         for name, a, b in zip(got._fields, got, ref):
             if b is None:  # reference statistics: no reference head here
                 assert a is None, name
@@ -192,10 +195,10 @@ def test_backends_agree_on_chunking_and_splits(device):
             assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item()), (name, splits)
     coef = random_coefficients(targets.numel(), device)
     cap = dict(softcap=4.0, temperature=1.3, class_weight=class_weight, need_bias=True)
-    g_ref = torch_backend.grad_backward(hidden, weight, bias, targets, rows, ref.lse, coef, token_chunk=9,
+    g_ref = backward(torch_backend.grad_backward, hidden, weight, bias, targets, rows, ref.lse, coef, token_chunk=9,
                                         vocab_chunk=40, **cap)
     for chunk in (None, 48, 64):
-        got = kernels.grad_backward(hidden, weight, bias, targets, rows, ref.lse, coef, vocab_chunk=chunk, **cap)
+        got = backward(kernels.fused_backward, hidden, weight, bias, targets, rows, ref.lse, coef, vocab_chunk=chunk, **cap)
         for a, b in zip(got, g_ref):
             assert rel_err(a, b) < 1e-5
     # rows not computed get exactly zero gradient
@@ -219,25 +222,25 @@ def test_any_strides_of_per_token_and_per_class_tensors(backend, device):
     hidden, weight, bias, targets, rows, class_weight = backend_inputs(F32, F32, OPTIONS["all"], device)
     impl = BACKENDS[backend]
     cap = dict(softcap=2.0, temperature=1.9, class_weight=class_weight)
-    stats = impl.lse_forward(hidden, weight, bias, targets, rows, with_stats=True, smoothing=True, **cap)
+    stats = forward(impl, hidden, weight, bias, targets, rows, with_stats=True, smoothing=True, **cap)
     coef = random_coefficients(targets.numel(), device)
-    grads = impl.grad_backward(hidden, weight, bias, targets, rows, stats.lse, coef, need_bias=True, **cap)
+    grads = backward(impl, hidden, weight, bias, targets, rows, stats.lse, coef, need_bias=True, **cap)
     # the same values through strided views of every small tensor
     cap_s = dict(cap, class_weight=strided(class_weight))
-    stats_s = impl.lse_forward(hidden, weight, strided(bias), strided(targets), strided(rows), with_stats=True,
+    stats_s = forward(impl, hidden, weight, strided(bias), strided(targets), strided(rows), with_stats=True,
                                smoothing=True, **cap_s)
     for a, b in zip(stats, stats_s):
         assert (a is None and b is None) or torch.equal(a, b)
-    coef_s = GradCoefficients(*(strided(t) if t is not None else None for t in coef))
-    grads_s = impl.grad_backward(hidden, weight, strided(bias), strided(targets), strided(rows), strided(stats.lse),
+    coef_s = Coef(*(strided(t) if t is not None else None for t in coef))
+    grads_s = backward(impl, hidden, weight, strided(bias), strided(targets), strided(rows), strided(stats.lse),
                                  coef_s, need_bias=True, **cap_s)
     for a, b in zip(grads, grads_s):
         assert torch.equal(a, b)
     # an expanded (stride 0) bias: one value for every class
     flat = bias[:1].expand(V)
     assert flat.stride() == (0,)
-    got = impl.lse_forward(hidden, weight, flat, targets, rows, **cap).lse
-    want = impl.lse_forward(hidden, weight, flat.contiguous(), targets, rows, **cap).lse
+    got = forward(impl, hidden, weight, flat, targets, rows, **cap).lse
+    want = forward(impl, hidden, weight, flat.contiguous(), targets, rows, **cap).lse
     assert torch.equal(got, want)
 
 
@@ -276,13 +279,13 @@ def test_minus_inf_logits_mask_the_vocabulary(backend, softcap, device, monkeypa
     class_weight[80] = 0.0
     targets = torch.randint(64, 80, (N,), device=device)
     impl = BACKENDS[backend]
-    stats = impl.lse_forward(hidden, weight, bias, targets, with_stats=True, smoothing=True,
+    stats = forward(impl, hidden, weight, bias, targets, with_stats=True, smoothing=True,
                              class_weight=class_weight, softcap=softcap)
     coef = random_coefficients(N, device)
     want, grads_want = reference(hidden, weight, bias, targets, None, coef, class_weight=class_weight, softcap=softcap)
     assert_stats(stats, want, fields=["lse", "target_logit", "entropy", "max_logit", "argmax", "smooth_sum"])
     assert torch.isfinite(stats.entropy).all() and torch.isfinite(stats.smooth_sum).all()
-    grads = impl.grad_backward(hidden, weight, bias, targets, None, stats.lse, coef, class_weight=class_weight,
+    grads = backward(impl, hidden, weight, bias, targets, None, stats.lse, coef, class_weight=class_weight,
                                softcap=softcap, need_bias=True)
     for got, ref in zip(grads, grads_want):
         assert torch.isfinite(got).all()
@@ -298,7 +301,7 @@ def test_every_logit_below_minus_1e30(backend, device):
     bias = -1e31 * (1 + torch.rand(V, device=device))
     targets[::2] = bias.argmax()  # half the labels are the argmax: logp 0, the rest -1e30-ish
     impl = BACKENDS[backend]
-    stats = impl.lse_forward(hidden, weight, bias, targets, with_stats=True)
+    stats = forward(impl, hidden, weight, bias, targets, with_stats=True)
     want, grads_want = reference(hidden, weight, bias, targets, None, random_coefficients(N, device, uniform=False))
     assert torch.isfinite(stats.lse).all()
     assert (stats.lse.double() - want["lse"]).abs().max() < 1e-6 * want["lse"].abs().max()
@@ -358,56 +361,21 @@ def test_softcap_precision(backend, device):
         assert abs(got.item() - want.item()) < 5e-7 * abs(want.item()), (softcap, got.item(), want.item())
 
 
-# --- validation at backend entry ---------------------------------------------------------------------
-
-
-def _call(device, which, **override):
-    """(function name, keyword arguments) of a good backend call of 6 tokens, V = 20, D = 8, with overrides."""
-    kwargs = dict(hidden=torch.randn(6, 8, device=device), weight=torch.randn(20, 8, device=device), bias=None,
-                  targets=torch.randint(0, 20, (6,), device=device), rows=None)
-    if which == "grad_backward":
-        kwargs.update(lse=torch.zeros(6, device=device),
-                      coef=GradCoefficients(torch.ones(6, device=device), torch.ones(6, device=device)))
-    for key, make in override.items():
-        kwargs[key] = make(kwargs)
-    return which, kwargs
-
-
-def _coef(**parts):
-    return lambda kw: kw["coef"]._replace(**{k: torch.ones(*shape) for k, shape in parts.items()})
-
-
-BAD_CALLS = {
-    # name: (exception, message start, which, overrides as functions of the good arguments)
-    "coef-softmax": (ValueError, "coef.softmax", "grad_backward", dict(coef=_coef(softmax=(7,)))),
-    "coef-target": (ValueError, "coef.target", "grad_backward", dict(coef=_coef(target=(6, 1)))),
-    "coef-uniform": (ValueError, "coef.uniform", "grad_backward", dict(coef=_coef(uniform=(5,)))),
-    "coef-type": (TypeError, "coef", "grad_backward", dict(coef=lambda kw: torch.ones(6))),
-    "lse": (ValueError, "lse", "grad_backward", dict(lse=lambda kw: torch.zeros(3))),
-    "targets-2d": (ValueError, "targets", "lse_forward", dict(targets=lambda kw: kw["targets"].reshape(2, 3))),
-    "targets-float": (TypeError, "targets", "lse_forward", dict(targets=lambda kw: kw["targets"].float())),
-    "targets-count": (ValueError, "targets", "lse_forward", dict(targets=lambda kw: kw["targets"][:4])),
-    "rows-count": (ValueError, "rows", "lse_forward", dict(targets=lambda kw: kw["targets"][:4],
-                                                          rows=lambda kw: torch.arange(3))),
-    "rows-float": (TypeError, "rows", "lse_forward", dict(targets=lambda kw: kw["targets"][:4],
-                                                          rows=lambda kw: torch.arange(4.0))),
-    "bias": (ValueError, "bias", "lse_forward", dict(bias=lambda kw: torch.zeros(21))),
-    "class-weight": (ValueError, "class_weight", "lse_forward", dict(class_weight=lambda kw: torch.ones(19))),
-    "weight": (ValueError, "weight", "lse_forward", dict(weight=lambda kw: torch.randn(20, 9))),
-    "hidden": (TypeError, "hidden", "lse_forward", dict(hidden=lambda kw: kw["hidden"].double())),
-    "temperature": (ValueError, "temperature", "lse_forward", dict(temperature=lambda kw: 0.0)),
-    "softcap": (ValueError, "softcap", "lse_forward", dict(softcap=lambda kw: -1.0)),
-    "compute-dtype": (TypeError, "compute_dtype", "grad_backward", dict(compute_dtype=lambda kw: torch.float64)),
-}
+# --- below the door: validated inputs, shapes asserted -------------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("case", list(BAD_CALLS))
-def test_bad_shapes_raise_naming_the_argument(backend, case):
-    exc, name, which, override = BAD_CALLS[case]
-    which, kwargs = _call("cpu", which, **override)
-    with pytest.raises(exc, match=rf"^{name}\b"):
-        getattr(BACKENDS[backend], which)(**kwargs)
+def test_backends_assert_the_shapes_they_are_given(backend):
+    """Bad input is the door's to refuse (tests/test_inputs.py, test_errors.py): a backend only asserts shapes."""
+    hidden, weight = torch.randn(6, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (6,))
+    with pytest.raises(AssertionError):
+        forward(BACKENDS[backend], hidden, weight, torch.zeros(21), targets)
+    with pytest.raises(AssertionError):
+        forward(BACKENDS[backend], hidden, weight, None, targets[:4])  # 4 targets, no rows, 6 hidden rows
+    with pytest.raises(AssertionError):
+        backward(BACKENDS[backend], hidden, weight, None, targets, None, torch.zeros(3), Coef(torch.ones(6),
+                                                                                          torch.ones(6)))
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -429,12 +397,12 @@ def test_filtering_keeps_the_uniform_term_exact(device):
     hidden, weight, bias, targets, _, class_weight = backend_inputs(F32, F32, dict(bias=True, class_weight=True),
                                                                     device, scale=12.0)
     targets = targets.clamp(0, V - 1)
-    lse = kernels.lse_forward(hidden, weight, bias, targets).lse
+    lse = forward(kernels.lse_forward, hidden, weight, bias, targets).lse
     coef = random_coefficients(N, device)
     no_uniform = coef._replace(uniform=None)
 
     def run(c, eps, softcap=None):
-        return kernels.grad_backward(hidden, weight, bias, targets, None, lse, c, class_weight=class_weight,
+        return backward(kernels.fused_backward, hidden, weight, bias, targets, None, lse, c, class_weight=class_weight,
                                      need_bias=True, filter_eps=eps, softcap=softcap)
 
     exact, exact_plain = run(coef, None), run(no_uniform, None)
@@ -447,10 +415,10 @@ def test_filtering_keeps_the_uniform_term_exact(device):
     for f, fp, e, ep in zip(filtered, filtered_plain, exact, exact_plain):
         assert rel_err(f - fp, e - ep) < 1e-5
     # under a softcap the uniform term is not rank one: filtering is off, the result exact
-    lse_c = kernels.lse_forward(hidden, weight, bias, targets, softcap=5.0).lse
-    for a, b in zip(kernels.grad_backward(hidden, weight, bias, targets, None, lse_c, coef, class_weight=class_weight,
+    lse_c = forward(kernels.lse_forward, hidden, weight, bias, targets, softcap=5.0).lse
+    for a, b in zip(backward(kernels.fused_backward, hidden, weight, bias, targets, None, lse_c, coef, class_weight=class_weight,
                                           need_bias=True, filter_eps=0.3, softcap=5.0),
-                    kernels.grad_backward(hidden, weight, bias, targets, None, lse_c, coef, class_weight=class_weight,
+                    backward(kernels.fused_backward, hidden, weight, bias, targets, None, lse_c, coef, class_weight=class_weight,
                                           need_bias=True, softcap=5.0)):
         assert torch.equal(a, b)
 
@@ -465,7 +433,7 @@ def elementwise_errors(d_hidden, want):
 
 
 def cancellation_errors(hidden, weight, targets, lse, coef, want, precise):
-    d_hidden = kernels.grad_backward(hidden, weight, None, targets, None, lse, coef, need_weight=False,
+    d_hidden = backward(kernels.fused_backward, hidden, weight, None, targets, None, lse, coef, need_weight=False,
                                      precise=precise)[0]
     return elementwise_errors(d_hidden, want)
 
@@ -480,8 +448,8 @@ def peaked_case(n, d, v, peak, device):
     weight = (torch.randn(v, d, device=device) / d**0.5).to(BF16)
     targets = torch.randint(0, v, (n,), device=device)
     hidden = (peak * weight[targets].float() * d**0.5 + torch.randn(n, d, device=device)).to(BF16).float()
-    lse = kernels.lse_forward(hidden, weight, None, targets).lse
-    coef = GradCoefficients(torch.ones(n, device=device), torch.ones(n, device=device))
+    lse = forward(kernels.lse_forward, hidden, weight, None, targets).lse
+    coef = Coef(torch.ones(n, device=device), torch.ones(n, device=device))
     _, (want, _, _) = reference(hidden, weight, None, targets, None, coef)
     return hidden, weight, targets, lse, coef, want
 
@@ -496,8 +464,8 @@ def test_precise_mode_is_elementwise_accurate_where_terms_cancel(device):
     # fp32 inputs have nothing to split: precise changes nothing
     h, w, y, lse, coef, _ = case
     w = w.float()
-    a = kernels.grad_backward(h, w, None, y, None, lse, coef, precise=True)
-    b = kernels.grad_backward(h, w, None, y, None, lse, coef)
+    a = backward(kernels.fused_backward, h, w, None, y, None, lse, coef, precise=True)
+    b = backward(kernels.fused_backward, h, w, None, y, None, lse, coef)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -517,21 +485,22 @@ def test_interpreter_rounds_bf16_to_nearest_even(dtype):
 
 
 def fused_token_loss(impl, hidden, weight, labels, bias, objective, upstream, *, label_smoothing=0.0,
-                     class_weight=None, z_loss=0.0, softcap=None, temperature=None, ignore_index=-100):
+                     class_weight=None, z_loss=0.0, softcap=None, temperature=None, ignore_index=-100, batch=None):
     """What the autograd Function does with the options, by hand: per-token values and gradients."""
+    layout = TokenLayout(labels, ignore_index=ignore_index)
+    layout.compact(weight.shape[0])
+    options = LossOptions(objective=objective, label_smoothing=label_smoothing, class_weight=class_weight,
+                          z_loss=z_loss, softcap=softcap, temperature=temperature, ignore_index=ignore_index)
+    head, tokens = contract(hidden, weight, bias, layout.row_targets, layout.rows, softcap=softcap,
+                            temperature=temperature, class_weight=class_weight)
+    call = LossCall(layout, options, head, impl, weight.shape[0],
+                    token_inputs={name: layout.align(t) for name, t in (batch or {}).items()},
+                    segments=torch.zeros_like(layout.row_targets) if options.objective.needs_segments else None)
+    stats = impl.lse_forward(hidden, head, tokens, with_stats=True, smoothing=label_smoothing > 0)
+    terms = loss_terms.token_loss(stats, call)
+    grads = impl.grad_backward(hidden, head, tokens, terms.terms.scaled(layout.pick(upstream.reshape(-1))),
+                               Needs(True, True, bias is not None))
     valid = labels != ignore_index
-    rows, targets = valid.nonzero().squeeze(1), labels[valid]
-    stats = impl.lse_forward(hidden, weight, bias, targets, rows, softcap=softcap, temperature=temperature,
-                             smoothing=label_smoothing > 0, class_weight=class_weight, with_stats=True)
-    inputs = {name: t[valid].float() for name, t in objective.token_tensors().items()}
-    segments = torch.zeros_like(targets) if objective.needs_segments else None
-    terms = loss_terms.token_loss(stats, targets, objective, vocab_size=weight.shape[0], inputs=inputs,
-                                  segments=segments, label_smoothing=label_smoothing, class_weight=class_weight,
-                                  z_loss=z_loss)
-    up = upstream[valid]
-    coef = GradCoefficients(*(up * c if c is not None else None for c in terms.coef))
-    grads = impl.grad_backward(hidden, weight, bias, targets, rows, stats.lse, coef, softcap=softcap,
-                               temperature=temperature, class_weight=class_weight, need_bias=bias is not None)
     value = torch.zeros(labels.shape, device=labels.device).masked_scatter(valid, terms.value)
     return value, terms, grads
 
@@ -549,7 +518,7 @@ LOSS_CONFIGS = {
                                   "importance-weighted", "sequence-product"])
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_loss_terms_match_float64_for_every_objective(backend, case, config, device):
-    from test_objectives import CASES, peaked_inputs
+    from test_objectives import make_case, peaked_inputs
 
     opts = dict(LOSS_CONFIGS[config])
     dtype = opts.pop("dtype")
@@ -563,13 +532,14 @@ def test_loss_terms_match_float64_for_every_objective(backend, case, config, dev
     _, ref_stats = naive.linear_cross_entropy(hidden, weight, labels, bias=bias, return_stats=True,
                                               ignore_index=ignore_index, **cap)
     valid = labels != ignore_index
-    objective = dft_ops.objectives.resolve(CASES[case](ref_stats["logprob"].float(), valid))
+    objective, batch = make_case(case, ref_stats["logprob"].float(), valid)
+    objective = dft_ops.objectives.resolve(objective)
     upstream = torch.randn(labels.shape, device=device)
     value, terms, grads = fused_token_loss(BACKENDS[backend], hidden, weight, labels, bias, objective, upstream,
-                                           ignore_index=ignore_index, **opts)
+                                           ignore_index=ignore_index, batch=batch, **opts)
     leaves = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     want = naive.linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], objective=objective, reduction="none",
-                                      ignore_index=ignore_index, **opts)
+                                      ignore_index=ignore_index, **batch, **opts)
     want.backward(upstream.double())
     assert (value.double() - want.detach()).abs().max() < 1e-4 * want.detach().abs().max().clamp(min=1)
     tol = TOL[dtype]
@@ -599,26 +569,16 @@ def test_reference_matches_pytorch_cross_entropy(reduction, device):
 def test_loss_terms_without_options_are_the_objective():
     """No option: value is the objective's value and a = b = its weight, bit for bit."""
     M = 11
-    stats = dft_ops.backend_contract.ForwardStats(lse=torch.randn(M) + 5, target_logit=torch.randn(M))
+    stats = dft_ops.backends.ForwardStats(lse=torch.randn(M) + 5, target_logit=torch.randn(M))
     batch = dft_ops.objectives.TokenBatch(logp=stats.target_logit - stats.lse)
+    layout = TokenLayout(torch.zeros(M, dtype=torch.long))
+    layout.compact(30)
     for obj in (dft_ops.objectives.DFT(), dft_ops.objectives.Focal(2.0)):
-        terms = loss_terms.token_loss(stats, torch.zeros(M, dtype=torch.long), obj, vocab_size=30)
-        assert torch.equal(terms.value, obj.value(batch)) and terms.coef.uniform is None
-        assert torch.equal(terms.coef.softmax, obj.weight(batch)) and torch.equal(terms.coef.target, obj.weight(batch))
+        call = LossCall(layout, LossOptions(objective=obj), None, None, 30)
+        terms = loss_terms.token_loss(stats, call)
+        assert torch.equal(terms.value, obj.value(batch)) and terms.terms.uniform is None
+        assert torch.equal(terms.terms.softmax, obj.weight(batch)) and torch.equal(terms.terms.target, obj.weight(batch))
         assert terms.z_loss is None and terms.target_weight is None
-
-
-@pytest.mark.parametrize("bad, name", [(dict(label_smoothing=1.5), "label_smoothing"),
-                                       (dict(label_smoothing=-0.1), "label_smoothing"),
-                                       (dict(z_loss=float("nan")), "z_loss"),
-                                       (dict(z_loss="1"), "z_loss"),
-                                       (dict(class_weight=torch.ones(29)), "class_weight"),
-                                       (dict(class_weight=torch.ones(30, dtype=torch.long)), "class_weight"),
-                                       (dict(label_smoothing=0.1), "stats")])
-def test_loss_terms_options_are_checked(bad, name):
-    stats = dft_ops.backend_contract.ForwardStats(lse=torch.ones(3), target_logit=torch.zeros(3))
-    with pytest.raises((TypeError, ValueError), match=rf"^{name}\b"):
-        loss_terms.token_loss(stats, torch.zeros(3, dtype=torch.long), dft_ops.objectives.CE(), vocab_size=30, **bad)
 
 
 def test_kernels_directory_imports_as_a_top_level_package():

@@ -120,9 +120,9 @@ def test_bad_input_raises_naming_the_argument(exc, name, override):
 
 
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
-    from dft_ops import backend_contract
+    from dft_ops import backends
 
-    monkeypatch.setattr(backend_contract, "interpreting", lambda: False)
+    monkeypatch.setattr(backends, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="^backend"):
         call(backend="triton")
 

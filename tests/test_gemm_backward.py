@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import dft_ops
-from dft_ops import kernels, naive, torch_backend
-from dft_ops.backend_contract import Backend, GradCoefficients, select_backend
+from dft_ops import kernels, naive
+from dft_ops.backends import Backend, select_backend, torch_backend
 from dft_ops.kernels.launch import Config, Launch, Tuner, bucket
-from helpers import TOL, check_against_reference, make_inputs, rel_err
+from helpers import TOL, Coef, backward, check_against_reference, forward, make_inputs, rel_err
 from test_backends import backend_inputs, random_coefficients, reference
 
 gemm = importlib.import_module("dft_ops.kernels.gemm_backward")
-forward = importlib.import_module("dft_ops.kernels.lse_forward")
+forward_module = importlib.import_module("dft_ops.kernels.lse_forward")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 N, D, V = 37, 24, 101
 
@@ -84,7 +84,7 @@ def test_plans_of_the_goal_heads(monkeypatch):
 
 
 def grads_of(hidden, weight, bias, targets, rows, lse, coef, budget, **opts):
-    return kernels.gemm_backward(hidden, weight, bias, targets, rows, lse, coef, need_bias=bias is not None,
+    return backward(kernels.gemm_backward, hidden, weight, bias, targets, rows, lse, coef, need_bias=bias is not None,
                                  workspace_bytes=budget, **opts)
 
 
@@ -97,10 +97,10 @@ def test_every_plan_matches_float64(dtypes, device):
     opts = dict(bias=True, softcap=3.0, temperature=1.3, smoothing=True, class_weight=True, rows=True)
     hidden, weight, bias, targets, rows, class_weight = backend_inputs(hidden_dtype, weight_dtype, opts, device)
     cap = dict(softcap=3.0, temperature=1.3, compute_dtype=requested)
-    lse = kernels.lse_forward(hidden, weight, bias, targets, rows, **cap).lse
+    lse = forward(kernels.lse_forward, hidden, weight, bias, targets, rows, **cap).lse
     coef = random_coefficients(targets.numel(), device)
     _, want = reference(hidden, weight, bias, targets, rows, coef, class_weight=class_weight, **cap)
-    compute = dft_ops.backend_contract.product_dtype(hidden_dtype, weight_dtype, requested)
+    compute = dft_ops.backends.product_dtype(hidden_dtype, weight_dtype, requested)
     tol = max(TOL[compute], TOL[hidden_dtype], TOL[weight_dtype])
     M = targets.numel()
 
@@ -129,7 +129,7 @@ def test_every_plan_matches_float64(dtypes, device):
 def test_fp32_gradients_are_fp32_accurate(device):
     """fp32 inputs: G in fp32 and fp32 products, about 1e-7 relative (docs/backward.md has the table)."""
     hidden, weight, bias, targets, rows, _ = backend_inputs(F32, F32, dict(bias=True, rows=True), device)
-    lse = kernels.lse_forward(hidden, weight, bias, targets, rows).lse
+    lse = forward(kernels.lse_forward, hidden, weight, bias, targets, rows).lse
     coef = random_coefficients(targets.numel(), device, uniform=False)
     _, want = reference(hidden, weight, bias, targets, rows, coef)
     for budget in (1 << 20, 3000):
@@ -145,7 +145,7 @@ def test_strided_hidden_and_weight(dtype, device):
     weight_view = torch.stack([weight, torch.zeros_like(weight)], dim=2).reshape(V, 2 * D)[:, ::2]
     assert not hidden_view.is_contiguous() and not weight_view.is_contiguous()
     assert torch.equal(hidden_view, hidden) and torch.equal(weight_view, weight)
-    lse = kernels.lse_forward(hidden, weight, None, targets, rows).lse
+    lse = forward(kernels.lse_forward, hidden, weight, None, targets, rows).lse
     coef = random_coefficients(targets.numel(), device, uniform=False)
     for budget in (1 << 20, 3000):
         want = grads_of(hidden, weight, None, targets, rows, lse, coef, budget)
@@ -156,11 +156,11 @@ def test_strided_hidden_and_weight(dtype, device):
 
 def test_only_the_gradients_asked_for(device):
     hidden, weight, bias, targets, _, _ = backend_inputs(BF16, BF16, dict(bias=True), device)
-    lse = kernels.lse_forward(hidden, weight, bias, targets).lse
+    lse = forward(kernels.lse_forward, hidden, weight, bias, targets).lse
     coef = random_coefficients(N, device, uniform=False)
     full = grads_of(hidden, weight, bias, targets, None, lse, coef, 3000)
     for need in ((True, False, False), (False, True, False), (False, False, True)):
-        got = kernels.gemm_backward(hidden, weight, bias, targets, None, lse, coef, need_hidden=need[0],
+        got = backward(kernels.gemm_backward, hidden, weight, bias, targets, None, lse, coef, need_hidden=need[0],
                                     need_weight=need[1], need_bias=need[2], workspace_bytes=3000)
         for wanted, g, f in zip(need, got, full):
             assert (g is None) != wanted
@@ -171,8 +171,8 @@ def test_only_the_gradients_asked_for(device):
 def test_no_computed_token_gives_zero_gradients(device):
     hidden, weight, bias, _, _, _ = backend_inputs(BF16, BF16, dict(bias=True), device)
     empty = torch.zeros(0, dtype=torch.long, device=device)
-    coef = GradCoefficients(torch.zeros(0, device=device), torch.zeros(0, device=device))
-    grads = kernels.gemm_backward(hidden, weight, bias, empty, empty, torch.zeros(0, device=device), coef,
+    coef = Coef(torch.zeros(0, device=device), torch.zeros(0, device=device))
+    grads = backward(kernels.gemm_backward, hidden, weight, bias, empty, empty, torch.zeros(0, device=device), coef,
                                   need_bias=True)
     for g, like in zip(grads, (hidden, weight, bias)):
         assert g.shape == like.shape and g.dtype == like.dtype and (g == 0).all()
@@ -204,7 +204,7 @@ def test_precise_gemm_is_elementwise_accurate_where_terms_cancel(device):
     hidden, weight, targets, lse, coef, want = peaked_case(N, D, V, 1.0, device)
 
     def d_hidden(precise, budget):
-        return kernels.gemm_backward(hidden, weight, None, targets, None, lse, coef, need_weight=False,
+        return backward(kernels.gemm_backward, hidden, weight, None, targets, None, lse, coef, need_weight=False,
                                      precise=precise, workspace_bytes=budget)[0]
 
     default = elementwise_errors(d_hidden(False, 1 << 20), want)
@@ -223,43 +223,31 @@ def test_backends_implement_the_protocol():
     assert kernels.TritonBackend("fused").name == "triton-fused"
 
 
-@pytest.mark.parametrize("backend", [torch_backend.TorchBackend(), kernels.TritonBackend("gemm"),
-                                     kernels.TritonBackend("fused")], ids=["torch", "gemm", "fused"])
-def test_a_misspelt_option_is_an_error(backend, device):
-    hidden, weight, bias, targets, _, _ = backend_inputs(F32, F32, {}, device)
-    with pytest.raises(TypeError, match="softcapp"):
-        backend.lse_forward(hidden, weight, None, targets, softcapp=3.0)
-    coef = random_coefficients(N, device, uniform=False)
-    with pytest.raises(TypeError, match="need_hiden"):
-        backend.grad_backward(hidden, weight, None, targets, None, torch.zeros(N, device=device), coef,
-                              need_hiden=False)
-
-
 def test_backend_selection():
     opts = dft_ops.LossOptions()
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     chosen = select_backend(opts, cuda)  # a device object only: nothing runs
-    assert isinstance(chosen, kernels.TritonBackend) and chosen.backward_mode == "auto"
+    assert isinstance(chosen, kernels.TritonBackend) and chosen.backward_mode == "gemm"  # what "auto" means
     assert chosen.workspace_bytes == 256 * 2**20
-    assert dft_ops.backend_contract.resolve_backward_mode("auto", None) == "gemm"
-    assert dft_ops.backend_contract.resolve_backward_mode("auto", 1e-3) == "fused"
+    assert dft_ops.backends.resolve_backward_mode("auto", None) == "gemm"
+    assert dft_ops.backends.resolve_backward_mode("auto", 1e-3) == "fused"
+    fused = select_backend(opts.replace(filter_eps=1e-3, precise=True), cuda)
+    assert (fused.backward_mode, fused.filter_eps, fused.precise) == ("fused", 1e-3, True)
     assert select_backend(opts.replace(backward_mode="fused", workspace_mb=8), cuda).backward_mode == "fused"
     assert isinstance(select_backend(opts, cpu), torch_backend.TorchBackend)
     assert isinstance(select_backend(opts.replace(backward_mode="fused"), cpu), torch_backend.TorchBackend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemm_with_filtering_is_refused_on_every_backend(backend, device):
+    """Judged once, by the options: a configuration developed on CPU fails there, not first on a GPU."""
+    with pytest.raises(ValueError, match="^filter_eps: gradient filtering skips tiles"):
+        dft_ops.LossOptions(backward_mode="gemm", filter_eps=1e-3)
+    hidden, weight, labels, _ = make_inputs((5,), 8, 20, torch.float32, device)
     with pytest.raises(ValueError, match="^filter_eps"):
-        select_backend(opts.replace(backward_mode="gemm", filter_eps=1e-3), cuda)
-
-
-@pytest.mark.parametrize("bad", [0, -5, 2.5, True, None])
-def test_bad_workspace_is_refused(bad, device):
-    with pytest.raises(ValueError, match="^workspace_bytes"):
-        kernels.TritonBackend("gemm", workspace_bytes=bad)
-    hidden, weight, bias, targets, _, _ = backend_inputs(F32, F32, {}, device)
-    with pytest.raises(ValueError, match="^workspace_bytes"):
-        kernels.gemm_backward(hidden, weight, None, targets, None, torch.zeros(N, device=device),
-                              random_coefficients(N, device), workspace_bytes=bad)
-    with pytest.raises(ValueError, match="^backward_mode"):
-        kernels.TritonBackend("atomic")
+        dft_ops.linear_cross_entropy(hidden, weight, labels, backend=backend, backward_mode="gemm", filter_eps=1e-3)
+    with pytest.raises(ValueError, match="^filter_eps"):
+        dft_ops.LinearCrossEntropy(backward_mode="gemm", filter_eps=1e-3)
 
 
 def test_gemm_mode_refuses_filtering_through_the_api(device):
@@ -278,12 +266,12 @@ def test_token_buckets_tell_64k_from_128k():
 def test_forward_splits_fill_whole_waves():
     config = Config({"BLOCK_N": 128, "BLOCK_V": 128})
     # 8k tokens on 132 SMs: 64 token tiles; two slices make one full wave (today's 5 made 2.4 waves)
-    assert forward.forward_splits(config, 8192, 256000, 132) == 2
-    assert forward.forward_splits(config, 16384, 128256, 132) == 1  # 128 tiles: one wave already
-    assert forward.forward_splits(config, 1024, 128256, 132) == 16
-    assert forward.forward_splits(config, 1024, 1000, 132) == 1  # at least 8 tiles per slice
+    assert forward_module.forward_splits(config, 8192, 256000, 132) == 2
+    assert forward_module.forward_splits(config, 16384, 128256, 132) == 1  # 128 tiles: one wave already
+    assert forward_module.forward_splits(config, 1024, 128256, 132) == 16
+    assert forward_module.forward_splits(config, 1024, 1000, 132) == 1  # at least 8 tiles per slice
     # one token tile: as many slices as allowed, up to the 5% tolerance
-    assert forward.MAX_SPLITS - 2 <= forward.forward_splits(config, 64, 10**7, 132) <= forward.MAX_SPLITS
+    assert forward_module.MAX_SPLITS - 2 <= forward_module.forward_splits(config, 64, 10**7, 132) <= forward_module.MAX_SPLITS
 
 
 class _AddKernel:
@@ -374,14 +362,14 @@ def test_gemm_backward_memory_is_dhidden_plus_workspace():
     hidden = torch.randn(n, d, device=dev, dtype=BF16)
     weight = (torch.randn(v, d, device=dev) / d**0.5).to(BF16)
     targets = torch.randint(0, v, (n,), device=dev)
-    lse = kernels.lse_forward(hidden, weight, None, targets).lse
-    coef = GradCoefficients(torch.full((n,), 1.0 / n, device=dev), torch.full((n,), 1.0 / n, device=dev))
+    lse = forward(kernels.lse_forward, hidden, weight, None, targets).lse
+    coef = Coef(torch.full((n,), 1.0 / n, device=dev), torch.full((n,), 1.0 / n, device=dev))
     budget = 64 * 2**20
-    kernels.gemm_backward(hidden, weight, None, targets, None, lse, coef, workspace_bytes=budget)
+    backward(kernels.gemm_backward, hidden, weight, None, targets, None, lse, coef, workspace_bytes=budget)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    grads = kernels.gemm_backward(hidden, weight, None, targets, None, lse, coef, workspace_bytes=budget)
+    grads = backward(kernels.gemm_backward, hidden, weight, None, targets, None, lse, coef, workspace_bytes=budget)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - sum(g.numel() * g.element_size() for g in grads[:2])
     assert extra <= n * d * 4 + budget + 64 * 2**20, extra / 2**20
@@ -390,16 +378,19 @@ def test_gemm_backward_memory_is_dhidden_plus_workspace():
 def test_column_major_operands_are_copied_for_the_kernels(device):
     """The kernels' column offsets k * stride(1) are int32: a column-major matrix (whose stride(1) = rows
     would pass 2^31 with rows x columns) reaches them as a contiguous copy; others as they are."""
-    from dft_ops.backend_contract import ReferenceHead
-    from dft_ops.kernels.launch import unit_column_strides
+    from dft_ops.backends.protocol import SecondHead
+    from dft_ops.kernels.launch import kernel_operands
+    from helpers import contract
 
-    hidden, weight, _, _, _, _ = backend_inputs(F32, BF16, dict(), device)
+    hidden, weight, _, targets, _, _ = backend_inputs(F32, BF16, dict(), device)
     column_major = hidden.T.contiguous().T
     every_other = torch.stack([weight, weight], dim=2).reshape(V, 2 * D)[:, ::2]  # stride(1) = 2
-    reference = ReferenceHead(column_major, weight)
-    h, w, ref = unit_column_strides(column_major, every_other, reference)
-    for got, given in ((h, column_major), (w, every_other), (ref.hidden, column_major)):
+    second = SecondHead(column_major, weight)
+    head, tokens = contract(column_major, every_other, None, targets, second=second)
+    h, got_head, _, _ = kernel_operands(column_major, head, tokens, class_weight=False, second=True)
+    for got, given in ((h, column_major), (got_head.weight, every_other), (got_head.second.hidden, column_major)):
         assert got.stride(1) == 1 and got.data_ptr() != given.data_ptr() and torch.equal(got, given)
-    h, w, ref = unit_column_strides(hidden, weight, None)
-    assert h is hidden and w is weight and ref is None
-    assert unit_column_strides(hidden, weight, reference)[2].weight is weight
+    head, tokens = contract(hidden, weight, None, targets, second=second)
+    h, got_head, _, _ = kernel_operands(hidden, head, tokens, class_weight=False, second=False)
+    assert h is hidden and got_head.weight is weight and got_head.second is None
+    assert kernel_operands(hidden, head, tokens, class_weight=False, second=True)[1].second.weight is weight

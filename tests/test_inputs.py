@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 
 import dft_ops
 from dft_ops import objectives as o
-from dft_ops.functional import compute_dtype
+from dft_ops.inputs import compute_dtype
 from helpers import TOL, OutputsSeen, check_against_reference, loss_and_grads, make_inputs, rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -42,7 +42,8 @@ def test_integer_shift_with_per_token_inputs_and_segments(backend, device):
     shape, shift = (2, 12), 2
     hidden, weight, labels, _ = make_inputs(shape, 24, 67, torch.float32, device, scale=4.0)
     old = torch.randn(2, 12 - shift, device=device) - 3.0
-    check_against_reference(hidden, weight, labels, None, backend=backend, objective=o.PSFT(old), shift=shift)
+    check_against_reference(hidden, weight, labels, None, backend=backend, objective=o.PSFT(), old_logprobs=old,
+                            shift=shift)
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]] * 2, device=device)
     check_against_reference(hidden, weight, labels, None, backend=backend, objective=o.SequenceDFT("geometric"),
                             shift=shift, position_ids=position_ids)
@@ -84,7 +85,7 @@ def test_strided_position_ids_and_per_token_inputs(backend, device):
     ref_logprobs = torch.randn(9, 3, device=device).T - 2.0  # (3, 9), transposed storage
     assert not ref_logprobs.is_contiguous()
     check_against_reference(hidden, weight, labels, None, backend=backend, shift=True,
-                            objective=o.ImportanceWeighted(ref_logprobs))
+                            objective=o.ImportanceWeighted(), ref_logprobs=ref_logprobs)
     position_ids = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3, 4] * 6, device=device).reshape(3, 20)[:, ::2]
     assert not position_ids.is_contiguous()
     check_against_reference(hidden, weight, labels, None, backend=backend, shift=True,
@@ -157,13 +158,14 @@ BROKEN = [
 @pytest.mark.parametrize("exc, what, make, fragment", BROKEN, ids=[f"{c[1]}-{c[3]}-{i}" for i, c in enumerate(BROKEN)])
 def test_custom_objective_with_wrong_output_raises_before_backward(backend, exc, what, make, fragment, device,
                                                                    monkeypatch):
-    from dft_ops import kernels, torch_backend
+    from dft_ops import kernels
+    from dft_ops.backends import torch_backend
 
     def no_backward(*args, **kwargs):
         raise AssertionError("the backward kernel ran")
 
-    monkeypatch.setattr(kernels, "grad_backward", no_backward)
-    monkeypatch.setattr(torch_backend, "grad_backward", no_backward)
+    monkeypatch.setattr(kernels.TritonBackend, "grad_backward", no_backward)
+    monkeypatch.setattr(torch_backend.TorchBackend, "grad_backward", no_backward)
     hidden, weight, labels, _ = make_inputs((2, 7), 16, 40, torch.float32, device)
     h = hidden.requires_grad_()
     with pytest.raises(exc, match=rf"^objective: _Broken\.{what} returned .*{fragment}"):
@@ -213,7 +215,7 @@ def test_mixed_dtypes_match_reference(backend, dtypes, device):
     hidden, weight = hidden.to(h_dtype), weight.to(w_dtype)
     bias = None if bias is None else bias.to(b_dtype)
     leaves = [t for t in (hidden, weight, bias) if t is not None]
-    assert compute_dtype(hidden, weight, bias) == low
+    assert compute_dtype("weight", hidden, weight) == low
     ours, grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=labels, shift=True,
                                  backend=backend)
     # what is computed: hidden and weight rounded to the 16-bit dtype, the bias as given, in float64
@@ -234,7 +236,7 @@ def test_mixed_dtypes_match_reference(backend, dtypes, device):
 def test_autocast_computes_like_nn_linear(backend, device):
     hidden, weight, labels, bias = make_inputs((2, 9), 24, 67, torch.float32, device, bias=True, scale=4.0)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        assert compute_dtype(hidden, weight, bias) == F.linear(hidden, weight, bias).dtype == torch.bfloat16
+        assert compute_dtype("weight", hidden, weight) == F.linear(hidden, weight, bias).dtype == torch.bfloat16
         auto, auto_grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=labels,
                                           backend=backend)
     # the products see hidden and weight rounded to bf16 (autocast's dtype), as if rounded by hand; autocast
@@ -252,7 +254,7 @@ def test_autocast_computes_like_nn_linear(backend, device):
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-hidden-fp32-head", "autocast"])
 def test_a_fp32_head_is_never_copied_in_16_bit(backend, autocast, device, monkeypatch):
     """No V x D bf16 copy of an fp32 head (or (N, D) of fp32 hidden states) exists in forward or backward."""
-    from dft_ops import torch_backend
+    from dft_ops.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 32)
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 16)

@@ -179,7 +179,7 @@ def test_never_builds_tokens_by_vocab(backend, backward_mode, device, monkeypatc
     The gemm backward's workspace holds a (token chunk x vocabulary split) block of G, bounded by
     workspace_mb: here 6 KiB, a fraction of tokens x vocab.
     """
-    from dft_ops import torch_backend
+    from dft_ops.backends import torch_backend
 
     monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 16)
     monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)

@@ -1,6 +1,6 @@
-"""Every objective of dft_ops.objectives against the float64 reference of dft_ops.naive, both backends.
+"""Every objective of dft_ops.objectives against the float64 oracle dft_ops.naive, both backends.
 
-The reference (naive.reference_loss) is written from the papers' formulas with
+The float64 oracle (naive.naive_loss) is written from the papers' formulas with
 ``.detach()`` for stop-gradients and differentiated by autograd; the table's
 ``weight`` is never used there. Inputs are "peaked" (many labels are the
 argmax) so label probabilities span (0, 1): thresholds, clips and clamps are
@@ -74,14 +74,21 @@ def offsets(like, lo, hi):
 
 
 def psft(logp, valid, **clips):
-    return o.PSFT(with_garbage(logp + offsets(logp, 0.3, 0.9), valid), **clips)
+    return o.PSFT(**clips), {"old_logprobs": with_garbage(logp + offsets(logp, 0.3, 0.9), valid)}
 
 
 def importance_weighted(logp, valid):
-    return o.ImportanceWeighted(with_garbage(logp + offsets(logp, 0.2, 2.0), valid), clamp=(0.5, 1.5))
+    return o.ImportanceWeighted(clamp=(0.5, 1.5)), {"ref_logprobs": with_garbage(logp + offsets(logp, 0.2, 2.0), valid)}
 
 
-# name -> factory(label log-probs at the loss positions, valid mask) -> objective (instance or name)
+def make_case(name, logp, valid):
+    """(objective, this batch's call arguments) of a case of CASES."""
+    made = CASES[name](logp, valid)
+    return made if isinstance(made, tuple) else (made, {})
+
+
+# name -> factory(label log-probs at the loss positions, valid mask) -> objective (instance or name), or
+# (objective, the batch's per-token inputs as call arguments)
 CASES = {
     "ce": lambda logp, valid: o.CE(),
     "dft": lambda logp, valid: "dft",
@@ -112,7 +119,7 @@ CONFIGS = {
 }
 
 
-def assert_tokens_on_both_sides(objective, logp, valid):
+def assert_tokens_on_both_sides(objective, batch, logp, valid):
     """The parameters split the tokens, so a wrong comparison or clip would show."""
     p = logp[valid].double().exp()
     if isinstance(objective, o.Threshold):
@@ -123,10 +130,10 @@ def assert_tokens_on_both_sides(objective, logp, valid):
             inside &= p <= objective.max_p
         assert inside.any() and not inside.all()
     if isinstance(objective, o.PSFT):
-        r = (logp - objective.old_logprobs)[valid].double().exp()
+        r = (logp - batch["old_logprobs"])[valid].double().exp()
         assert (r > 1 + objective.clip_high).any() and (r < 1 - objective.clip_low).any()
     if isinstance(objective, o.ImportanceWeighted):
-        w = (logp - objective.ref_logprobs)[valid].double().exp()
+        w = (logp - batch["ref_logprobs"])[valid].double().exp()
         assert (w > objective.clamp[1]).any() and (w < objective.clamp[0]).any()
 
 
@@ -152,12 +159,12 @@ def run_case_against_reference(backend, case, config, device):
     (hidden, weight, labels, bias), the options used, objective included).
     """
     hidden, weight, labels, bias, opts, logp, valid = case_inputs(config, device)
-    objective = CASES[case](logp, valid)
-    assert_tokens_on_both_sides(objective, logp, valid)
+    objective, batch = make_case(case, logp, valid)
+    assert_tokens_on_both_sides(objective, batch, logp, valid)
     upstream = torch.randn(logp.shape, device=device) if opts["reduction"] == "none" else None
     ours, ref = check_against_reference(hidden, weight, labels, bias, backend=backend, upstream=upstream,
-                                        objective=objective, **opts)
-    return ours, ref, (hidden, weight, labels, bias), {**opts, "objective": objective}
+                                        objective=objective, **batch, **opts)
+    return ours, ref, (hidden, weight, labels, bias), {**opts, **batch, "objective": objective}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -254,7 +261,7 @@ def test_psft_at_the_old_policy_has_ce_gradient(backend, device):
     inputs = peaked_inputs((2, 9), torch.float32, device, shift=True, bias=True)
     old = current_logprobs(inputs, backend, shift=True)
     upstream = torch.randn(old.shape, device=device)
-    loss_p, g_p = grads_of(o.PSFT(old), inputs, backend, upstream, shift=True, reduction="none")
+    loss_p, g_p = grads_of(o.PSFT(), inputs, backend, upstream, shift=True, reduction="none", old_logprobs=old)
     loss_c, g_c = grads_of("ce", inputs, backend, upstream, shift=True, reduction="none")
     for a, b in zip(g_p, g_c):
         assert rel_err(a, b) < 1e-6
@@ -266,7 +273,7 @@ def test_psft_at_the_old_policy_has_ce_gradient(backend, device):
 def test_importance_weighted_at_the_reference_is_ce(backend, device):
     inputs = peaked_inputs((2, 9), torch.float32, device, shift=True)
     ref = current_logprobs(inputs, backend, shift=True)
-    loss_i, g_i = grads_of(o.ImportanceWeighted(ref), inputs, backend, shift=True)
+    loss_i, g_i = grads_of(o.ImportanceWeighted(), inputs, backend, shift=True, ref_logprobs=ref)
     loss_c, g_c = grads_of("ce", inputs, backend, shift=True)
     assert torch.allclose(loss_i, loss_c, rtol=1e-6)
     for a, b in zip(g_i, g_c):
@@ -316,7 +323,8 @@ def test_objective_names_and_repr():
         o.resolve("power")
     assert repr(o.Power(10)) == "Power(alpha=10.0)" and repr(o.CE()) == "CE()" and repr(o.Chord()) == "Chord()"
     assert repr(o.Threshold("dft", min_p=0.2)) == "Threshold(base='dft', min_p=0.2, max_p=None)"
-    assert "old_logprobs=Tensor(shape=(2, 3)" in repr(o.PSFT(torch.zeros(2, 3)))
+    assert repr(o.PSFT()) == "PSFT(clip_low=0.2, clip_high=0.28)"  # settings only: the tensors come per call
+    assert o.PSFT(clip_high=0.3) == o.PSFT(clip_high=0.3) != o.PSFT() and len({o.PSFT(), o.PSFT()}) == 1
 
 
 T = torch.zeros(2, 8)
@@ -333,15 +341,12 @@ BAD_PARAMETERS = [
     (ValueError, "min_p", lambda: o.Threshold("ce", min_p=0.6, max_p=0.4)),
     (ValueError, "min_p", lambda: o.Threshold("ce", min_p=1.5)),
     (ValueError, "max_p", lambda: o.Threshold("dft", max_p=-0.1)),
-    (TypeError, "old_logprobs", lambda: o.PSFT([0.0, 1.0])),
-    (TypeError, "old_logprobs", lambda: o.PSFT(torch.zeros(2, 8, dtype=torch.long))),
-    (ValueError, "clip_low", lambda: o.PSFT(T, clip_low=1.0)),
-    (ValueError, "clip_low", lambda: o.PSFT(T, clip_low=-0.1)),
-    (ValueError, "clip_high", lambda: o.PSFT(T, clip_high=-0.2)),
-    (TypeError, "ref_logprobs", lambda: o.ImportanceWeighted([0.1, 0.2])),
-    (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(1.5, 0.5))),
-    (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(0.5,))),
-    (ValueError, "clamp", lambda: o.ImportanceWeighted(T, clamp=(-1.0, 2.0))),
+    (ValueError, "clip_low", lambda: o.PSFT(clip_low=1.0)),
+    (ValueError, "clip_low", lambda: o.PSFT(clip_low=-0.1)),
+    (ValueError, "clip_high", lambda: o.PSFT(clip_high=-0.2)),
+    (ValueError, "clamp", lambda: o.ImportanceWeighted(clamp=(1.5, 0.5))),
+    (ValueError, "clamp", lambda: o.ImportanceWeighted(clamp=(0.5,))),
+    (ValueError, "clamp", lambda: o.ImportanceWeighted(clamp=(-1.0, 2.0))),
     (ValueError, "mode", lambda: o.SequenceDFT("mean")),
 ]
 
@@ -357,24 +362,38 @@ def test_per_token_input_must_have_the_loss_positions_shape(make, device):
     hidden, weight, labels, _ = make_inputs((2, 8), D, V, torch.float32, device)
     name = make.token_inputs[0]
     # with shift the loss positions are labels[..., 1:]: (2, 7); the labels' own shape is wrong
-    with pytest.raises(ValueError, match=rf"^objective: .*{name} has shape \(2, 8\).*\(2, 7\)"):
-        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(torch.zeros(2, 8, device=device)),
-                                     shift=True)
-    dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(torch.zeros(2, 7, device=device)), shift=True)
+    with pytest.raises(ValueError, match=rf"^{name}: shape \(2, 8\).*\(2, 7\)"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(), shift=True,
+                                     **{name: torch.zeros(2, 8, device=device)})
+    with pytest.raises(TypeError, match=rf"^{name}: expected a floating-point tensor"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(), shift=True,
+                                     **{name: torch.zeros(2, 7, dtype=torch.long, device=device)})
+    dft_ops.linear_cross_entropy(hidden, weight, labels, objective=make(), shift=True,
+                                 **{name: torch.zeros(2, 7, device=device)})
 
 
-def test_per_token_input_left_for_the_batch_must_arrive():
-    """None in the constructor means "per batch"; a call without it says how to pass it."""
+def test_per_token_inputs_are_call_arguments():
+    """Missing, misplaced and deprecated (held by the objective) per-token inputs."""
     hidden, weight, labels, _ = make_inputs((2, 6), 12, 30, torch.float32, "cpu")
-    obj = o.ImportanceWeighted(None)
-    with pytest.raises(ValueError, match=r"^objective: ImportanceWeighted.ref_logprobs is None"):
-        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=obj)
     ref = torch.randn(2, 6)
-    with pytest.raises(ValueError, match="no per-token input"):
-        obj.with_token_tensors(old_logprobs=ref)
-    got = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=obj.with_token_tensors(ref_logprobs=ref))
-    want = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted(ref))
-    assert torch.equal(got, want) and obj.ref_logprobs is None
+    with pytest.raises(ValueError, match=r"^ref_logprobs: objective ImportanceWeighted needs this batch's"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted())
+    with pytest.raises(ValueError, match=r"^old_logprobs: objective ImportanceWeighted takes no old_logprobs"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted(), ref_logprobs=ref,
+                                     old_logprobs=ref)
+    with pytest.raises(ValueError, match=r"^old_logprobs: objective DFT takes no old_logprobs"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, objective="dft", old_logprobs=ref)
+    want = dft_ops.linear_cross_entropy(hidden, weight, labels, objective=o.ImportanceWeighted(), ref_logprobs=ref)
+    # the deprecated forms, for one release: tensors held by the objective move to the call
+    with pytest.warns(DeprecationWarning, match="ImportanceWeighted"):
+        held = o.ImportanceWeighted(ref)
+    with pytest.warns(DeprecationWarning, match="with_token_tensors"):
+        held_later = o.ImportanceWeighted().with_token_tensors(ref_logprobs=ref)
+    for objective in (held, held_later):
+        assert objective == o.ImportanceWeighted()  # the tensors are no setting
+        assert torch.equal(dft_ops.linear_cross_entropy(hidden, weight, labels, objective=objective), want)
+        options = dft_ops.LossOptions(objective=objective)
+        assert torch.equal(dft_ops.linear_cross_entropy(hidden, weight, labels, options=options), want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

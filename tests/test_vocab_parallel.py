@@ -21,8 +21,8 @@ import torch
 
 import dft_ops
 from dft_ops import VocabParallel
-from dft_ops.backend_contract import select_backend
-from dft_ops.vocab_parallel import ShardedBackend, merge_partials, shard_partials
+from dft_ops.backends import select_backend
+from dft_ops.backends.sharded import ShardedBackend, merge_partials, shard_partials
 from helpers import make_inputs, rel_err
 from rank_harness import run_ranks
 
@@ -128,7 +128,7 @@ def test_without_a_process_group(device):
     with pytest.raises(ValueError, match="^vocab_parallel: torch.distributed is not initialized"):
         dft_ops.linear_cross_entropy(hidden, weight[:10], labels, vocab_parallel=VocabParallel(0, 10))
     with pytest.raises(ValueError, match=r"^vocab_parallel: not checked against its group"):
-        ShardedBackend(dft_ops.torch_backend, VocabParallel(0, 10))
+        ShardedBackend(dft_ops.backends.torch_backend, VocabParallel(0, 10))
 
 
 def test_not_a_patch_option():
