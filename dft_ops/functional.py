@@ -36,6 +36,9 @@ from .options import UNSET, LossOptions, resolve_options
 
 TOKEN_INPUTS = ("old_logprobs", "ref_logprobs")
 """The objectives' per-token inputs a call can pass (:attr:`dft_ops.objectives.Objective.token_inputs`)."""
+# what the ranks of a vocabulary-parallel group compare, the same keys in the same order on every rank
+_COMPARED_OPTIONS = tuple(name for name in LossOptions.names() if name != "vocab_parallel")
+_COMPARED_TENSORS = ("class_weight", "position_ids", *TOKEN_INPUTS)
 
 
 class TokenStats(NamedTuple):
@@ -247,12 +250,14 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         split = local.vocab_parallel
     except (TypeError, ValueError) as err:
         if hint is not None and dist.is_available() and dist.is_initialized():
-            check_group(hint, hidden=hidden, error=err)  # every rank learns of it, then raises
+            # every rank learns of it, then raises; the same fields as a valid call's check, all zero
+            check_group(hint, hidden=hidden, settings=dict.fromkeys(_COMPARED_OPTIONS, 0),
+                        tensors=dict.fromkeys(_COMPARED_TENSORS), error=err)
         raise
     if split is not None:
         split = check_group(split, hidden=hidden, weight=weight, labels=labels, settings=opts.digests(),
                             tensors={"class_weight": opts.class_weight, "position_ids": position_ids,
-                                     **token_inputs},
+                                     **{name: batch[name] for name in TOKEN_INPUTS}},
                             sharded_dtensor=local.from_dtensor)
         opts = opts.replace(vocab_parallel=split)
         backend = ShardedBackend(backend, split)

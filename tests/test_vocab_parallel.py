@@ -23,7 +23,7 @@ import dft_ops
 from dft_ops import VocabParallel
 from dft_ops.backends import select_backend
 from dft_ops.backends.sharded import ShardedBackend, merge_partials, shard_partials
-from helpers import make_inputs, rel_err
+from helpers import forward, make_inputs, rel_err
 from rank_harness import run_ranks
 
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
@@ -37,7 +37,9 @@ EXACT = [f"{backend}-{case}" for backend in ("torch", "triton")
     "dtensor-replicate", "group-of-one"]
 REFUSED = ["dtensor-refused-shard1-weight", "dtensor-refused-plain-bias", "dtensor-refused-with-option",
            "dtensor-refused-hidden-features", "refused-overlap", "refused-gap", "refused-weight-rows",
-           "refused-labels-differ", "refused-hidden-differs", "refused-vocab-size", "refused-label-outside-vocabulary"]
+           "refused-labels-differ", "refused-hidden-differs", "refused-vocab-size", "refused-label-outside-vocabulary",
+           "refused-options-differ", "refused-class-weight-differs", "refused-invalid-on-one-rank",
+           "refused-bad-option-on-one-rank", "refused-fsdp-like-shard"]
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +87,13 @@ def test_merged_slices_equal_the_whole_vocabulary(backend, with_stats, device):
     class_weight = torch.rand(V, device=device) + 0.5
     module = select_backend(dft_ops.LossOptions(backend=backend), hidden.device)
     options = dict(with_stats=with_stats, smoothing=True, softcap=8.0)
-    whole = module.lse_forward(hidden, weight, bias, labels, class_weight=class_weight, **options)
+    whole = forward(module, hidden, weight, bias, labels, class_weight=class_weight, **options)
     parts = []
     for start, stop in bounds:
         if stop == start:
             continue  # what ShardedBackend sends for an empty slice is tested in the spawned job
-        stats = module.lse_forward(hidden, weight[start:stop], bias[start:stop], labels - start,
-                                   class_weight=class_weight[start:stop], **options)
+        stats = forward(module, hidden, weight[start:stop], bias[start:stop], labels - start,
+                        class_weight=class_weight[start:stop], **options)
         parts.append(shard_partials(stats, start, with_stats=with_stats, smoothing=True))
     merged = merge_partials(torch.stack(parts), with_stats=with_stats, smoothing=True)
     for name in ("lse", "target_logit", "smooth_sum") + (("entropy", "max_logit") if with_stats else ()):
@@ -127,8 +129,8 @@ def test_without_a_process_group(device):
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="^vocab_parallel: torch.distributed is not initialized"):
         dft_ops.linear_cross_entropy(hidden, weight[:10], labels, vocab_parallel=VocabParallel(0, 10))
-    with pytest.raises(ValueError, match=r"^vocab_parallel: not checked against its group"):
-        ShardedBackend(dft_ops.backends.torch_backend, VocabParallel(0, 10))
+    with pytest.raises(AssertionError, match=r"vocab_parallel: check_group fills in vocab_size"):
+        ShardedBackend(dft_ops.backends.TorchBackend(), VocabParallel(0, 10))
 
 
 def test_not_a_patch_option():
@@ -138,7 +140,7 @@ def test_not_a_patch_option():
 
 def test_plain_tensors_are_not_touched(device):
     """No DTensor among the inputs: the same objects reach the checks (no copy, no DTensor machinery)."""
-    from dft_ops.dtensor_inputs import localize
+    from dft_ops.distributed import localize
 
     hidden, weight, labels, bias = make_inputs((2, 5), 8, 20, torch.float32, device, bias=True)
     out = localize(hidden, weight, bias, labels, None)

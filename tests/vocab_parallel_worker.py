@@ -86,28 +86,28 @@ def judge(run, errors):
 
 
 def explicit(bounds=((0, CUT), (CUT, V)), *, dtype=torch.float32, all_ignored=False, objective="dft",
-             make_objective=None, **options):
+             make_batch=None, **options):
     """The explicit option: rank r passes weight[start:stop], bias[start:stop] and VocabParallel(*bounds[r]).
 
-    ``make_objective``: builds an objective holding per-token tensors (drawn when the case runs)."""
+    ``make_batch``: builds this batch's per-token call arguments (drawn when the case runs)."""
 
     def run(rank, world):
         hidden, weight, labels, bias = inputs(dtype)
         if all_ignored:
             labels.fill_(-100)
-        obj = objective if make_objective is None else make_objective()
-        ref = loss_stats_grads(hidden, weight, bias, labels, objective=obj, **options)
+        batch = {} if make_batch is None else make_batch()
+        ref = loss_stats_grads(hidden, weight, bias, labels, objective=objective, **batch, **options)
         start, stop = bounds[rank]
-        got = loss_stats_grads(hidden, weight[start:stop], bias[start:stop], labels, objective=obj,
-                               vocab_parallel=VocabParallel(start, stop), **options)
+        got = loss_stats_grads(hidden, weight[start:stop], bias[start:stop], labels, objective=objective,
+                               vocab_parallel=VocabParallel(start, stop), **batch, **options)
         return (errors_against_whole(*got, ref, start, stop),)
 
     return run
 
 
-def psft():
+def old_logprobs():
     torch.manual_seed(99)
-    return objectives.PSFT(old_logprobs=torch.randn(SHAPE) - 3.0)
+    return {"old_logprobs": torch.randn(SHAPE) - 3.0}
 
 
 def packed_position_ids():
@@ -238,20 +238,45 @@ def dtensor_refused(what):
 
 
 def refused(expect, *, bounds=((0, CUT), (CUT, V)), rows=None, labels_of_rank1=None, vocab_size=None,
-            hidden_of_rank1=None):
+            hidden_of_rank1=None, options_of_rank1=None, bias_of_rank1=None):
     """A call the group check must refuse on every rank (never a hang, never a wrong loss)."""
 
     def run(rank, world):
         hidden, weight, labels, bias = inputs()
         start, stop = bounds[rank]
         w = weight[start:stop] if rows is None or rank == 0 else weight[:rows]
+        options, b = {}, None
         if rank == 1 and labels_of_rank1 is not None:
             labels = labels_of_rank1(labels)
         if rank == 1 and hidden_of_rank1 is not None:
             hidden = hidden_of_rank1(hidden)
-        dft_ops.linear_cross_entropy(hidden, w, labels, vocab_parallel=VocabParallel(start, stop, vocab_size=vocab_size))
+        if rank == 1 and options_of_rank1 is not None:
+            options = options_of_rank1()
+        if rank == 1 and bias_of_rank1 is not None:
+            b = bias_of_rank1(bias)
+        dft_ops.linear_cross_entropy(hidden, w, labels, bias=b,
+                                     vocab_parallel=VocabParallel(start, stop, vocab_size=vocab_size), **options)
 
     run.expect_error = expect
+    return run
+
+
+def fsdp_like_shard():
+    """An FSDP2-sharded head read outside its module's forward looks like this: a Shard(0) DTensor weight,
+    and each rank its own batch. Read as a vocabulary-parallel head, every rank must say what that means."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        hidden, weight, labels, _ = inputs()
+        if rank == 1:  # data parallelism: another batch on the other rank
+            hidden, labels = hidden + 1.0, _relabel(labels)
+        dft_ops.linear_cross_entropy(hidden, distribute_tensor(weight, mesh, [Shard(0)]), labels)
+
+    run.expect_error = (ValueError, r"^weight: a Shard\(0\) DTensor weight is read as a vocabulary-parallel head.*"
+                                    r"FSDP2-sharded head read outside its module's forward")
     return run
 
 
@@ -293,7 +318,8 @@ for backend in ("torch", "triton"):
         f"{backend}-dft-bias-softcap-shift": explicit(softcap=4.0, shift=True, backend=backend),
         f"{backend}-chord-none-upstream-stats": explicit(objective="chord", reduction="none", return_stats=True,
                                                          backend=backend),
-        f"{backend}-psft-per-token-input": explicit(make_objective=psft, return_stats=True, backend=backend),
+        f"{backend}-psft-per-token-input": explicit(objective=objectives.PSFT(), make_batch=old_logprobs,
+                                                    return_stats=True, backend=backend),
         f"{backend}-sequence-dft-packed": explicit(objective=objectives.SequenceDFT("geometric"),
                                                    position_ids=packed_position_ids(), backend=backend),
         f"{backend}-dft-empty-slice": explicit(((0, V), (V, V)), return_stats=True, backend=backend),
@@ -326,6 +352,20 @@ CASES.update({
     "refused-label-outside-vocabulary": refused((ValueError, r"^labels: \d+ value\(s\) outside \[0, 100\)"),
                                                 bounds=((0, CUT), (CUT, 100))),
     "group-of-one": group_of_one(),
+    # options, class weights or validity that differ between the ranks: every rank raises the same error
+    "refused-options-differ": refused((ValueError, r"^label_smoothing: the ranks of the vocabulary-parallel group "
+                                                   r"disagree"), options_of_rank1=lambda: dict(label_smoothing=0.1)),
+    "refused-class-weight-differs": refused(
+        (ValueError, r"^class_weight: the ranks of the vocabulary-parallel group disagree"),
+        options_of_rank1=lambda: dict(class_weight=torch.ones(V))),
+    "refused-invalid-on-one-rank": refused(
+        (ValueError, r"^(bias: expected shape \(61,\)|vocab_parallel: rank 1 of the vocabulary-parallel group "
+                     r"refused this call, so every rank does: ValueError: bias: expected shape)"),
+        bias_of_rank1=lambda bias: bias),
+    "refused-bad-option-on-one-rank": refused(
+        (ValueError, r"^(label_smoothing: must be in \[0, 1\)|vocab_parallel: rank 1 .* refused this call.*"
+                     r"label_smoothing: must be in)"), options_of_rank1=lambda: dict(label_smoothing=1.5)),
+    "refused-fsdp-like-shard": fsdp_like_shard(),
 })
 
 
