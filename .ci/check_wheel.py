@@ -49,10 +49,14 @@ for backend in ("torch", "triton"):
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0, backend
     print(f"wheel check: {backend} backend loss {loss.item():.6f} (reference {want.item():.6f})")
 # ASFT: a second (reference) head streamed beside the model's
-asft = dft_ops.objectives.ASFT(0.2, direction="reverse").with_reference(torch.randn(2, 7, 12), torch.randn(45, 12) * 0.3)
-want = dft_ops.naive.linear_cross_entropy(hidden.double(), weight.double(), labels, shift=True, objective=asft)
+asft = dft_ops.objectives.ASFT(0.2, direction="reverse")
+second = dft_ops.SecondHead(torch.randn(2, 7, 12), torch.randn(45, 12) * 0.3)
+want = dft_ops.naive.linear_cross_entropy(hidden.double(), weight.double(), labels, shift=True, objective=asft,
+                                          second_head=second._replace(hidden=second.hidden.double(),
+                                                                      weight=second.weight.double()))
 for backend in ("torch", "triton"):
-    loss = dft_ops.linear_cross_entropy(hidden, weight, labels, shift=True, objective=asft, backend=backend)
+    loss = dft_ops.linear_cross_entropy(hidden, weight, labels, shift=True, objective=asft, backend=backend,
+                                        second_head=second)
     assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item()), ("asft", backend, loss.item(), want.item())
     print(f"wheel check: {backend} backend ASFT loss {loss.item():.6f} (reference {want.item():.6f})")
 """

@@ -8,7 +8,7 @@ reference's head and hidden states, labels), each computing the mean over
 tokens of ``-sg(p_y) log p_y + kl_coef * KL`` and the gradients of the model's
 hidden states and head (the reference gets none):
 
-- ``dft-ops``: ``linear_cross_entropy(objective=ASFT(...).with_reference(...))``
+- ``dft-ops``: ``linear_cross_entropy(objective=ASFT(...), second_head=SecondHead(ref_h, ref_w))``
   - both heads streamed through one online pass, no logits of either;
 - ``unsloth-style``: what Unsloth's ASFT does at the head: the model's logits
   materialized in fp32 (log-softmax over the whole vocabulary), the reference's
@@ -96,9 +96,10 @@ def unsloth_style_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str, ch
 def dft_ops_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str) -> Tensor:
     import dft_ops
 
-    asft = dft_ops.objectives.ASFT(kl_coef, direction=direction).with_reference(ref_h, ref_w)
+    asft = dft_ops.objectives.ASFT(kl_coef, direction=direction)
     # as shipped: the Triton kernels on CUDA; on a CPU the PyTorch backend (also under TRITON_INTERPRET)
-    return dft_ops.linear_cross_entropy(h, w, y, objective=asft, backend="auto" if h.is_cuda else "torch")
+    return dft_ops.linear_cross_entropy(h, w, y, objective=asft, second_head=dft_ops.SecondHead(ref_h, ref_w),
+                                        backend="auto" if h.is_cuda else "torch")
 
 
 LOSSES = {"dft-ops": dft_ops_asft, "unsloth-style": unsloth_style_asft, "torch": torch_asft}

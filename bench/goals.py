@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dft_ops.backend_contract import DEFAULT_WORKSPACE_MB
+from dft_ops.backends import DEFAULT_WORKSPACE_MB
 
 from .cases import GOAL_TOKENS, HEADS, LONG_CONTEXT
 

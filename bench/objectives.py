@@ -91,10 +91,13 @@ def label_stats(model: TinyLM, data: torch.Tensor) -> tuple[dict, list[float]]:
 
 
 def train(model: TinyLM, batches: list[torch.Tensor], make_objective, lr: float) -> None:
-    """Adam steps, one per batch; ``make_objective(batch, step)`` gives the objective of each step."""
+    """Adam steps, one per batch; ``make_objective(batch, step)`` gives the objective of each step, or
+    (objective, this batch's per-token call arguments)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for step, batch in enumerate(batches):
-        loss = model.loss(batch, make_objective(batch, step))
+        made = make_objective(batch, step)
+        objective, inputs = made if isinstance(made, tuple) else (made, {})
+        loss = model.loss(batch, objective, **inputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,7 +117,7 @@ def objectives_to_compare(base: TinyLM, finetuned: TinyLM, psft_refresh: int):
     def psft(batch, step):
         if step % psft_refresh == 0:
             old_policy["model"] = copy.deepcopy(finetuned)
-        return o.PSFT(logprobs_of(old_policy["model"], batch))
+        return o.PSFT(), {"old_logprobs": logprobs_of(old_policy["model"], batch)}
 
     fixed = {
         "CE (SFT)": o.CE(),
@@ -128,7 +131,8 @@ def objectives_to_compare(base: TinyLM, finetuned: TinyLM, psft_refresh: int):
     }
     makers = {name: (lambda batch, step, obj=obj: obj) for name, obj in fixed.items()}
     makers["PSFT (old = every %d steps)" % psft_refresh] = psft
-    makers["ImportanceWeighted (ref = base)"] = lambda batch, step: o.ImportanceWeighted(logprobs_of(base, batch))
+    makers["ImportanceWeighted (ref = base)"] = lambda batch, step: (o.ImportanceWeighted(),
+                                                                     {"ref_logprobs": logprobs_of(base, batch)})
     return makers
 
 

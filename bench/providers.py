@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # TRITON_INTERPRET=1 (``--interpret``): Triton kernels run on the CPU, for checking only
-from dft_ops.backend_contract import interpreting as triton_interpreting
+from dft_ops.backends import interpreting as triton_interpreting
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 

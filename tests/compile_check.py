@@ -34,10 +34,10 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 # the modules, not the launcher functions dft_ops.kernels re-exports under the same names
-from dft_ops.backend_contract import GradCoefficients, ReferenceHead, product_dtype
+from dft_ops.backends.protocol import GradTerms, Head, SecondHead, Tokens, product_dtype
 
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
-bwd = importlib.import_module("dft_ops.kernels.grad_backward")
+bwd = importlib.import_module("dft_ops.kernels.fused_backward")
 lgrad = importlib.import_module("dft_ops.kernels.logit_grad")
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -62,55 +62,50 @@ def _dtypes(spec: str):
     return hidden, weight, DTYPES[compute] if compute else None
 
 
-def _reference(spec: str, hidden_dtype, weight_dtype, N: int, V: int):
-    """ASFT's reference head of a job's ``ref`` spec, "TERM[:dtype]" (its own hidden size 192, bias and
-    soft-cap), or None for "". Its hidden states and weight take the model's two dtypes (a reference
-    read under the same autocast: bf16 hidden states, an fp32 head), or both the one given."""
+def _second_head(spec: str, hidden_dtype, weight_dtype, compute_dtype, N: int, V: int):
+    """The second head (ASFT's reference model) of a job's ``ref`` spec, "TERM[:dtype]" (its own hidden
+    size 192, bias and soft-cap), or None for "". Its hidden states and weight take the model's two dtypes
+    (a reference read under the same autocast: bf16 hidden states, an fp32 head), or both the one given."""
     if not spec:
         return None, ""
     term, _, dtype = spec.partition(":")
-    ref_hidden_dtype, ref_weight_dtype = (DTYPES[dtype],) * 2 if dtype else (hidden_dtype, weight_dtype)
+    hidden2_dtype, weight2_dtype = (DTYPES[dtype],) * 2 if dtype else (hidden_dtype, weight_dtype)
     D2 = 192
-    return ReferenceHead(torch.randn(N, D2, dtype=ref_hidden_dtype), torch.randn(V, D2, dtype=ref_weight_dtype),
-                         torch.randn(V, dtype=ref_weight_dtype), softcap=20.0), term
+    second = SecondHead(torch.randn(N, D2, dtype=hidden2_dtype), torch.randn(V, D2, dtype=weight2_dtype),
+                        torch.randn(V, dtype=weight2_dtype), 20.0,
+                        product_dtype(hidden2_dtype, weight2_dtype, compute_dtype))
+    return second, term
 
 
 def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
-    """The library's launch with every optional feature on (``features``) or off, and ASFT's reference
-    head (``ref``: "stream" for the forward, "q" / "gap" for a backward's forward / reverse KL term)."""
+    """The library's launch with every optional feature on (``features``) or off, and the second head
+    (``ref``: "stream" for the forward, "q" / "gap" for a backward's forward / reverse KL term)."""
     hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
     hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
     V = weight.shape[0]
-    reference, term = _reference(ref, hidden_dtype, weight_dtype, hidden.shape[0], V)
-    softcap = 30.0 if features else None
-    temperature = 0.7 if features else None
-    class_weight = torch.rand(V) if features else None
+    second, term = _second_head(ref, hidden_dtype, weight_dtype, compute_dtype, hidden.shape[0], V)
+    compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
+    head = Head(weight, bias, 30.0 if features else None, 0.7 if features else None, compute,
+                torch.rand(V) if features else None, second)
+    tokens = Tokens(targets, rows)
     if kernel == "lse_forward":
-        launch, _, _ = fwd.forward_launch(hidden, weight, bias, targets, rows, softcap=softcap,
-                                          temperature=temperature, with_stats=features, smoothing=features,
-                                          class_weight=class_weight, compute_dtype=compute_dtype, splits=4,
-                                          reference=reference)
+        launch, _, _ = fwd.forward_launch(hidden, head, tokens, with_stats=features, smoothing=features, splits=4)
         return launch
     M, N = targets.numel(), hidden.shape[0]
     f32 = torch.float32
-    coef = GradCoefficients(torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
-                            torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None)
-    second_args = dict(reference=reference, lse2=torch.randn(M) if term else None)
+    terms = GradTerms(torch.randn(M), torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
+                      torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None,
+                      torch.randn(M) if term else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
-        compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
         g = torch.empty(2, 32, V + 64, dtype=compute)
         split = slice(0, V - 16)
-        return lgrad.logit_grad_launch(
-            hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight, g[0, :, split],
-            g[1, :, split] if features and compute != f32 else None, 8, 40, 16, V, softcap=softcap,
-            temperature=temperature, compute=compute, compute_dtype=compute_dtype, **second_args)
+        return lgrad.logit_grad_launch(hidden, head, tokens, terms, g[0, :, split],
+                                       g[1, :, split] if features and compute != f32 else None, 8, 40, 16, V)
     return bwd.backward_launch(
-        hidden, weight, bias, targets, rows, torch.randn(M), coef, class_weight,
-        torch.ones(1) if features else None,
+        hidden, head, tokens, terms, torch.ones(1) if features else None,
         torch.zeros(N, D, dtype=f32), torch.zeros(V, D, dtype=f32), torch.zeros(V, dtype=f32) if features else None,
-        0, V, softcap=softcap, temperature=temperature, precise=features, compute_dtype=compute_dtype, **second_args,
-    )
+        0, V, precise=features)
 
 
 def compile_launch(launch, config, target: GPUTarget):
@@ -137,7 +132,7 @@ def resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-KERNELS = {"lse_forward": fwd, "grad_backward": bwd, "logit_grad": lgrad}
+KERNELS = {"lse_forward": fwd, "fused_backward": bwd, "logit_grad": lgrad}
 ARCHS = (80, 90)
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+second": ("bf16",), "fp32+second": ("fp32",)}
 # hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
@@ -145,8 +140,8 @@ FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+second": (
 # registers must fit the 16-bit configurations too
 MIXED_DTYPES = ("fp32+bf16", "bf16+fp32", "fp32+fp32>bf16")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
-# the reference-head variants of each kernel (see _launch)
-REFERENCE_TERMS = {"lse_forward": ("stream",), "grad_backward": ("q", "gap"), "logit_grad": ("q", "gap")}
+# the second-head variants of each kernel (see _launch)
+SECOND_HEAD_TERMS = {"lse_forward": ("stream",), "fused_backward": ("q", "gap"), "logit_grad": ("q", "gap")}
 
 
 def check(job) -> dict:
@@ -176,7 +171,7 @@ def jobs(quick: bool):
     slower path, not held to the no-spill rule); real heads use multiples of 64.
     A configuration is built for the architectures it is offered on (``min_arch``):
     the no-spill rule holds per target.
-    The "+second" configurations (a reference head, ASFT) are built with it, every
+    The "+second" configurations (a second head: ASFT's reference model) are built with it, every
     feature on and each KL term of a backward (the forward KL's q, the reverse
     KL's gap), in their family's dtype; "16bit+second" also with the mixed dtypes
     (model and reference alike, and autocast's model with a bf16 reference);
@@ -189,7 +184,7 @@ def jobs(quick: bool):
             for index, config in enumerate(configs):
                 for arch in (a for a in ARCHS if a >= config.min_arch):
                     if family.endswith("+second"):
-                        for term in REFERENCE_TERMS[kernel]:
+                        for term in SECOND_HEAD_TERMS[kernel]:
                             yield kernel, family, index, dtypes[0], 256, True, arch, term
                             if quick:
                                 continue
@@ -218,10 +213,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one dtype per family, all features on")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
-    parser.add_argument("--reference-only", action="store_true", help="only the ASFT reference-head variants")
+    parser.add_argument("--second-head-only", action="store_true", help="only the second-head (ASFT) variants")
     args = parser.parse_args()
     with ProcessPoolExecutor(args.workers) as pool:
-        todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.reference_only)]
+        todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.second_head_only)]
         for result in pool.map(check, todo):
             print(json.dumps(result), flush=True)
     return 0

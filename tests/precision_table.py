@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from dft_ops import kernels  # noqa: E402
 from dft_ops.backends import torch_backend  # noqa: E402
+from helpers import Coef, backward, forward  # noqa: E402
 from test_backends import elementwise_errors, peaked_case  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main():
             "bf16 hi + lo (precise)": backward(kernels.fused_backward, hidden, weight, None, targets, None, lse, coef,
                                                             need_weight=False, precise=True)[0],
             # the torch backend's own lse: G from logits and lse computed the same way
-            "fp32 (torch backend)": backward(torch_backend.grad_backward, 
+            "fp32 (torch backend)": backward(torch_backend.grad_backward,
                 hidden, weight, None, targets, None, forward(torch_backend.lse_forward, hidden, weight, None, targets).lse,
                 coef, need_weight=False)[0],
         }
@@ -60,7 +61,6 @@ def mode_table(n=128, d=64, v=1000, seed=0):
     over n tokens); the gradients come back in the inputs' dtype, so 16-bit rows include that
     final rounding.
     """
-    from dft_ops.backend_contract import Coef
     from test_backends import reference
 
     print("| inputs | backward | G stored as | d(hidden) | d(weight) |")
@@ -77,10 +77,10 @@ def mode_table(n=128, d=64, v=1000, seed=0):
         g16 = "fp32" if dtype == torch.float32 else ("bf16" if dtype == torch.bfloat16 else "fp16")
         runs = {
             ("gemm", g16): lambda: backward(kernels.gemm_backward, hidden, weight, None, targets, None, stats.lse, coef),
-            ("gemm, precise", f"{g16} hi + lo"): lambda: backward(kernels.gemm_backward, 
+            ("gemm, precise", f"{g16} hi + lo"): lambda: backward(kernels.gemm_backward,
                 hidden, weight, None, targets, None, stats.lse, coef, precise=True),
             ("fused", g16): lambda: backward(kernels.fused_backward, hidden, weight, None, targets, None, stats.lse, coef),
-            ("torch backend", "fp32"): lambda: backward(torch_backend.grad_backward, 
+            ("torch backend", "fp32"): lambda: backward(torch_backend.grad_backward,
                 hidden, weight, None, targets, None, stats.lse, coef),
         }
         for (mode, stored), run in runs.items():

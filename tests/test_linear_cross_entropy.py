@@ -230,3 +230,20 @@ def test_auto_backend_is_torch_on_cpu_and_tolerances_are_meaningful():
     # the comparison would catch a wrong objective: CE and DFT differ far beyond the tolerance
     ce = dft_ops.linear_cross_entropy(hidden, weight, labels, objective="ce")
     assert rel_err(a, ce) > 100 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("num_items", [0, 0.0, torch.tensor(0), torch.tensor(0.0)], ids=["int", "float", "long", "t"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_num_items_with_every_token_ignored(backend, num_items, device):
+    """transformers.Trainer passes num_items_in_batch=0 for a step whose labels are all -100."""
+    hidden, weight, labels, bias = make_inputs((2, 6), 16, 40, torch.float32, device, bias=True)
+    ignored = torch.full_like(labels, -100)
+    num = num_items.to(device) if isinstance(num_items, torch.Tensor) else num_items
+    loss, grads = loss_and_grads(dft_ops.linear_cross_entropy, hidden, weight, bias, labels=ignored,
+                                 num_items_in_batch=num, backend=backend, shift=True)
+    assert loss.item() == 0 and all((g == 0).all() for g in grads)
+    with pytest.raises(ValueError, match="^num_items_in_batch: must be a positive finite number, got 0.0 with"):
+        dft_ops.linear_cross_entropy(hidden, weight, labels, num_items_in_batch=num, backend=backend)
+    for bad in (-1, float("nan"), torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match="^num_items_in_batch"):
+            dft_ops.linear_cross_entropy(hidden, weight, ignored, num_items_in_batch=bad, backend=backend)

@@ -467,7 +467,7 @@ def test_not_a_model():
 
 
 def test_per_token_objective_inputs_come_through_the_forward():
-    """PSFT(None) at patch time; each batch's old_logprobs arrive as a forward keyword."""
+    """PSFT() at patch time; each batch's old_logprobs arrive as a forward keyword."""
     model = build("llama")
     input_ids, labels = make_batch()
     reference = model(input_ids=input_ids, labels=labels)
@@ -475,8 +475,8 @@ def test_per_token_objective_inputs_come_through_the_forward():
     valid = targets != -100
     old = torch.randn(targets.shape) * 0.3 - 4.0  # ratios on both sides of the trust region
     logp = F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    psft = dft_ops.objectives.PSFT(None)
-    per_token = dft_ops.naive.reference_loss(dft_ops.objectives.PSFT(old))(logp, valid, torch.zeros_like(targets))
+    psft = dft_ops.objectives.PSFT()
+    per_token = dft_ops.naive.naive_loss(psft, old_logprobs=old)(logp, valid, torch.zeros_like(targets))
     want = torch.where(valid, per_token, 0.0).sum() / valid.sum()
     want_grads = grads_of(model, want)
 
@@ -484,8 +484,8 @@ def test_per_token_objective_inputs_come_through_the_forward():
     out = model(input_ids=input_ids, labels=labels, old_logprobs=old)
     assert rel_err(out.loss.detach(), want.detach()) < 1e-5
     assert_same_grads(grads_of(model, out.loss), want_grads)
-    assert psft.old_logprobs is None  # the patch-time objective is not mutated
-    with pytest.raises(ValueError, match="old_logprobs is None"):
+    assert psft == dft_ops.objectives.PSFT() and not psft._batch_inputs  # the patch-time objective holds no tensor
+    with pytest.raises(ValueError, match="^old_logprobs: objective PSFT needs this batch"):
         model(input_ids=input_ids, labels=labels)
     # eval / generation: the keyword is dropped, the original forward runs
     model.eval()

@@ -63,6 +63,23 @@ def test_trainer_trains_a_patched_model(tmp_path):
     assert patch_state(model).calls == 15  # every step's loss came from dft-ops
 
 
+def test_trainer_survives_a_step_whose_labels_are_all_ignored(tmp_path):
+    """Trainer passes num_items_in_batch=0 for a step with no label to train on: loss 0 and zero
+    gradients (the all-ignored convention), not a ValueError that kills the run midway."""
+    model = dft_ops.patch(tiny_llama(), objective="dft")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, **COMMON_ARGS)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Sequences(8, 16, [16]))  # all masked
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("num_items_in_batch")),
+                                    with_kwargs=True)
+    trainer.train()
+    assert [int(n) for n in seen] == [0, 0]  # what Trainer really passes
+    assert patch_state(model).calls == 2
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] == [0.0, 0.0]
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
 def test_trainer_computing_its_own_loss_is_warned_about(tmp_path):
     # label_smoothing_factor makes Trainer pop the labels and smooth full logits itself: not the patch's objective
     model = dft_ops.patch(tiny_llama(), objective="dft")
