@@ -17,7 +17,6 @@ products per gradient.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

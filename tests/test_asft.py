@@ -16,7 +16,7 @@ from dft_ops import objectives as o
 from dft_ops import SecondHead
 from dft_ops.backends import torch_backend
 from helpers import check_against_reference, loss_and_grads, rel_err
-from test_objectives import CASES, D, V, case_inputs, make_case, peaked_inputs
+from test_objectives import CASES, V, case_inputs, make_case, peaked_inputs
 
 DIRECTIONS = ["forward", "reverse"]
 # backend name -> linear_cross_entropy keywords (Triton on the interpreter without a GPU)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dft_ops
-from dft_ops import kernels, naive
+from dft_ops import kernels
 from dft_ops.backends import Backend, select_backend, torch_backend
 from dft_ops.kernels.launch import Config, Launch, Tuner, bucket
 from helpers import TOL, Coef, backward, check_against_reference, forward, make_inputs, rel_err

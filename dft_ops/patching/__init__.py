@@ -9,6 +9,7 @@ One generic patch, no per-family code. Three parts:
   loss is computed *inside the output head's forward*, so engines that gather
   and reduce the head through module hooks (FSDP2, DeepSpeed ZeRO-3) do so as
   for any layer; no logits are built;
+- :mod:`.state` - the live patch of a model (:class:`PatchState`) and the causal LM it targets;
 - :mod:`.reference` - ASFT's reference model (a frozen causal LM, or a PEFT
   model's adapters disabled): its final hidden states per call, no logits;
 - :mod:`.probe` - at patch time, measures what the forward does between head
@@ -21,7 +22,8 @@ silently served by another objective.
 """
 
 from .head import PatchError
-from .install import PatchState, is_patched, patch, patch_state, unpatch
+from .install import patch, unpatch
+from .state import PatchState, is_patched, patch_state
 from .probe import HeadTransform, probe_head_transform
 from .reference import ADAPTERS_DISABLED
 

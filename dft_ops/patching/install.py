@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,42 +17,13 @@ from torch import nn
 from ..options import LossOptions
 from . import fused_call, protocols
 from .head import PatchError, check_head, output_head
-from .probe import HeadTransform, probe_head_transform, transform_inputs
+from .probe import probe_head_transform, transform_inputs
 from .reference import Reference, make_reference, reference_inputs
+from .state import STATE_ATTR, PatchState, causal_lm_of, probe_unpatched
 
-STATE_ATTR = "_dft_ops_patch"
 # what the model or each forward call decides: never a patch option (every other LossOptions field is one)
 _MODEL_OPTIONS = ("softcap", "shift", "vocab_parallel")
 _CALL_INPUTS = ("bias", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
-
-
-@dataclass
-class PatchState:
-    """The live patch of one causal LM (``patch_state(model)``).
-
-    Attributes:
-        options: the :class:`dft_ops.LossOptions` of the patch (``softcap`` and ``shift`` are set per call).
-        transform: the head transform the probe measured.
-        transform_inputs: what the transform depends on (head hooks, config numbers) when it was measured.
-        previous_forward: the instance attribute ``forward`` the patch replaced, or None (the class's forward).
-        protocol: the caller protocol (e.g. TRL's fused head) this patch answers, or None.
-        reference: where ASFT's reference comes from (:mod:`.reference`), or None.
-        forward: the function installed as ``model.forward``.
-        calls: fused loss computations so far.
-        active: patched forward calls in progress (the backbone running with none is a bypass).
-        warned_unfused: a training call without labels (a loss computed from logits elsewhere) was warned about.
-    """
-
-    options: LossOptions
-    transform: HeadTransform
-    transform_inputs: tuple
-    previous_forward: Any
-    protocol: protocols.CallerProtocol | None = None
-    reference: Reference | None = None
-    forward: Any = None
-    calls: int = field(default=0)
-    active: int = field(default=0)
-    warned_unfused: bool = field(default=False)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -139,48 +108,6 @@ def unpatch(model: nn.Module) -> nn.Module:
         else:
             causal_lm.forward = state.previous_forward
     # else someone wrapped our forward after patching (e.g. TRL): it stays in their chain but is inert now
-    return model
-
-
-def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` is in effect on ``model`` (or the causal LM a wrapper holds)."""
-    return STATE_ATTR in causal_lm_of(model).__dict__
-
-
-def patch_state(model: nn.Module) -> PatchState | None:
-    """The live patch state (options, measured head transform, call count), or None."""
-    return causal_lm_of(model).__dict__.get(STATE_ATTR)
-
-
-# ------------------------------------------------------------------------------------------ locating the model
-
-
-def _is_engine_wrapper(model: nn.Module) -> bool:
-    """DDP / DataParallel, FSDP1 and DeepSpeed engines: ``.module`` is the model whose forward they call."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    if isinstance(model, (DistributedDataParallel, DataParallel)):
-        return True
-    cls = type(model)
-    return isinstance(getattr(model, "module", None), nn.Module) and (
-        cls.__module__.startswith("deepspeed") or cls.__name__ == "FullyShardedDataParallel")
-
-
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` module whose forward is patched (unwrapping engine wrappers and a PEFT model)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
-    while _is_engine_wrapper(model):
-        model = model.module
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model) and type(model).__module__.startswith("peft"):
-        model = get_base_model()
-    for attr in ("get_output_embeddings", "base_model", "config"):
-        if not hasattr(model, attr):
-            raise TypeError(
-                f"model: {type(model).__name__} has no `{attr}`; expected a Hugging Face *ForCausalLM "
-                "(transformers PreTrainedModel), a PEFT model wrapping one, or a DDP / DeepSpeed wrapper of either"
-            )
     return model
 
 
@@ -289,16 +216,6 @@ class _PatchedForward:
             ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
             token_tensors=token_tensors, reference=reference)
         return fused_call.run(model, previous, args, kwargs, labels, call)
-
-
-def probe_unpatched(causal_lm: nn.Module) -> HeadTransform:
-    """The head transform measured now; a patch of ``causal_lm`` is inert meanwhile (the probe runs its forward)."""
-    state = causal_lm.__dict__.pop(STATE_ATTR, None)
-    try:
-        return probe_head_transform(causal_lm)
-    finally:
-        if state is not None:
-            causal_lm.__dict__[STATE_ATTR] = state
 
 
 def _warn_unfused_training_call(state: PatchState) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..distributed import is_dtensor
 from .head import PatchError, check_head, forward_slot, head_shape, output_head, replaced_attribute
 from .probe import HeadTransform, transform_inputs
+from .state import causal_lm_of, probe_unpatched
 
 ADAPTERS_DISABLED = "adapters_disabled"
 
@@ -89,8 +90,6 @@ class FrozenReference(Reference):
     """
 
     def __init__(self, model: nn.Module, vocab_size: int):
-        from .install import causal_lm_of  # install imports this module
-
         self.model = causal_lm_of(model)
         head = output_head(self.model)
         check_head(head)
@@ -150,9 +149,7 @@ def _check_same_attention(causal_lm: nn.Module, reference: nn.Module, inputs: di
 
 
 def _probe(reference: nn.Module) -> HeadTransform:
-    from .install import probe_unpatched  # a reference that is itself patched is probed as the model it wraps
-
-    return probe_unpatched(reference)
+    return probe_unpatched(reference)  # a reference that is itself patched is probed as the model it wraps
 
 
 def _check_unsharded(weight: Tensor) -> None:
@@ -195,8 +192,6 @@ def make_reference(reference, causal_lm: nn.Module) -> Reference | None:
     if not isinstance(reference, nn.Module):
         raise TypeError(f"reference: expected a causal LM (torch.nn.Module) or {ADAPTERS_DISABLED!r}, got "
                         f"{type(reference).__name__}")
-    from .install import causal_lm_of
-
     if causal_lm_of(reference) is causal_lm:
         raise ValueError("reference: is the trained model itself, which would make the KL term 0; pass a frozen copy "
                          f"or, for a PEFT model, reference={ADAPTERS_DISABLED!r}")
