@@ -39,7 +39,7 @@ REFUSED = ["dtensor-refused-shard1-weight", "dtensor-refused-plain-bias", "dtens
            "dtensor-refused-hidden-features", "refused-overlap", "refused-gap", "refused-weight-rows",
            "refused-labels-differ", "refused-hidden-differs", "refused-vocab-size", "refused-label-outside-vocabulary",
            "refused-options-differ", "refused-class-weight-differs", "refused-invalid-on-one-rank",
-           "refused-bad-option-on-one-rank", "refused-fsdp-like-shard"]
+           "refused-bad-option-on-one-rank", "refused-fsdp-like-shard", "refused-fsdp2-head-outside-its-forward"]
 
 
 @pytest.fixture(scope="module")

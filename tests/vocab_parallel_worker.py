@@ -280,6 +280,26 @@ def fsdp_like_shard():
     return run
 
 
+def fsdp2_head_outside_its_forward():
+    """The real thing: a head sharded by FSDP2's fully_shard, its weight read outside the head's forward."""
+
+    def run(rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        hidden, weight, labels, _ = inputs()
+        head = torch.nn.Linear(D, V, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
+        if rank == 1:
+            hidden, labels = hidden + 1.0, _relabel(labels)
+        dft_ops.linear_cross_entropy(hidden, head.weight, labels)
+
+    run.expect_error = (ValueError, r"^weight: a Shard\(0\) DTensor weight .*Call the loss from the head's forward")
+    return run
+
+
 def _relabel(labels):
     labels = labels.clone()
     labels[0, 0] = (labels[0, 0] + 1) % V if labels[0, 0] >= 0 else 3
@@ -366,6 +386,7 @@ CASES.update({
         (ValueError, r"^(label_smoothing: must be in \[0, 1\)|vocab_parallel: rank 1 .* refused this call.*"
                      r"label_smoothing: must be in)"), options_of_rank1=lambda: dict(label_smoothing=1.5)),
     "refused-fsdp-like-shard": fsdp_like_shard(),
+    "refused-fsdp2-head-outside-its-forward": fsdp2_head_outside_its_forward(),
 })
 
 
