@@ -22,7 +22,7 @@ import triton.language as tl
 
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
-from dft_ops.backends.protocol import Grads, GradTerms, Head, Needs, Tokens, assert_inputs
+from dft_ops.backends.protocol import Grads, GradTerms, Head, Needs, Tokens, assert_inputs, fp32_gradients
 from .launch import Config, Launch, Tuner, bucket, kernel_operands, round_down
 from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
 from .second_head import second_head_key
@@ -255,16 +255,15 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
         :class:`~dft_ops.backends.protocol.Grads`; rows of hidden not computed get 0.
     """
     M = assert_inputs(hidden, head, tokens, terms)
-    N, D = hidden.shape
+    D = hidden.shape[1]
     weight, bias = head.weight, head.bias
     V = weight.shape[0]
     need_bias = needs.bias and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(N, D, **f32) if needs.hidden else None
-    d_bias = torch.zeros(V, **f32) if need_bias else None
-    d_weight = None
-    if needs.weight:
-        d_weight = torch.zeros(V, D, **f32) if weight.dtype == torch.float32 else torch.empty_like(weight)
+    # a 16-bit d(weight) is written chunk by chunk from an fp32 scratch: no (V, D) fp32 buffer
+    d_hidden, d_weight, d_bias = fp32_gradients(hidden, head, needs, weight=weight.dtype == torch.float32)
+    if needs.weight and d_weight is None:
+        d_weight = torch.empty_like(weight)
     if M > 0:
         hidden, head, tokens, terms = kernel_operands(hidden, head, tokens, terms,
                                                       class_weight=terms.uniform is not None,

@@ -265,6 +265,17 @@ class Backend(Protocol):
                       needs: Needs) -> Grads: ...
 
 
+def fp32_gradients(hidden: Tensor, head: Head, needs: Needs, *, weight: bool = True) -> Grads:
+    """Zeroed fp32 accumulators of a backward's gradients (None where not needed; d(bias) only with a
+    bias): d(hidden) (N, D), d(weight) (V, D) when ``weight``, d(bias) (V,)."""
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    N, D = hidden.shape
+    V = head.weight.shape[0]
+    return Grads(torch.zeros(N, D, **f32) if needs.hidden else None,
+                 torch.zeros(V, D, **f32) if needs.weight and weight else None,
+                 torch.zeros(V, **f32) if needs.bias and head.bias is not None else None)
+
+
 def assert_inputs(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms | None = None) -> int:
     """Shape assertions of a backend call (the inputs were validated at the door); returns M."""
     N, D = hidden.shape

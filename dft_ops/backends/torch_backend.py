@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .partials import combine_kl, combine_partials
-from .protocol import ForwardStats, Grads, GradTerms, Head, Needs, SecondHead, Tokens, assert_inputs
+from .protocol import ForwardStats, Grads, GradTerms, Head, Needs, SecondHead, Tokens, assert_inputs, fp32_gradients
 
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 8192
@@ -155,14 +155,11 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
     """
     M = assert_inputs(hidden, head, tokens, terms)
     token_chunk, vocab_chunk = token_chunk or TOKEN_CHUNK, vocab_chunk or VOCAB_CHUNK
-    N, D = hidden.shape
+    D = hidden.shape[1]
     weight, bias = head.weight, head.bias
     V = weight.shape[0]
-    need_bias = needs.bias and bias is not None
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(N, D, **f32) if needs.hidden else None
-    d_weight = torch.zeros(V, D, **f32) if needs.weight else None
-    d_bias = torch.zeros(V, **f32) if need_bias else None
+    d_hidden, d_weight, d_bias = fp32_gradients(hidden, head, needs)
     lse, a_all, b_all, c_all, e_all, f_all, lse2 = (t.float() if t is not None else None for t in terms)
     reads_second = terms.reads_second_head
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
@@ -193,7 +190,7 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
                 dh += g @ weight[v_lo:v_hi].to(head.compute_dtype).float()
             if needs.weight:
                 d_weight[v_lo:v_hi] += g.T @ chunk.h
-            if need_bias:
+            if d_bias is not None:
                 d_bias[v_lo:v_hi] += g.sum(dim=0)
         if needs.hidden:
             d_hidden[idx] = dh  # rows are distinct: a plain scatter
