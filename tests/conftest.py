@@ -3,6 +3,10 @@
 TRITON_INTERPRET is read when @triton.jit decorates a kernel, so it is set here,
 before any test imports dft_ops.kernels. The compile-for-GPU checks need the
 opposite and run in a subprocess without it (test_compile.py).
+
+On a GPU machine every test's tensors go to the GPU through the ``device`` fixture
+(``DEVICE`` for module-level code); tests/gpu_smoke.py lists the curated GPU set
+(``pytest -m gpu_smoke``, marked here) and the error model of hardware arithmetic.
 """
 
 import os
@@ -11,6 +15,7 @@ import zlib
 import torch
 
 ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -19,7 +24,17 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def device():
-    return torch.device("cuda" if ON_GPU else "cpu")
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the curated GPU set (tests/gpu_smoke.py) so that ``-m gpu_smoke`` selects it."""
+    from gpu_smoke import GPU_SMOKE
+
+    wanted = set(GPU_SMOKE)
+    for item in items:
+        if item.nodeid in wanted:
+            item.add_marker(pytest.mark.gpu_smoke)
 
 
 @pytest.fixture(autouse=True)
