@@ -105,7 +105,7 @@ call1() {
 call2() {
     install
     need_gpu
-    "$PY" -m bench --list
+    # (no separate `python -m bench --list`: the run prints every skipped provider with its reason)
     bench_budget=$(( $(left) - 25 ))
     say "benchmark ${BENCH_SUITE_ARGS:---suite goals}, time budget $bench_budget s"
     # --previous: the committed results of this GPU, if any, are the starting point (merged case by case)
