@@ -94,9 +94,14 @@ call1() {
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) / 2 ))" "$PY" -m bench.smoke --out "$out" ${BENCH_SMOKE_ARGS:-}
     smoke_rc=$?
-    say "curated GPU tests (pytest -m gpu_smoke), at most $(( $(left) - 15 )) s"
+    # four workers compile in parallel (Triton compiles in the launching process; the device has 16 cores)
+    workers=""
+    if [ -z "${BENCH_TEST_ARGS:-}" ] && "$PY" -c "import xdist" 2>/dev/null; then
+        workers="-n ${BENCH_TEST_WORKERS:-4} --dist loadgroup"
+    fi
+    say "curated GPU tests (pytest -m gpu_smoke $workers), at most $(( $(left) - 15 )) s"
     # shellcheck disable=SC2086
-    timeout --signal=INT "$(( $(left) - 15 ))" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+    timeout --signal=INT "$(( $(left) - 15 ))" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $workers \
         --junitxml="$out/gpu-tests.xml" --durations=15 ${BENCH_TEST_ARGS:--m gpu_smoke tests} 2>&1 | tee "$out/gpu-tests.log"
     test_rc=${PIPESTATUS[0]}
     say "call1 done: probe $probe_rc, smoke $smoke_rc, tests $test_rc (124: stopped at the time limit)"

@@ -98,9 +98,11 @@ class GpuMeter:
         gc.collect()
         torch.cuda.empty_cache()
 
-    def time(self, step: Step, setup: Setup | None = None, grad_to_none=(), deadline: float | None = None) -> Timing:
-        """Warm-up runs for ``warmup_ms`` (at least one), then ``rep_ms`` worth of timed runs, at least
-        ``min_runs`` and at most ``max_runs``; ``setup()`` and the L2 flush stay outside the events."""
+    def time(self, step: Step, setup: Setup | None = None, grad_to_none=(), deadline: float | None = None,
+             warm: bool = False) -> Timing:
+        """Warm-up runs for ``warmup_ms`` (at least one; none when ``warm``: the step just ran), then
+        ``rep_ms`` worth of timed runs, at least ``min_runs`` and at most ``max_runs``; ``setup()`` and the
+        L2 flush stay outside the events."""
         if self._flush is None:
             self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device)
 
@@ -117,7 +119,8 @@ class GpuMeter:
             del state
             return start.elapsed_time(end)
 
-        return _timed_runs(one_run, self.warmup_ms, self.rep_ms, self.min_runs, self.max_runs, deadline)
+        return _timed_runs(one_run, 0.0 if warm else self.warmup_ms, self.rep_ms, self.min_runs, self.max_runs,
+                           deadline)
 
     def memory(self, step: Step, setup: Setup | None = None) -> Memory:
         state = setup() if setup is not None else None
@@ -169,7 +172,8 @@ class CpuMeter:
         if self._libc is not None:
             self._libc.malloc_trim(0)
 
-    def time(self, step: Step, setup: Setup | None = None, grad_to_none=(), deadline: float | None = None) -> Timing:
+    def time(self, step: Step, setup: Setup | None = None, grad_to_none=(), deadline: float | None = None,
+             warm: bool = False) -> Timing:
         wall, cpu = [], []
         budget_end = time.perf_counter() + self.rep_ms / 1e3
         cut = False
@@ -211,20 +215,20 @@ class CpuMeter:
 
 def _timed_runs(one_run: Callable[[], float], warmup_ms: float, rep_ms: float, min_runs: int, max_runs: int,
                 deadline: float | None) -> Timing:
-    """Warm-up runs until ``warmup_ms`` (at least one), then n = rep_ms / (mean warm-up time) timed runs
-    within [min_runs, max_runs]; the deadline is checked after every run: past it, no further run starts
-    (OutOfTime if no timed run was made)."""
+    """Warm-up runs until ``warmup_ms`` (at least one; none for 0), then n = rep_ms / (mean run time) timed
+    runs within [min_runs, max_runs] (the mean of the warm-up, else of the first timed run); the deadline is
+    checked after every run: past it, no further run starts (OutOfTime if the warm-up used it up)."""
     warm = []
-    while not warm or sum(warm) < warmup_ms:
+    while warmup_ms > 0 and (not warm or sum(warm) < warmup_ms):
         warm.append(one_run())
         if _past(deadline):
             raise OutOfTime("time budget of this run used up during the warm-up")
-    planned = int(min(max_runs, max(min_runs, math.ceil(rep_ms / max(statistics.mean(warm), 1e-3)))))
-    ms = []
+    ms = [] if warm else [one_run()]
+    planned = int(min(max_runs, max(min_runs, math.ceil(rep_ms / max(statistics.mean(warm or ms), 1e-3)))))
     while len(ms) < planned:
-        ms.append(one_run())
-        if _past(deadline) and len(ms) < planned:
+        if _past(deadline):
             return Timing(ms, cut=True)
+        ms.append(one_run())
     return Timing(ms)
 
 

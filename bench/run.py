@@ -169,7 +169,8 @@ def _measure_mode(case: Case, mode: str, fn, inputs: Inputs, s: Session) -> dict
     def measure_both():
         memory = s.meter.memory(step, setup)
         h.grad = w.grad = None
-        return memory, s.meter.time(step, setup, grad_to_none, deadline=s.deadline)
+        # the memory step was the warm-up (after the check's compiles): timed runs start at once
+        return memory, s.meter.time(step, setup, grad_to_none, deadline=s.deadline, warm=memory is not None)
 
     measured, failure = attempt(measure_both)
     h.grad = w.grad = None

@@ -28,13 +28,18 @@ def device():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the curated GPU set (tests/gpu_smoke.py) so that ``-m gpu_smoke`` selects it."""
-    from gpu_smoke import GPU_SMOKE
+    """Mark the curated GPU set (tests/gpu_smoke.py) so that ``-m gpu_smoke`` selects it; under pytest-xdist
+    (``-n 4 --dist loadgroup``: the window's compiles in parallel) the tests holding tens of GB of the GPU
+    share one worker, so two of them never run at once."""
+    from gpu_smoke import GPU_SMOKE, ONE_AT_A_TIME
 
     wanted = set(GPU_SMOKE)
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if item.nodeid in wanted:
             item.add_marker(pytest.mark.gpu_smoke)
+        if xdist and item.nodeid.split("[")[0] in ONE_AT_A_TIME:
+            item.add_marker(pytest.mark.xdist_group("large-gpu-memory"))
 
 
 @pytest.fixture(autouse=True)

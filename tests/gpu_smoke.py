@@ -13,7 +13,8 @@ at a real head size against float64 runs just before, as python -m bench.smoke.)
 Listed by node id rather than marked in each file (tests/conftest.py adds the marker), so the
 set is one list to curate and the test files stay as they are; tests/test_gpu_plan.py fails when
 an id here no longer names a test. Cost (docs/benchmarks/README.md): with one configuration forced
-each test compiles at most a few kernel variants; about 60 distinct compiles in all.
+each test compiles at most a few kernel variants, about 55 distinct compiles in all; call1 runs the
+set on 4 pytest-xdist workers (the device has pytest-xdist and 16 cores) so the compiles overlap.
 
 Error model for hardware arithmetic (what tolerances in these tests allow for on a GPU, where the
 CPU interpreter computes in NumPy float32 / float64):
@@ -70,4 +71,12 @@ GPU_SMOKE = (
     "tests/test_gpu_hardware.py::test_vocabulary_rows_past_2_31_elements[gemm]",
     "tests/test_gpu_hardware.py::test_vocabulary_rows_past_2_31_elements[fused]",
     "tests/test_gpu_hardware.py::test_fused_atomics_agree_run_to_run",
+)
+
+# tests that hold tens of GB of the GPU (4 GB operands, float64 references of them): one at a time
+# when the set runs on several pytest-xdist workers (conftest.py groups them on one worker)
+ONE_AT_A_TIME = (
+    "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements",
+    "tests/test_gpu_hardware.py::test_vocabulary_rows_past_2_31_elements",
+    "tests/test_gemm_backward.py::test_gemm_backward_memory_is_dhidden_plus_workspace",
 )
