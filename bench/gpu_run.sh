@@ -32,6 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 step=${1:-}
+[ "$step" = bench ] && step=call2  # the old name of the benchmark step (docs/backward.md)
 case "$step" in
     call1|call2|asft|sweep|tests) shift ;;
     *) echo "usage: bash bench/gpu_run.sh call1|call2|asft|sweep|tests [OUT_DIR]" >&2; exit 2 ;;

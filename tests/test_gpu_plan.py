@@ -88,6 +88,15 @@ def test_call2_dry_run(tmp_path):
     assert all(r["agreement"]["ok"] for r in recs if r["provider"] == "torch")
     assert "Goals" in (tmp_path / "goals.txt").read_text()
 
+    # committing: the returned files into docs/benchmarks, named by the device (a GPU's name in a real window)
+    from bench.collect import collect
+
+    data["device_kind"] = "cuda"  # as a GPU's file says
+    (tmp_path / f"{stem}.json").write_text(json.dumps(data))
+    docs = tmp_path / "docs"
+    written = {p.name for p in collect([tmp_path], docs, plots=False)}
+    assert written == {f"{stem}.json", f"{stem}.md", f"{stem}-goals.txt", f"{stem}-call2.log"}
+
 
 def test_curated_gpu_set_names_existing_tests():
     files = sorted({i.split("::")[0] for i in GPU_SMOKE})
