@@ -61,6 +61,12 @@ def collect(dirs: list[Path], out: Path = RESULTS_DIR, plots: bool = True) -> li
         pngs = report.write_plots(out, stem, data) if plots else sorted(out.glob(f"{stem}-*.png"))
         report.write_markdown(main_json.with_suffix(".md"), data, pngs)
         written += [main_json.with_suffix(".md"), *pngs]
+        goals_txt = out / f"{stem}-goals.txt"
+        if goals_txt not in written:  # call2 was cut before its goal lines: the same lines from the JSON
+            from . import goals
+
+            goals_txt.write_text(goals.report(out) + "\n")
+            written.append(goals_txt)
     return sorted(set(written))
 
 

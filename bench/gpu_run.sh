@@ -27,7 +27,8 @@
 # has no .git); BUDGET_S (seconds this call may take in all, default 270 for call1, 450 for call2, 540 else);
 # BENCH_ARGS (extra arguments for python -m bench in call2). A CPU dry run of the whole plan (tests/test_gpu_plan.py)
 # sets BENCH_DRY_RUN=1 (no GPU needed) and replaces the heavy parts: BENCH_SMOKE_ARGS (python -m bench.smoke),
-# BENCH_TEST_ARGS (pytest's selection, default "-m gpu_smoke tests"), BENCH_SUITE_ARGS (default "--suite goals").
+# BENCH_TEST_ARGS (pytest's selection, default "-m gpu_smoke" and the files of tests/gpu_smoke.py), BENCH_TEST_EXTRA
+# (arguments added to it, e.g. --collect-only), BENCH_SUITE_ARGS (default "--suite goals").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -95,15 +96,19 @@ call1() {
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) / 2 ))" "$PY" -m bench.smoke --out "$out" ${BENCH_SMOKE_ARGS:-}
     smoke_rc=$?
-    # four workers compile in parallel (Triton compiles in the launching process; the device has 16 cores)
+    # six workers compile in parallel (Triton compiles in the launching process; the device has 16 cores)
     workers=""
-    if [ -z "${BENCH_TEST_ARGS:-}" ] && "$PY" -c "import xdist" 2>/dev/null; then
-        workers="-n ${BENCH_TEST_WORKERS:-4} --dist loadgroup"
+    if [ -z "${BENCH_TEST_ARGS:-}${BENCH_TEST_EXTRA:-}" ] && "$PY" -c "import xdist" 2>/dev/null; then
+        workers="-n ${BENCH_TEST_WORKERS:-6} --dist loadgroup"
     fi
+    # only the files the curated set lives in: collecting all of tests/ imports transformers, TRL, ... per worker
+    files=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from gpu_smoke import GPU_SMOKE; \
+print(' '.join(sorted({i.split('::')[0] for i in GPU_SMOKE})))")
     say "curated GPU tests (pytest -m gpu_smoke $workers), at most $(( $(left) - 15 )) s"
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) - 15 ))" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $workers \
-        --junitxml="$out/gpu-tests.xml" --durations=15 ${BENCH_TEST_ARGS:--m gpu_smoke tests} 2>&1 | tee "$out/gpu-tests.log"
+        --junitxml="$out/gpu-tests.xml" --durations=15 ${BENCH_TEST_ARGS:--m gpu_smoke $files} ${BENCH_TEST_EXTRA:-} 2>&1 \
+        | tee "$out/gpu-tests.log"
     test_rc=${PIPESTATUS[0]}
     say "call1 done: probe $probe_rc, smoke $smoke_rc, tests $test_rc (124: stopped at the time limit)"
 }

@@ -29,7 +29,7 @@ NEEDED = (("torch", "torch"), ("triton", "triton"), ("numpy", "numpy"), ("pytest
 WANTED = (("matplotlib", "matplotlib"), ("transformers", "transformers"), ("accelerate", "accelerate"),
           ("pandas", "pandas"), ("pyarrow", "pyarrow"), ("fsspec", "fsspec"), ("huggingface_hub", "huggingface-hub"),
           ("xxhash", "xxhash"), ("packaging", "packaging"), ("peft", "peft"),
-          ("xdist", "pytest-xdist"),  # call1 runs the curated tests on 4 workers when it is there
+          ("xdist", "pytest-xdist"),  # call1 runs the curated tests on 6 workers when it is there
           # carried as wheels (bench/fetch_wheels.sh)
           ("liger_kernel", "liger-kernel"), ("cut_cross_entropy", "cut-cross-entropy"), ("trl", "trl"),
           ("datasets", "datasets"), ("dill", "dill"), ("multiprocess", "multiprocess"),

@@ -29,7 +29,7 @@ def device():
 
 def pytest_collection_modifyitems(config, items):
     """Mark the curated GPU set (tests/gpu_smoke.py) so that ``-m gpu_smoke`` selects it; under pytest-xdist
-    (``-n 4 --dist loadgroup``: the window's compiles in parallel) the tests holding tens of GB of the GPU
+    (``-n 6 --dist loadgroup``: the window's compiles in parallel) the tests holding tens of GB of the GPU
     share one worker, so two of them never run at once."""
     from gpu_smoke import GPU_SMOKE, ONE_AT_A_TIME
 

@@ -13,8 +13,9 @@ at a real head size against float64 runs just before, as python -m bench.smoke.)
 Listed by node id rather than marked in each file (tests/conftest.py adds the marker), so the
 set is one list to curate and the test files stay as they are; tests/test_gpu_plan.py fails when
 an id here no longer names a test. Cost (docs/benchmarks/README.md): with one configuration forced
-each test compiles at most a few kernel variants, about 55 distinct compiles in all; call1 runs the
-set on 4 pytest-xdist workers (the device has pytest-xdist and 16 cores) so the compiles overlap.
+each test compiles a few kernel variants, about 75 distinct ones in all (73 counted on the interpreter);
+call1 runs the set on 6 pytest-xdist workers (the device has pytest-xdist and 16 cores) so the
+compiles overlap.
 
 Error model for hardware arithmetic (what tolerances in these tests allow for on a GPU, where the
 CPU interpreter computes in NumPy float32 / float64):
