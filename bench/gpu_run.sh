@@ -67,8 +67,12 @@ install() {
     if [ -n "${BENCH_DRY_RUN:-}" ]; then
         echo "dry run: dft-ops as importable here"
     elif ! "$PY" -c "import dft_ops, pathlib, sys; sys.exit(pathlib.Path(dft_ops.__file__).parent != pathlib.Path('dft_ops').resolve())" 2>/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-            || { echo "editable install failed: dft-ops from the tree through PYTHONPATH"; export PYTHONPATH=$PWD:${PYTHONPATH:-}; }
+        # (kernels/ is dft_ops.kernels only through setup.py's package_dir: PYTHONPATH=. alone would not do)
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
+            echo "editable install failed; installing a copy into /tmp/site"
+            "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
+                && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        fi
     fi
     if [ -z "${DFT_OPS_COMMIT:-}" ]; then
         DFT_OPS_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
