@@ -52,15 +52,23 @@ left() { echo $((budget - (SECONDS - start))); }
 say() { echo; echo "=== $* ($((SECONDS - start)) s of $budget)"; }
 
 install() {
+    device_line
     say "install carried wheels and dft-ops"
-    if compgen -G ".whl/*.whl" >/dev/null; then
+    if [ -n "${BENCH_DRY_RUN:-}" ]; then
+        echo "dry run: carried wheels not installed (they are for the device's Python 3.12)"
+    elif compgen -G ".whl/*.whl" >/dev/null; then
         stamp=$(ls .whl/*.whl | sort | tr '\n' ' ')
+        # installed once per machine: a second call on the warm machine finds the stamp
         if [ "$(cat /tmp/site/.bench-wheels 2>/dev/null)" != "$stamp" ]; then
             "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
                 .whl/*.whl && echo "$stamp" > /tmp/site/.bench-wheels
         fi
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-        ls .whl
+        if [ "$(cat /tmp/site/.bench-wheels 2>/dev/null)" = "$stamp" ]; then
+            export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+            ls .whl
+        else
+            echo "the carried wheels did not install: the peers this image lacks are reported as skipped"
+        fi
     else
         echo "no .whl/: the peers this image lacks are reported as skipped (bash bench/fetch_wheels.sh makes them)"
     fi
@@ -79,6 +87,12 @@ install() {
     fi
     export DFT_OPS_COMMIT
     echo "commit measured: $DFT_OPS_COMMIT"
+}
+
+device_line() {  # every log says which device and versions produced it
+    "$PY" -c "import platform, torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() \
+else 'CPU (no CUDA device)', '| python', platform.python_version(), '| torch', torch.__version__, '| triton', \
+triton.__version__, '| commit', '${DFT_OPS_COMMIT:-unknown}')"
 }
 
 need_gpu() {
@@ -109,10 +123,11 @@ call1() {
     files=$("$PY" -c "import sys; sys.path.insert(0, 'tests'); from gpu_smoke import GPU_SMOKE; \
 print(' '.join(sorted({i.split('::')[0] for i in GPU_SMOKE})))")
     say "curated GPU tests (pytest -m gpu_smoke $workers), at most $(( $(left) - 15 )) s"
+    device_line > "$out/gpu-tests.log"
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) - 15 ))" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" $workers \
         --junitxml="$out/gpu-tests.xml" --durations=15 ${BENCH_TEST_ARGS:--m gpu_smoke $files} ${BENCH_TEST_EXTRA:-} 2>&1 \
-        | tee "$out/gpu-tests.log"
+        | tee -a "$out/gpu-tests.log"
     test_rc=${PIPESTATUS[0]}
     say "call1 done: probe $probe_rc, smoke $smoke_rc, tests $test_rc (124: stopped at the time limit)"
 }
@@ -159,10 +174,11 @@ tests() {
     install
     need_gpu
     say "the GPU tests outside the curated set, at most $(( $(left) - 15 )) s"
+    device_line > "$out/gpu-tests-rest.log"
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) - 15 ))" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
         --junitxml="$out/gpu-tests-rest.xml" ${BENCH_TEST_ARGS:--m "not gpu_smoke" tests} 2>&1 \
-        | tee "$out/gpu-tests-rest.log"
+        | tee -a "$out/gpu-tests-rest.log"
 }
 
 "$step" 2>&1 | tee "$out/gpu_run.log"
