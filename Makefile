@@ -51,11 +51,13 @@ ifneq ($(HAS_GPU),1)
 		--providers dft-ops-gemm dft-ops-fused dft-ops-filter $(BENCH_ARGS)
 endif
 
-# One GPU window without network: carried wheels (.whl/, from bench/fetch_wheels.sh), GPU tests,
-# the benchmark within a time budget, the goal lines; everything in $(BENCH_OUT).
+# A GPU window's plan on a GPU machine of your own (docs/benchmarks/README.md): call1 (probe, carried
+# wheels from bench/fetch_wheels.sh, float64 smoke check, curated GPU tests) into $(BENCH_OUT)/call1, then
+# call2 (the headline benchmark and the goal lines) into $(BENCH_OUT)/call2. On the lent device the two
+# calls are two device commands instead (the README gives them).
 BENCH_OUT ?= /tmp/dft-ops-bench-gpu-out
 bench-gpu:
-	bash bench/gpu_run.sh $(BENCH_OUT)
+	bash bench/gpu_run.sh call1 $(BENCH_OUT)/call1; bash bench/gpu_run.sh call2 $(BENCH_OUT)/call2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -105,8 +105,10 @@ def dft_ops_asft(h, w, y, ref_h, ref_w, kl_coef: float, direction: str) -> Tenso
 LOSSES = {"dft-ops": dft_ops_asft, "unsloth-style": unsloth_style_asft, "torch": torch_asft}
 
 
-def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=PROVIDERS, log=print) -> list[dict]:
-    """One record per head x tokens x provider: time, memory, and the check against ``torch`` in fp32."""
+def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=PROVIDERS, log=print,
+        emit=lambda records: None) -> list[dict]:
+    """One record per head x tokens x provider: time, memory, and the check against ``torch`` in fp32;
+    ``emit(records so far)`` after each provider (a GPU window writes them at once)."""
     device = meter.device
     records = []
     for head in heads:
@@ -124,7 +126,7 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                 fn = LOSSES[name]
                 try:
                     result = _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction)
-                    rec["check"] = (measure.compare(result, reference, dtype) if reference is not None
+                    rec["check"] = (measure.compare(result, reference, dtype, "torch fp32") if reference is not None
                                     else {"ok": None, "reason": ref_error})
                     del result
                     leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
@@ -148,6 +150,7 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                 else:
                     log(f"  {head} N={n} {name:14s} {rec['status']}: {rec['reason']}")
                 records.append(rec)
+                emit(records)
             del inputs, h, w, ref_h, ref_w, reference
             meter.cleanup()
     return records
@@ -174,7 +177,7 @@ def merge(path: Path, records: list[dict], run_info: dict) -> dict:
     by_key.update({_key(r): r for r in records})
     data["records"] = sorted(by_key.values(), key=lambda r: (r["shape"], r["dtype"], r["direction"], r["tokens"],
                                                               PROVIDERS.index(r["provider"])))
-    data["runs"] = data["runs"] + [run_info]
+    data["runs"] = [r for r in data["runs"] if r.get("started") != run_info.get("started")] + [run_info]
     data["device"], data["device_kind"] = run_info["device"], run_info["device_kind"]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -281,13 +284,15 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"ASFT benchmark on {meter.name()}: {heads} x {tokens} tokens, {dtype_name(dtype)}, {args.direction} KL, "
           f"kl_coef {args.kl_coef}", flush=True)
-    records = run(heads, tokens, dtype, args.direction, args.kl_coef, meter, args.providers,
-                  log=lambda line: print(line, flush=True))
     run_info = {"started": started, "argv": " ".join(["python -m bench.asft", *(argv or sys.argv[1:])]),
                 "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
                 "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
                 "threads": torch.get_num_threads()}
     stem = slug(meter.name()) + "-asft"
+    # the JSON after every provider: a GPU window's call cut at its limit keeps what it measured
+    records = run(heads, tokens, dtype, args.direction, args.kl_coef, meter, args.providers,
+                  log=lambda line: print(line, flush=True),
+                  emit=lambda recs: merge(args.out / f"{stem}.json", recs, run_info))
     data = merge(args.out / f"{stem}.json", records, run_info)
     written = write_reports(args.out, stem, data, not args.no_plot)
     print(f"wrote {args.out / stem}.json, " + ", ".join(str(p) for p in written))

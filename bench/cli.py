@@ -26,7 +26,8 @@ results go to a scratch folder (--out, default {scratch}); the tracked results c
 suites: cpu   - the tiny head, 256/1k/2k tokens, every mode (the default without a GPU; minutes)
         gpu   - the goal cases, then the four real heads at 1k..64k tokens forward+backward,
                 forward and backward at 4k/16k, then 128k (the default with a GPU; use --time-budget)
-        goals - only what --goals reads: llama3-8b @16k, gemma2-2b @8k (all providers), qwen2.5-7b @128k (dft-ops)
+        goals - only what --goals reads, DFT first: llama3-8b @16k, gemma2-2b @8k (all providers), qwen2.5-7b
+                @128k (every provider that does not materialize logits); a GPU window's headline
         workspace - the "gemm" backward at each --workspace-sweep size (what --workspace-sweep runs by default)
 --shapes/--tokens replace the suite's heads and token counts; --objectives/--modes filter it.
 
@@ -65,14 +66,19 @@ def parse_args(argv=None):
                    help="time and peak memory of the 'gemm' backward at each workspace size in MiB (default "
                         f"{' '.join(f'{mb:g}' for mb in WORKSPACE_SWEEP_MB)}): <out>/<device>-workspace.*")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="start no provider after this many seconds; what was measured is written")
-    p.add_argument("--no-check", action="store_true", help="skip the correctness check against dft-ops")
+                   help="start no provider or timed run after this many seconds; every result is written as it is "
+                        "measured")
+    p.add_argument("--previous", type=Path, metavar="DIR",
+                   help="start from the results of this device in DIR (e.g. docs/benchmarks): this run's records "
+                        "replace theirs case by case, the rest are kept")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the correctness checks (against float64, and against dft-ops)")
     p.add_argument("--check-only", action="store_true", help="only the correctness check: no timing or memory")
     p.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
-    p.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up time")
+    p.add_argument("--warmup-ms", type=float, default=25, help="GPU: warm-up time (at least one run)")
     p.add_argument("--rep-ms", type=float, help="time per measurement (GPU default 100 ms, CPU 500 ms)")
-    p.add_argument("--min-runs", type=int, default=3, help="CPU: fewest timed runs per measurement")
-    p.add_argument("--max-runs", type=int, default=7, help="CPU: most timed runs per measurement")
+    p.add_argument("--min-runs", type=int, help="fewest timed runs per measurement (GPU default 5, CPU 3)")
+    p.add_argument("--max-runs", type=int, help="most timed runs per measurement (GPU default 100, CPU 7)")
     p.add_argument("--goals", action="store_true",
                    help="print the goal lines from the GPU results in --out and exit (measure them with --suite goals)")
     p.add_argument("--report", action="store_true", help="rebuild the Markdown and plots from the JSON in --out")
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
     if sweep is not None:
         providers = [p.name for p in sweep_providers]
     else:
-        providers = list(args.providers or (p for p in PROVIDERS if "@" not in p))
+        # in the table's order whatever the command line's: dft-ops first (the others' agreement check)
+        providers = [p for p in PROVIDERS if "@" not in p and (not args.providers or p in args.providers)]
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"dft-ops benchmark on {meter.name()} ({device.type}), suite {suite}, {len(cases)} cases, "
@@ -172,7 +179,19 @@ def main(argv=None) -> int:
     session = Session(meter=meter, env=env, providers=providers, check=not args.no_check,
                       check_only=args.check_only, deadline=deadline, log=lambda line: print(line, flush=True))
     json_path = args.out / f"{stem}.json"
+    if args.previous is not None and (args.previous / json_path.name).exists() and not json_path.exists():
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path.write_text((args.previous / json_path.name).read_text())
+        print(f"  starting from {args.previous / json_path.name}", flush=True)
     records = []
+
+    def emit(new_records):
+        """Every provider's records go to disk as soon as they exist: a cut run keeps what it measured."""
+        records.extend(new_records)
+        data = report.merge(json_path, records, run_info)
+        report.write_markdown(args.out / f"{stem}.md", data, sorted(args.out.glob(f"{stem}-*.png")))
+
+    session.emit = emit
     t0 = time.monotonic()
     for i, case in enumerate(cases, 1):
         if session.out_of_time():
@@ -182,9 +201,7 @@ def main(argv=None) -> int:
         if not session.todo(case):
             continue  # listed earlier in the suite with these modes and providers
         print(f"[{i}/{len(cases)}] {case}  ({time.monotonic() - t0:.0f} s)", flush=True)
-        records += run_case(case, session)
-        data = report.merge(json_path, records, run_info)
-        report.write_markdown(args.out / f"{stem}.md", data, sorted(args.out.glob(f"{stem}-*.png")))
+        run_case(case, session)
     data = report.merge(json_path, records, run_info)
     plots = [] if args.no_plots else (report.write_workspace_plots if sweep is not None else report.write_plots)(
         args.out, stem, data)
@@ -199,7 +216,7 @@ def main(argv=None) -> int:
     mismatches = sorted({(r["provider"], r["shape"], r["tokens"], r["objective"]) for r in records
                          if (r.get("check") or {}).get("ok") is False})
     for p, shape, n, obj in mismatches:
-        print(f"MISMATCH vs dft-ops: {p} on {shape} N={n} {obj} (see the correctness table)")
+        print(f"MISMATCH vs float64: {p} on {shape} N={n} {obj} (see the correctness table)")
     print(f"\nwrote {json_path}, {json_path.with_suffix('.md')}" + (f" and {len(plots)} plot(s)" if plots else "")
           + f" in {time.monotonic() - t0:.0f} s")
     if suite == "goals" or (meter.kind == "cuda" and suite == "gpu"):
@@ -216,8 +233,9 @@ def _meter(device: torch.device, args):
     from .measure import CpuMeter, GpuMeter
 
     if device.type == "cuda":
-        return GpuMeter(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms or 100)
-    return CpuMeter(min_runs=args.min_runs, max_runs=args.max_runs, rep_ms=args.rep_ms or 500)
+        return GpuMeter(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms or 100, min_runs=args.min_runs or 5,
+                        max_runs=args.max_runs or 100)
+    return CpuMeter(min_runs=args.min_runs or 3, max_runs=args.max_runs or 7, rep_ms=args.rep_ms or 500)
 
 
 def _rebuild_reports(out: Path, plots: bool) -> int:

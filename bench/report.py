@@ -8,11 +8,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from .cases import HEADS, MODES
+from .providers import PROVIDERS
 from .run import MODE_SHORT
 
 KEY_FIELDS = ("provider", "objective", "shape", "hidden", "vocab", "tokens", "dtype", "mode", "inputs")
-PROVIDER_ORDER = ("torch", "torch-compile", "torch-lce", "liger", "cce", "cce-exact", "trl", "dft-ops", "dft-ops-gemm",
-                  "dft-ops-fused", "dft-ops-filter")
+# tables and plots list providers in the order a run measures them (dft-ops' modes, then the peers)
+PROVIDER_ORDER = tuple(PROVIDERS)
 CPU_NOTE = ("CPU run: dft-ops runs its PyTorch fallback (backend='torch') here; the Triton modes need a GPU. "
             "Times are CPU times, not the GPU kernels'.")
 
@@ -73,8 +74,14 @@ def _verdict(rec: dict) -> str:
     return "ok" if c["ok"] else "MISMATCH"
 
 
+def _runs(rec: dict) -> str:
+    if "n_runs" not in rec:
+        return "-"
+    return f"{rec['n_runs']}" + (" (cut)" if rec.get("cut_by_deadline") else "")
+
+
 def result_rows(records: list[dict], cpu: bool) -> tuple[list[str], list[list[str]]]:
-    header = ["shape", "objective", "mode", "tokens", "provider", "ms median", "ms min-max"]
+    header = ["shape", "objective", "mode", "tokens", "provider", "ms median", "ms min-max", "runs"]
     header += ["CPU ms"] if cpu else []
     header += ["tokens/s", "TFLOP/s", "% GEMM", "peak RSS MB" if cpu else "peak MB", "extra MB", "check", "status"]
     rows = []
@@ -82,14 +89,14 @@ def result_rows(records: list[dict], cpu: bool) -> tuple[list[str], list[list[st
         ok = r["status"] == "ok"
         row = [r["shape"], r["objective"], MODE_SHORT[r["mode"]], _tokens(r["tokens"]), r["provider"]]
         if ok:
-            row += [_fmt(r["ms_median"], ".3f"), f"{r['ms_min']:.3f}-{r['ms_max']:.3f}"]
+            row += [_fmt(r["ms_median"], ".3f"), f"{r['ms_min']:.3f}-{r['ms_max']:.3f}", _runs(r)]
             row += [_fmt(r.get("cpu_ms_median"), ".2f")] if cpu else []
             frac = r.get("gemm_fraction")
             row += [_fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tflops"], ".2f"),
                     _fmt(None if frac is None else 100 * frac, ".1f"),
                     _fmt(r.get("peak_mb"), ".1f"), _fmt(r.get("extra_mb"), "+.1f"), _verdict(r), "ok"]
         else:
-            row += ["-", "-"] + (["-"] if cpu else []) + ["-"] * 5
+            row += ["-", "-", "-"] + (["-"] if cpu else []) + ["-"] * 5
             row += [_verdict(r), r["status"].upper() + (f": {r['reason']}" if r.get("reason") else "")]
         rows.append(row)
     return header, rows
@@ -111,20 +118,22 @@ def text_table(header: list[str], rows: list[list[str]], max_status: int = 60) -
 
 
 def check_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per provider x case (the check is per case, not per mode)."""
-    header = ["shape", "tokens", "objective", "dtype", "inputs", "provider", "loss rel err", "d(hidden) rel err",
-              "d(weight) rel err", "tolerance (loss / grads)", "verdict"]
+    """One row per provider x case x reference (the checks are per case, not per mode): against the float64
+    reference (``check``), then against dft-ops (``agreement``)."""
+    header = ["shape", "tokens", "objective", "dtype", "inputs", "provider", "against", "loss rel err",
+              "d(hidden) rel err", "d(weight) rel err", "tolerance (loss / grads)", "verdict"]
     seen, rows = set(), []
     for r in sorted(records, key=_sort_key):
-        c = r.get("check")
-        key = (r["shape"], r["tokens"], r["objective"], r["dtype"], r["inputs"], r["provider"])
-        if not c or c.get("reference") or key in seen or "loss_rel_err" not in c:
-            continue
-        seen.add(key)
-        rows.append([r["shape"], _tokens(r["tokens"]), r["objective"], r["dtype"], r["inputs"], r["provider"],
-                     _fmt(c["loss_rel_err"], ".1e"), _fmt(c["grad_hidden_rel_err"], ".1e"),
-                     _fmt(c["grad_weight_rel_err"], ".1e"), f"{c['loss_tol']:.0e} / {c['grad_tol']:.0e}",
-                     "ok" if c["ok"] else "MISMATCH"])
+        for field_name in ("check", "agreement"):
+            c = r.get(field_name)
+            key = (r["shape"], r["tokens"], r["objective"], r["dtype"], r["inputs"], r["provider"], field_name)
+            if not c or c.get("reference") or key in seen or "loss_rel_err" not in c:
+                continue
+            seen.add(key)
+            rows.append([r["shape"], _tokens(r["tokens"]), r["objective"], r["dtype"], r["inputs"], r["provider"],
+                         c.get("against", "dft-ops"), _fmt(c["loss_rel_err"], ".1e"),
+                         _fmt(c["grad_hidden_rel_err"], ".1e"), _fmt(c["grad_weight_rel_err"], ".1e"),
+                         f"{c['loss_tol']:.0e} / {c['grad_tol']:.0e}", "ok" if c["ok"] else "MISMATCH"])
     return header, rows
 
 
@@ -169,8 +178,10 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
         "- Inputs: `peaked` = hidden states pushed along their label's weight row (the label's probability "
         "spread over (0, 1), median near 0.9; the rest of the softmax tiny); `random` = flat softmax. "
         "No label is ignored.",
-        "- `check`: each provider's loss and gradients against dft-ops on the same inputs, before timing "
-        "(see the correctness table).",
+        "- `check`: each provider's loss and gradients against a float64 reference on the same inputs "
+        "(materialized logits in token chunks, bench/reference.py), before timing; the correctness table also "
+        "gives each one's agreement with dft-ops. `runs`: timed runs behind the median (`cut`: the run's time "
+        "budget stopped it early).",
         "",
     ]
     skipped = skipped_providers(records)
@@ -178,7 +189,7 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
         out += ["## Skipped providers", ""] + [f"- `{p}`: {reason}" for p, reason in skipped.items()] + [""]
     header, rows = check_rows(records)
     if rows:
-        out += ["## Correctness against dft-ops", "", markdown_table(header, rows), ""]
+        out += ["## Correctness against float64 (and agreement with dft-ops)", "", markdown_table(header, rows), ""]
     header, rows = result_rows([r for r in records if r["provider"] not in skipped], cpu)
     out += ["## Results", "", markdown_table(header, rows), ""]
     if plots:

@@ -148,7 +148,7 @@ def check(job) -> dict:
     kernel, family, index, dtype_name, D, features, arch, ref = job
     config = KERNELS[kernel].CONFIGS[family][index]
     out = {"kernel": kernel, "dtype": dtype_name, "D": D, "features": features, "arch": arch, "config": str(config),
-           "ref": ref}
+           "ref": ref, "triton": triton.__version__}
     try:
         launch = _launch(kernel, dtype_name, D, features, ref)
         if launch.family != family:

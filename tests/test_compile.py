@@ -5,6 +5,13 @@ registers to local memory, or exceed shared memory on a GPU. compile_check.py
 builds the library's own launches for a GPUTarget on this CPU machine and reads
 the cubins with cuobjdump / nvdisasm from the Triton wheel. It runs in a
 subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+
+The no-spill rule holds on the Triton versions the project supports (SUPPORTED_TRITON: the
+GPU machines' 3.6 and the development machines' 3.9; the same CONFIGS lists must be clean on
+both, as the code cannot tell at import which compiler will build it for a user). Under any
+other version spills are reported (the test skips, listing them), not failed: a new compiler
+is a finding to look at, not a broken build. To check 3.6 here: a venv with triton==3.6.0 and
+torch==2.13.0 (e.g. /work/venvs/triton36), then `python tests/compile_check.py` in it.
 """
 
 import json
@@ -14,8 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 HERE = Path(__file__).parent
+SUPPORTED_TRITON = ("3.6", "3.9")
+TRITON = ".".join(triton.__version__.split(".")[:2])
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +59,7 @@ def test_every_configuration_was_compiled(results):
         for family, per_arch in (("16bit", 8), ("fp32", 3), ("16bit+second", 5 * terms), ("fp32+second", 3 * terms)):
             expected += sum(per_arch * sum(arch >= c.min_arch for arch in (80, 90)) for c in configs[family])
     assert len(results) == expected
+    assert {r["triton"] for r in results} == {triton.__version__}  # the subprocess compiled with this Triton
     assert {r["ref"] for r in results} >= {"", "stream", "q", "gap", "q:fp32", "gap:fp32"}
     assert {r["kernel"] for r in results} == {"lse_forward", "fused_backward", "logit_grad"}
 
@@ -61,7 +72,10 @@ def test_compiles_without_errors(results):
 def test_no_register_spills(results):
     spills = [f"{_name(r)}: stack {r['stack']} B, local {r['local']} B, {r['reg']} registers"
               for r in results if "error" not in r and (r["stack"] or r["local"])]
-    assert not spills, "\n".join(spills)
+    if TRITON not in SUPPORTED_TRITON:
+        pytest.skip(f"Triton {triton.__version__} is not one of the supported {SUPPORTED_TRITON}: "
+                    f"{len(spills)} spilling variant(s)" + "".join(f"\n{s}" for s in spills))
+    assert not spills, f"Triton {triton.__version__}:\n" + "\n".join(spills)
 
 
 def test_shared_memory_fits(results):
