@@ -135,6 +135,7 @@ class StepRecorder:
                 self.grads: dict[int, dict[str, torch.Tensor]] = {}
                 self.memory = TensorMemory(vocab)
                 self._entered = False
+                self.log_history = []
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.memory.__enter__()
@@ -146,6 +147,7 @@ class StepRecorder:
                                                      if p.grad is not None}
 
             def on_train_end(self, args, state, control, **kwargs):
+                self.log_history = list(state.log_history)
                 if self._entered:
                     self.memory.__exit__(None, None, None)
                     self._entered = False
