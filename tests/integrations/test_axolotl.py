@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("axolotl", reason="axolotl is not installed here: `make test-axolotl` builds its venv "
-                    "(/work/venvs/axolotl by default) and runs this file there")
+                    "(.venv/frameworks/axolotl by default) and runs this file there")
 pytest.importorskip("axolotl.integrations.base", reason="axolotl does not import here")
 
 import torch  # noqa: E402

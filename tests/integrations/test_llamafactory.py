@@ -13,7 +13,7 @@ import os
 import pytest
 
 pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed here: `make test-llamafactory` "
-                    "builds its venv (/work/venvs/llamafactory by default) and runs this file there")
+                    "builds its venv (.venv/frameworks/llamafactory by default) and runs this file there")
 pytest.importorskip("llamafactory.train.tuner", reason="LLaMA-Factory does not import here (its text path imports "
                     "torchaudio; `make test-llamafactory` installs a placeholder)")
 

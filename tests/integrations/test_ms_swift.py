@@ -13,7 +13,7 @@ import sys
 import pytest
 
 pytest.importorskip("swift", reason="ms-swift is not installed here: `make test-ms-swift` builds its venv "
-                    "(/work/venvs/ms-swift by default) and runs this file there")
+                    "(.venv/frameworks/ms-swift by default) and runs this file there")
 pytest.importorskip("swift.pipelines", reason="ms-swift does not import here")
 
 from dft_ops.integrations import ms_swift as swift_hook  # noqa: E402

@@ -12,7 +12,7 @@ import inspect
 import pytest
 
 pytest.importorskip("verl", reason="verl is not installed here: `make test-verl` builds its venv "
-                    "(/work/venvs/verl by default) and runs this file there")
+                    "(.venv/frameworks/verl by default) and runs this file there")
 
 import torch  # noqa: E402
 
