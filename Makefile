@@ -112,7 +112,7 @@ $(FW_VENVS)/verl/.installed: $(FW_CONSTRAINTS)
 	$(FW_VENVS)/verl/bin/python -m pip install --progress-bar off -c $(FW_CONSTRAINTS) "$(VERL_SPEC)"
 	$(call fw_finish,verl)
 
-# axolotl: its own DFT (Liger, on the Triton interpreter here) against the plugin: ~8 min of tests
+# axolotl: its own DFT (Liger, on the Triton interpreter here) against the plugin: 10-15 min of tests (2 cores)
 test-axolotl: $(FW_VENVS)/axolotl/.installed
 	$(FW_VENVS)/axolotl/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_axolotl.py
 

@@ -100,6 +100,17 @@ def test_plugin_dft_matches_axolotls_liger_dft(workdir):
 
 
 @pytest.mark.slow
+def test_plugin_ce_with_sample_packing_matches_axolotl(workdir):
+    """Packed rows (position_ids, no padding) through the plugin: objective "ce" against axolotl's own CE."""
+    packed = dict(sample_packing=True, pad_to_sequence_len=True, micro_batch_size=2, max_steps=2)
+    plain = run(config(workdir, "plain_packed_ce", **packed))
+    fused = run(config(workdir, "plugin_packed_ce", plugins=[PLUGIN, "axolotl_runner.RecorderPlugin"],
+                       dft_ops_objective="ce", **packed))
+    assert plain["vocab_wide"] > 0
+    compare(plain, fused, "CE with sample packing, axolotl vs the dft-ops plugin (torch backend)")
+
+
+@pytest.mark.slow
 def test_plugin_asft_with_lora_trains_end_to_end(workdir):
     """axolotl has no ASFT of its own: an end-to-end LoRA run with the reference = adapters disabled."""
     result = run(config(workdir, "plugin_asft", plugins=[PLUGIN, "axolotl_runner.RecorderPlugin"],
