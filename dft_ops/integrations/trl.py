@@ -105,7 +105,7 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
         a ``loss_type`` other than "nll" / "dft", and for ``loss_type="dft"``
         with another objective or an option that changes the per-token
         log-probabilities TRL re-weights (label smoothing, z-loss, class
-        weights); :class:`dft_ops.PatchError` as :func:`dft_ops.patch`.
+        weights, a temperature); :class:`dft_ops.PatchError` as :func:`dft_ops.patch`.
     """
     try:
         from trl import SFTTrainer
@@ -124,8 +124,8 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
                 f"objective: SFTConfig(loss_type='dft') already trains DFT (TRL weights dft-ops' log-probs); "
                 f"objective={objective!r} would be re-weighted by it: leave objective='dft', or set "
                 "loss_type='nll' to train another objective")
-        changed = [name for name in ("label_smoothing", "z_loss", "class_weight")
-                   if loss_options.get(name) not in (None, 0, 0.0)]
+        changed = ([name for name in ("label_smoothing", "z_loss") if loss_options.get(name)]
+                   + [name for name in ("class_weight", "temperature") if loss_options.get(name) is not None])
         if changed:
             raise ValueError(f"{changed[0]}: with SFTConfig(loss_type='dft') TRL re-weights the per-token "
                              f"log-probabilities, which {changed[0]} would alter; set loss_type='nll' and "

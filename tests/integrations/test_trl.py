@@ -78,4 +78,8 @@ def test_loss_type_dft_refuses_what_trl_would_reweight(tmp_path):
         dft_ops.patch_sft_trainer(t, objective=dft_ops.objectives.Power(2.0))
     with pytest.raises(ValueError, match="^label_smoothing: with SFTConfig\\(loss_type='dft'\\)"):
         dft_ops.patch_sft_trainer(t, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="^class_weight: with SFTConfig\\(loss_type='dft'\\)"):
+        dft_ops.patch_sft_trainer(t, class_weight=torch.ones(VOCAB))
+    with pytest.raises(ValueError, match="^temperature: with SFTConfig\\(loss_type='dft'\\)"):
+        dft_ops.patch_sft_trainer(t, temperature=2.0)
     assert TensorMemory(VOCAB).peak == 0
