@@ -11,7 +11,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test bench bench-gpu clean
+.PHONY: venv test bench bench-gpu clean test-frameworks test-axolotl test-llamafactory test-ms-swift test-verl
 
 # Set-up prints each step and pip's own progress: a first run takes a few minutes.
 $(STAMP): pyproject.toml setup.py Makefile
@@ -58,6 +58,77 @@ endif
 BENCH_OUT ?= /tmp/dft-ops-bench-gpu-out
 bench-gpu:
 	bash bench/gpu_run.sh call1 $(BENCH_OUT)/call1; bash bench/gpu_run.sh call2 $(BENCH_OUT)/call2
+
+# Fine-tuning frameworks, each in a virtual environment of its own (they pin transformers / TRL
+# apart from ours): torch first, then the framework under a constraint that keeps that torch, then
+# dft-ops (editable) and pytest; then its test file in tests/integrations/ (docs/integrations.md).
+# FW_VENVS=/path reuses environments made elsewhere. pytest runs as the venv's `pytest` script, not
+# `python -m pytest`: the latter puts the checkout first on sys.path, where kernels/ would shadow
+# Hugging Face's `kernels` package that axolotl imports.
+FW_VENVS ?= $(VENV)/frameworks
+FW_CONSTRAINTS := $(FW_VENVS)/constraints.txt
+AXOLOTL_SPEC ?= axolotl==0.19.0
+LLAMAFACTORY_VERSION ?= 0.9.5
+MS_SWIFT_SPEC ?= ms-swift==4.6.0
+VERL_SPEC ?= verl==0.9.1
+FW_PYTEST_ARGS ?= -q -s
+
+$(FW_CONSTRAINTS):
+	mkdir -p $(FW_VENVS)
+	echo "$(TORCH_SPEC)" > $@
+
+# $(call fw_venv,NAME): the venv with torch, ready for the framework
+define fw_venv
+	@echo "==> [$(1)] creating $(FW_VENVS)/$(1) and installing $(TORCH_SPEC)"
+	$(PYTHON) -m venv $(FW_VENVS)/$(1)
+	$(FW_VENVS)/$(1)/bin/python -m pip install --progress-bar off "$(TORCH_SPEC)"
+endef
+# $(call fw_finish,NAME): dft-ops (editable, with its own dependencies) and pytest, then the stamp
+define fw_finish
+	@echo "==> [$(1)] installing dft-ops (editable) and pytest"
+	$(FW_VENVS)/$(1)/bin/python -m pip install --progress-bar off -c $(FW_CONSTRAINTS) -e . pytest
+	touch $(FW_VENVS)/$(1)/.installed
+endef
+
+$(FW_VENVS)/axolotl/.installed: $(FW_CONSTRAINTS)
+	$(call fw_venv,axolotl)
+	@echo "==> [axolotl] installing $(AXOLOTL_SPEC) (~8 min, ~4.3 GB)"
+	$(FW_VENVS)/axolotl/bin/python -m pip install --progress-bar off -c $(FW_CONSTRAINTS) "$(AXOLOTL_SPEC)"
+	$(call fw_finish,axolotl)
+
+$(FW_VENVS)/llamafactory/.installed: $(FW_CONSTRAINTS)
+	$(call fw_venv,llamafactory)
+	@echo "==> [llamafactory] installing llamafactory==$(LLAMAFACTORY_VERSION) without torchaudio / torchvision (~7 min)"
+	$(FW_VENVS)/llamafactory/bin/python tests/integrations/setup_llamafactory.py $(LLAMAFACTORY_VERSION) $(abspath $(FW_CONSTRAINTS))
+	$(call fw_finish,llamafactory)
+
+$(FW_VENVS)/ms-swift/.installed: $(FW_CONSTRAINTS)
+	$(call fw_venv,ms-swift)
+	@echo "==> [ms-swift] installing $(MS_SWIFT_SPEC) (~6 min, ~2 GB)"
+	$(FW_VENVS)/ms-swift/bin/python -m pip install --progress-bar off -c $(FW_CONSTRAINTS) "$(MS_SWIFT_SPEC)"
+	$(call fw_finish,ms-swift)
+
+$(FW_VENVS)/verl/.installed: $(FW_CONSTRAINTS)
+	$(call fw_venv,verl)
+	@echo "==> [verl] installing $(VERL_SPEC) (~5 min, ~2 GB)"
+	$(FW_VENVS)/verl/bin/python -m pip install --progress-bar off -c $(FW_CONSTRAINTS) "$(VERL_SPEC)"
+	$(call fw_finish,verl)
+
+# axolotl: its own DFT (Liger, on the Triton interpreter here) against the plugin: 10-15 min of tests (2 cores)
+test-axolotl: $(FW_VENVS)/axolotl/.installed
+	$(FW_VENVS)/axolotl/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_axolotl.py
+
+test-llamafactory: $(FW_VENVS)/llamafactory/.installed
+	$(FW_VENVS)/llamafactory/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_llamafactory.py
+
+test-ms-swift: $(FW_VENVS)/ms-swift/.installed
+	$(FW_VENVS)/ms-swift/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_ms_swift.py
+
+# verl: no dft-ops entry point yet; pins the interface of its fused kernel (issue 17)
+test-verl: $(FW_VENVS)/verl/.installed
+	$(FW_VENVS)/verl/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_verl_probe.py
+
+test-frameworks: test-llamafactory test-ms-swift test-axolotl test-verl
 
 clean:
 	rm -rf $(VENV) .pytest_cache

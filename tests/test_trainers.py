@@ -242,8 +242,11 @@ def test_sft_trainer_loss_and_metrics_match_reference(tmp_path, order):
 def test_patch_sft_trainer_refuses_what_it_cannot_serve(tmp_path):
     trl = pytest.importorskip("trl")
     trainer, _ = sft_trainer(tmp_path, "dft", max_steps=1)
-    trainer.args.loss_type = "dft"
-    with pytest.raises(ValueError, match="^trainer: SFTConfig\\(loss_type='dft'\\)"):
+    trainer.args.loss_type = "dft"  # served (TRL's DFT on dft-ops' log-probs), but not with another objective
+    with pytest.raises(ValueError, match="^objective: SFTConfig\\(loss_type='dft'\\)"):
+        dft_ops.patch_sft_trainer(trainer, objective="ce")
+    trainer.args.loss_type = "other"
+    with pytest.raises(ValueError, match="^trainer: SFTConfig\\(loss_type='other'\\)"):
         dft_ops.patch_sft_trainer(trainer)
     plain = transformers.Trainer(model=tiny_llama(), args=transformers.TrainingArguments(str(tmp_path), **COMMON_ARGS))
     with pytest.raises(TypeError, match="^trainer"):

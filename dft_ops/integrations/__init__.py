@@ -1,4 +1,14 @@
-"""Integrations with training frameworks. Each imports its framework only when used (they are optional extras)."""
+"""Integrations with training frameworks, one module each; each imports its framework only when used.
+
+- :mod:`.trl`: :func:`patch_sft_trainer` for TRL's ``SFTTrainer`` (1.15+), ``loss_type="nll"`` or ``"dft"``;
+- :mod:`.axolotl`: ``DFTOpsPlugin``, an axolotl plugin (imports axolotl and pydantic when imported);
+- :mod:`.llamafactory`: ``install()`` / ``python -m dft_ops.integrations.llamafactory train cfg.yaml``
+  for LLaMA-Factory's ``use_dft_loss`` / ``use_asft_loss``;
+- :mod:`.ms_swift`: ``install()`` / ``--external_plugins`` for ms-swift's ``enable_dft_loss``.
+
+Only :func:`patch_sft_trainer` is imported here; the others are imported by their framework's
+configuration (see docs/integrations.md).
+"""
 
 from .trl import patch_sft_trainer
 

@@ -79,8 +79,14 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
     ``trainer.train()``.
 
     Args:
-        trainer: a ``trl.SFTTrainer`` (1.15+) with ``args.loss_type="nll"``
-            (the objective is chosen here, not by TRL).
+        trainer: a ``trl.SFTTrainer`` (1.15+). With ``args.loss_type="nll"``
+            (the default) the objective is chosen here. With
+            ``args.loss_type="dft"`` TRL's own DFT is kept, computed on
+            dft-ops' exact log-probabilities: the fused head answers with
+            objective "ce" (true log-probs, with their gradient) and TRL
+            weights each token by its detached probability, so the loss is
+            exactly TRL's ``loss_type="dft"``; ``objective`` must then be
+            "dft" (the default).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
         **loss_options: as for :func:`dft_ops.patch` (``ignore_index``,
             ``backend``, ``filter_eps``, ...), and ``reference=`` with
@@ -95,8 +101,11 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
     Raises:
         ImportError when TRL is not installed; TypeError for a trainer that is
         not an SFTTrainer; ValueError for SFTConfig options whose loss does not
-        go through the fused head (``loss_type="dft"``, ``compute_loss_func``,
-        label smoothing); :class:`dft_ops.PatchError` as :func:`dft_ops.patch`.
+        go through the fused head (``compute_loss_func``, label smoothing), for
+        a ``loss_type`` other than "nll" / "dft", and for ``loss_type="dft"``
+        with another objective or an option that changes the per-token
+        log-probabilities TRL re-weights (label smoothing, z-loss, class
+        weights, a temperature); :class:`dft_ops.PatchError` as :func:`dft_ops.patch`.
     """
     try:
         from trl import SFTTrainer
@@ -106,9 +115,25 @@ def patch_sft_trainer(trainer, objective="dft", **loss_options):
         raise TypeError(f"trainer: expected a trl.SFTTrainer, got {type(trainer).__name__}; for transformers.Trainer "
                         "use dft_ops.patch(model) before building the trainer")
     args = trainer.args
-    if getattr(args, "loss_type", "nll") != "nll":
+    loss_type = getattr(args, "loss_type", "nll")
+    if loss_type == "dft":
+        # TRL re-weights log_probs by exp(log_probs).detach(): answer with the true log-probs (objective "ce"),
+        # so TRL's own DFT formula and reduction run on dft-ops' values, unchanged
+        if not (isinstance(objective, str) and objective == "dft"):
+            raise ValueError(
+                f"objective: SFTConfig(loss_type='dft') already trains DFT (TRL weights dft-ops' log-probs); "
+                f"objective={objective!r} would be re-weighted by it: leave objective='dft', or set "
+                "loss_type='nll' to train another objective")
+        changed = ([name for name in ("label_smoothing", "z_loss") if loss_options.get(name)]
+                   + [name for name in ("class_weight", "temperature") if loss_options.get(name) is not None])
+        if changed:
+            raise ValueError(f"{changed[0]}: with SFTConfig(loss_type='dft') TRL re-weights the per-token "
+                             f"log-probabilities, which {changed[0]} would alter; set loss_type='nll' and "
+                             "objective='dft' to combine DFT with it")
+        objective = "ce"
+    elif loss_type != "nll":
         raise ValueError(
-            f"trainer: SFTConfig(loss_type={args.loss_type!r}) would re-weight dft-ops' per-token loss; leave "
+            f"trainer: SFTConfig(loss_type={loss_type!r}) would re-weight dft-ops' per-token loss; leave "
             "loss_type='nll' and choose the objective here (patch_sft_trainer(trainer, objective='dft'))"
         )
     if getattr(trainer, "compute_loss_func", None) is not None or getattr(args, "label_smoothing_factor", 0) > 0:
