@@ -21,5 +21,6 @@ from .backend import TritonBackend
 from .gemm_backward import gemm_backward, plan_splits
 from .grad_backward import grad_backward
 from .lse_forward import lse_forward
+from .row_pass import RowStats, logit_grad_in_place, row_stats
 
 __all__ = ["TritonBackend", "lse_forward", "gemm_backward", "grad_backward", "plan_splits", "interpreting"]
