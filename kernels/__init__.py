@@ -21,5 +21,6 @@ from .backend import TritonBackend
 from .fused_backward import fused_backward
 from .gemm_backward import gemm_backward, plan_splits
 from .lse_forward import lse_forward
+from .row_pass import RowStats, logit_grad_in_place, row_stats
 
 __all__ = ["TritonBackend", "lse_forward", "gemm_backward", "fused_backward", "plan_splits"]
