@@ -1,4 +1,4 @@
-"""The one-pass head's two row passes over an fp32 workspace of raw logits (issue 16).
+"""The one-pass head's two row passes over an fp32 workspace of raw logits.
 
 The one-pass head computes, per chunk of C tokens, the raw logits ``u = H_c W^T (+ bias)`` of
 the whole vocabulary into an fp32 workspace (C x V, row stride ``ld >= V``) with one BLAS
@@ -10,8 +10,7 @@ product, then:
    KLs (:class:`RowStats`);
 2. the objective table turns those O(C) statistics into per-token coefficients (not here);
 3. :func:`logit_grad_in_place` overwrites the workspace with the logit gradient
-   ``G = (a s - b onehot(y) - c u_j - e q + f s (log s - log q)) dz/du``
-   (``dft_ops.backend_contract``), fp32 in place or bf16 / fp16 packed into the first half of
+   G (the contract's formula, ``dft_ops.backends.protocol``), fp32 in place or bf16 / fp16 packed into the first half of
    each row, ready for the BLAS products ``G W`` and ``G^T H_c``. The label's entry comes from
    row_stats' log-probability: on peaked rows it dominates d_hidden, and lse's fp32 rounding
    would otherwise cost ~1e-4-1e-3 of it.
@@ -41,7 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Config, Launch, Tuner, bucket, torch_to_tl, unit_stride_inputs
+# absolute: see fused_backward.py
+from dft_ops.backends.protocol import ForwardStats, GradTerms, Head
+from .launch import Config, Launch, Tuner, bucket, torch_to_tl
 from .tile import INTERPRET, cap_and_temper, cap_and_temper_slope, class_weights, round_to
 
 # expm1(x) = x + x^2/2! + ... + x^8/8! for |x| < _EXPM1_SMALL: the first term left out, x^9/9!,
@@ -507,52 +508,37 @@ class RowStats(NamedTuple):
 
 
 def _check_workspace(name: str, logits, like: torch.Tensor | None = None) -> None:
-    """A (C, V) fp32 workspace with unit column stride; ``like``: the first head's, whose shape and
-    device a second head's must have."""
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.dtype != torch.float32:
-        raise TypeError(f"{name}: expected a 2-D float32 tensor (C, V), got "
-                        f"{(logits.dtype, tuple(logits.shape)) if isinstance(logits, torch.Tensor) else type(logits)}")
-    if logits.shape[1] > 1 and logits.stride(1) != 1:
-        raise ValueError(f"{name}: columns must have unit stride (a row-major workspace), got strides "
-                         f"{logits.stride()}")
-    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
-        raise ValueError(f"{name}: row stride {logits.stride(0)} is below V = {logits.shape[1]}")
-    if like is not None and (logits.shape != like.shape or logits.device != like.device):
-        raise ValueError(f"{name}: shape {tuple(logits.shape)} on {logits.device}; expected the first head's "
-                         f"{tuple(like.shape)} on {like.device}")
+    """A (C, V) fp32 workspace with unit column stride (asserted: the one-pass head builds it); ``like``: the
+    first head's, whose shape and device a second head's must have."""
+    assert isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.dtype == torch.float32, name
+    assert logits.shape[1] <= 1 or logits.stride(1) == 1, (name, logits.stride())
+    assert logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1], (name, logits.stride())
+    assert like is None or (logits.shape == like.shape and logits.device == like.device), name
 
 
 def _vector(name: str, t, C: int, device) -> torch.Tensor:
     """An fp32, unit-stride (C,) copy-if-needed of a per-row input."""
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,):
-        raise ValueError(f"{name}: expected a tensor of shape ({C},), got "
-                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"{name}: on {t.device} but the logits are on {device}")
+    assert isinstance(t, torch.Tensor) and tuple(t.shape) == (C,) and t.device == device, name
     return t.to(torch.float32).contiguous()
 
 
 def _scales(softcap, temperature) -> tuple[float, float, float]:
     """(softcap, 1 / softcap, 1 / temperature) kernel arguments; 1.0 for an option that is off."""
-    for name, value in (("softcap", softcap), ("temperature", temperature)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name}: expected a positive number or None, got {value!r}")
+    assert (softcap is None or softcap > 0) and (temperature is None or temperature > 0)
     return (float(softcap) if softcap is not None else 1.0,
             1.0 / float(softcap) if softcap is not None else 1.0,
             1.0 / float(temperature) if temperature is not None else 1.0)
 
 
 def _targets(targets, C: int, V: int, device) -> torch.Tensor:
-    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (C,) or targets.dtype.is_floating_point:
-        raise ValueError(f"targets: expected an integer tensor of shape ({C},)")
-    if targets.device != device:
-        raise ValueError(f"targets: on {targets.device} but the logits are on {device}")
-    return unit_stride_inputs(targets, None, None, V)[0]
+    """Unit stride, clamped to [-1, V]: a label outside [0, V) stays outside after the kernels' int32 cast."""
+    assert tuple(targets.shape) == (C,) and not targets.dtype.is_floating_point and targets.device == device
+    return targets.clamp(-1, V).contiguous()
 
 
 def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_stats=False, smoothing=False,
                      class_weight=None, second_logits=None, second_softcap=None):
-    """The launch of :func:`row_stats` and its output buffers (inputs checked here; C > 0)."""
+    """The launch of :func:`row_stats` and its output buffers (shapes asserted; C > 0)."""
     _check_workspace("logits", logits)
     C, V = logits.shape
     dev = logits.device
@@ -560,9 +546,7 @@ def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_st
     if second_logits is not None:
         _check_workspace("second_logits", second_logits, logits)
     if class_weight is not None:
-        if tuple(class_weight.shape) != (V,) or class_weight.device != dev:
-            raise ValueError(f"class_weight: expected shape ({V},) on {dev}, got {tuple(class_weight.shape)} on "
-                             f"{class_weight.device}")
+        assert tuple(class_weight.shape) == (V,) and class_weight.device == dev
         class_weight = class_weight.contiguous() if smoothing else None
     cap, inv_cap, inv_t = _scales(softcap, temperature)
     r_cap, r_inv_cap, _ = _scales(second_softcap, None)
@@ -652,28 +636,24 @@ def narrow_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def logit_grad_launch(logits, targets, lse, a, b, c=None, e=None, f=None, *, logp=None, softcap=None,
                       temperature=None, class_weight=None, second_logits=None, second_lse=None, second_softcap=None,
                       out_dtype=torch.float32):
-    """The launch of :func:`logit_grad_in_place` and the G view it fills (inputs checked here; C > 0)."""
+    """The launch of :func:`logit_grad_in_place` and the G view it fills (shapes asserted; C > 0)."""
     _check_workspace("logits", logits)
     C, V = logits.shape
     dev = logits.device
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"out_dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {out_dtype!r}")
+    assert out_dtype in (torch.float32, torch.bfloat16, torch.float16), out_dtype
     targets = _targets(targets, C, V, dev)
     lse, a, b = (_vector(n, t, C, dev) for n, t in (("lse", lse), ("a", a), ("b", b)))
     logp = _vector("logp", logp, C, dev) if logp is not None else None
     c, e, f = (_vector(n, t, C, dev) if t is not None else None for n, t in (("c", c), ("e", e), ("f", f)))
     reads_second = e is not None or f is not None
     if reads_second:
-        if second_logits is None or second_lse is None:
-            raise ValueError("second_logits, second_lse: the e and f terms read the second head's logits and lse")
+        assert second_logits is not None and second_lse is not None, "the e and f terms read the second head"
         _check_workspace("second_logits", second_logits, logits)
         second_lse = _vector("second_lse", second_lse, C, dev)
     else:
         second_logits = second_lse = None
     if c is not None and class_weight is not None:
-        if tuple(class_weight.shape) != (V,) or class_weight.device != dev:
-            raise ValueError(f"class_weight: expected shape ({V},) on {dev}, got {tuple(class_weight.shape)} on "
-                             f"{class_weight.device}")
+        assert tuple(class_weight.shape) == (V,) and class_weight.device == dev
         class_weight = class_weight.contiguous()
     else:
         class_weight = None
@@ -711,9 +691,8 @@ def logit_grad_in_place(logits, targets, lse, a, b, c=None, e=None, f=None, *, l
                         out_dtype=torch.float32) -> torch.Tensor:
     """Overwrite a workspace of raw logits with their logit gradient G; returns G as a (C, V) view.
 
-    ``G = (a s - b onehot(y) - c u_j - e q + f s (log s - log q)) dz/du`` per row, with
-    s = exp(z - lse), q = exp(zr - second_lse), zr the second head's capped, tempered logits,
-    u_j = class_weight[j] (or 1) (dft_ops.backend_contract).
+    G per row as the contract gives it (``dft_ops.backends.protocol``), with s = exp(z - lse),
+    q = exp(zr - second_lse), zr the second head's capped, tempered logits, u_j = class_weight[j] (or 1).
 
     Precision, the label's entry: formed as ``a expm1(log p) + (a - b)``, never ``a s_y - b``
     (fp32 s_y - 1 keeps only the bits of 1 - p that s_y's rounding leaves). And log p should be
@@ -772,3 +751,25 @@ def logit_grad_in_place(logits, targets, lse, a, b, c=None, e=None, f=None, *, l
     # never timed: a trial would overwrite the logits (each family has one configuration)
     GRAD_TUNER.run(launch, ())
     return g
+
+
+class TritonRowPasses:
+    """The :class:`~dft_ops.backends.protocol.RowPasses` of these kernels, for ``dft_ops.backends.one_pass``."""
+
+    def row_stats(self, logits, targets, head: Head, *, with_stats: bool, smoothing: bool,
+                  second_logits) -> ForwardStats:
+        two = second_logits is not None
+        s = row_stats(logits, targets, softcap=head.softcap, temperature=head.temperature, with_stats=with_stats,
+                      smoothing=smoothing, class_weight=head.class_weight if smoothing else None,
+                      second_logits=second_logits, second_softcap=head.second.softcap if two else None)
+        return ForwardStats(s.lse, s.target_logit, s.entropy, s.max_logit, s.argmax, s.smooth_sum, s.second_lse,
+                            s.reverse_kl, s.forward_kl, s.target_logprob)
+
+    def logit_grad(self, logits, targets, head: Head, terms: GradTerms, *, second_logits, out_dtype):
+        two = terms.reads_second_head
+        return logit_grad_in_place(
+            logits, targets, terms.lse, terms.softmax, terms.target, terms.uniform, terms.second, terms.gap,
+            logp=terms.logprob, softcap=head.softcap, temperature=head.temperature,
+            class_weight=head.class_weight if terms.uniform is not None else None,
+            second_logits=second_logits if two else None, second_lse=terms.second_lse if two else None,
+            second_softcap=head.second.softcap if two else None, out_dtype=out_dtype)

@@ -252,9 +252,9 @@ def test_row_stats_edge_sizes():
     u = workspace(1, 300, 300, masked=False)
     y = torch.tensor([7])
     check_close("lse", row_stats(u, y).lse, ref_stats(u, y)["lse"])
-    with pytest.raises(TypeError):
+    with pytest.raises(AssertionError):  # the one-pass head builds the workspace: shapes are asserted
         row_stats(u.double(), y)
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError):
         row_stats(torch.randn(300, 4).T, torch.zeros(4, dtype=torch.long))  # column-major
 
 
@@ -374,7 +374,7 @@ def test_logit_grad_edge_sizes():
     ref = ref_grad(u, y, torch.ones(1), torch.ones(1))
     check_close("G", logit_grad_in_place(_copy_strided(u), y, lse, torch.ones(1), torch.ones(1)), ref,
                 rtol=3e-6, atol=1e-7)
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError):
         logit_grad_in_place(u, y, lse, torch.ones(1), torch.ones(1), e=torch.ones(1))  # no second head
 
 
