@@ -1,12 +1,15 @@
-"""The autograd Function joining the objective table to a backend's two passes.
+"""The autograd Function joining the objective table to a backend's passes.
 
-forward: ``backend.lse_forward`` -> :func:`dft_ops.loss_terms.token_loss` (the objective's values with
-the options, and the G terms). backward: upstream gradient x terms per token -> ``backend.grad_backward``.
+Two passes: forward ``backend.lse_forward`` -> :func:`dft_ops.loss_terms.token_loss` (the objective's values
+with the options, and the G terms); backward: upstream gradient x terms per token -> ``backend.grad_backward``.
+Saved for backward: the inputs themselves (no copies) and O(tokens) floats (log-sum-exps, G terms).
 
-Saved for backward: the inputs themselves (no copies) and O(tokens) floats
-(log-sum-exps, G terms) - never logits. Everything else of the call (layout,
-options, head description, backend) arrives validated in one
-:class:`~dft_ops.loss_call.LossCall`.
+One pass (:mod:`dft_ops.backends.one_pass`): forward ``backend.loss_and_grads`` with ``token_loss`` applied to
+each chunk's statistics; it keeps the fp32 gradients for a unit upstream gradient, and the backward only scales
+them by the upstream number (the loss is "mean" or "sum": the Function reduces it itself).
+
+Never logits. Everything else of the call (layout, options, head description, backend, plan) arrives validated
+in one :class:`~dft_ops.loss_call.LossCall`.
 """
 
 from __future__ import annotations
@@ -19,19 +22,20 @@ from torch import Tensor
 
 from .backends.protocol import GradTerms, Needs
 from .loss_call import LossCall
-from .loss_terms import token_loss
+from .loss_terms import TokenLoss, token_loss
 
 
 class FunctionOutputs(NamedTuple):
-    """The Function's outputs, each (N,) and zero at the positions not computed.
+    """The Function's outputs: the loss, then per-position statistics, each (N,) and zero at the positions
+    not computed.
 
-    ``value`` (float32) is the only differentiable one. ``logprob`` (float32)
-    is always computed; the others only with ``options.return_stats`` (else
-    None): ``entropy`` float32, ``is_top1`` bool, ``lse`` float32 (log-sum-exp
-    of the capped, tempered logits), ``predicted`` int64 (first index of the
-    largest logit), ``z_loss`` float32 (``options.z_loss * lse^2``, the part of
-    ``value`` that is z-loss; None when the option is 0), ``kl`` float32 (the
-    KL to the second head of an ASFT objective, unscaled; None for other objectives).
+    ``value`` (float32) is the only differentiable one: the loss reduced as ``call.divisor`` says (0-d: the
+    sum over the computed tokens divided by it), or per position (N,) for reduction "none" (divisor None).
+    ``logprob`` (float32) is always computed; the others only with ``options.return_stats`` (else
+    None): ``entropy`` float32, ``is_top1`` bool, ``lse`` float32 (log-sum-exp of the capped, tempered
+    logits), ``predicted`` int64 (first index of the largest logit), ``z_loss`` float32 (``options.z_loss *
+    lse^2``, the part of the loss that is z-loss; None when the option is 0), ``kl`` float32 (the KL to the
+    second head of an ASFT objective, unscaled; None for other objectives).
     """
 
     value: Tensor
@@ -57,14 +61,25 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
+def _concatenated(parts: list[TokenLoss]) -> TokenLoss:
+    """The TokenLoss of all computed tokens from those of consecutive chunks (a one-pass forward)."""
+    def cat(values):
+        return None if values[0] is None else torch.cat(values)
+
+    terms = GradTerms(*(cat(list(f)) for f in zip(*(p.terms for p in parts))))
+    return TokenLoss(value=cat([p.value for p in parts]), logp=cat([p.logp for p in parts]),
+                     z_loss=cat([p.z_loss for p in parts]), target_weight=cat([p.target_weight for p in parts]),
+                     terms=terms, kl=cat([p.kl for p in parts]))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-token objective values of ``hidden @ weight.T + bias`` at the positions of a call's layout.
+    """The loss of ``hidden @ weight.T + bias`` at the positions of a call's layout.
 
     ``apply(hidden, weight, bias, call)``: hidden (N, D), weight (V, D), bias
     (V,) | None (the dtypes may differ: ``call.head.compute_dtype`` says what
     the products run in; each gradient comes back in its input's dtype);
     ``call``: the validated :class:`~dft_ops.loss_call.LossCall` (its head's
-    weight and bias are these same tensors).
+    weight and bias are these same tensors; ``call.plan`` one-pass or two passes).
 
     Returns the tuple of :class:`FunctionOutputs` (``FunctionOutputs(*apply(...))``).
 
@@ -75,16 +90,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, call: LossCall):
         head, layout, options = call.head._replace(weight=weight, bias=bias), call.layout, call.options
+        one_pass = call.plan.mode == "onepass"
+        smoothing = options.label_smoothing > 0
         with _no_autocast(hidden.device):
-            stats = call.backend.lse_forward(hidden, head, call.tokens, with_stats=options.return_stats,
-                                             smoothing=options.label_smoothing > 0)
-        loss = token_loss(stats, call)
-        second = head.second
-        second_tensors = tuple(getattr(second, f) for f in _SECOND_FIELDS) if second is not None else (None,) * 3
-        ctx.save_for_backward(hidden, weight, bias, *loss.terms, *second_tensors)
+            if one_pass:
+                parts = []
+
+                def terms_of(chunk_stats, lo, hi):
+                    parts.append(token_loss(chunk_stats, call, slice(lo, hi)))
+                    return parts[-1].terms
+
+                stats, grads = call.backend.loss_and_grads(hidden, head, call.tokens, terms_of, call.needs,
+                                                           with_stats=options.return_stats, smoothing=smoothing)
+                loss = _concatenated(parts) if parts else token_loss(stats, call)
+            else:
+                stats = call.backend.lse_forward(hidden, head, call.tokens, with_stats=options.return_stats,
+                                                 smoothing=smoothing)
+                loss = token_loss(stats, call)
+        if one_pass:
+            # the gradients of a unit upstream gradient, fp32: a "mean" loss's are those of its sum, divided
+            ctx.grads, ctx.input_dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            ctx.save_for_backward()
+        else:
+            second = head.second
+            second_tensors = tuple(getattr(second, f) for f in _SECOND_FIELDS) if second is not None else (None,) * 3
+            ctx.save_for_backward(hidden, weight, bias, *loss.terms, *second_tensors)
         ctx.call = call
 
-        out = FunctionOutputs(layout.scatter(loss.value), layout.scatter(loss.logp))
+        values = layout.scatter(loss.value)
+        reduced = values if call.divisor is None else values.sum() / call.divisor
+        out = FunctionOutputs(reduced, layout.scatter(loss.logp))
         if options.return_stats:
             out = out._replace(entropy=layout.scatter(stats.entropy),
                                is_top1=layout.scatter(stats.target_logit >= stats.max_logit),
@@ -104,18 +139,35 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 "not differentiable, so a loss built from them (e.g. a gradient penalty through "
                 "autograd.grad(..., create_graph=True)) would silently miss its second-order terms"
             )
+        call: LossCall = ctx.call
+        need = ctx.needs_input_grad[:3]
+        if call.plan.mode == "onepass":
+            return (*_scaled(ctx, grad_value / call.divisor, need), *_NOT_DIFFERENTIABLE)
         hidden, weight, bias, *saved = ctx.saved_tensors
         n_terms = len(GradTerms._fields)
         terms, second_tensors = GradTerms(*saved[:n_terms]), saved[n_terms:]
-        call: LossCall = ctx.call
         head = call.head._replace(weight=weight, bias=bias)
         if head.second is not None:
             head = head._replace(second=head.second._replace(**dict(zip(_SECOND_FIELDS, second_tensors))))
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if not (need_hidden or need_weight or need_bias):
+        if not any(need):
             return None, None, None, *_NOT_DIFFERENTIABLE
-        terms = terms.scaled(call.layout.pick(grad_value).to(torch.float32))
+        upstream = call.layout.pick(grad_value) if call.divisor is None else grad_value / call.divisor
+        terms = terms.scaled(upstream.to(torch.float32))
         with _no_autocast(hidden.device):
             grads = call.backend.grad_backward(hidden, head, call.tokens, terms,
-                                               Needs(need_hidden, need_weight, bias is not None and need_bias))
+                                               Needs(need[0], need[1], bias is not None and need[2]))
         return grads.hidden, grads.weight, grads.bias, *_NOT_DIFFERENTIABLE
+
+
+def _scaled(ctx, scale: Tensor, need) -> tuple:
+    """A one-pass call's kept fp32 gradients times the upstream number, each in its input's dtype: one op per
+    gradient (scaled and rounded once), out of place (a second backward with ``retain_graph`` gives the same)."""
+    out = []
+    for wanted, grad, dtype in zip(need, ctx.grads, ctx.input_dtypes):
+        if not wanted or dtype is None:
+            out.append(None)
+            continue
+        # the door asked for exactly the gradients autograd needs (grad mode and requires_grad at forward time)
+        assert grad is not None
+        out.append(torch.mul(grad, scale.to(torch.float32), out=torch.empty_like(grad, dtype=dtype)))
+    return tuple(out)

@@ -26,8 +26,8 @@ from torch import Tensor
 from . import inputs as _inputs
 from . import objectives as _objectives
 from .autograd import FunctionOutputs, LinearCrossEntropyFunction
-from .backends import select_backend
-from .backends.protocol import Head, SecondHead
+from .backends import backward_mode, select_backend
+from .backends.protocol import Head, Needs, SecondHead
 from .backends.sharded import ShardedBackend
 from .distributed import VocabParallel, check_group, is_dtensor, localize
 from .layout import TokenLayout
@@ -188,8 +188,7 @@ def linear_cross_entropy(
     call = door.call
     layout, opts = call.layout, call.options
     out = FunctionOutputs(*LinearCrossEntropyFunction.apply(door.hidden, call.head.weight, call.head.bias, call))
-    divisor = door.divisor
-    loss = _reduce(out.value, layout, opts.reduction, divisor)
+    loss = out.value if call.divisor is not None else layout.to_loss_positions(out.value)
     if not opts.return_stats:
         return loss
     to_positions = layout.to_loss_positions
@@ -197,26 +196,23 @@ def linear_cross_entropy(
         to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
         lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
         z_loss=None if out.z_loss is None else to_positions(out.z_loss),
-        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, opts.reduction, divisor),
+        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, call.divisor),
         kl=None if out.kl is None else to_positions(out.kl))
     return loss, stats
 
 
-def _reduce(values: Tensor, layout: TokenLayout, reduction: str, divisor: float) -> Tensor:
-    """(N,) per-position values -> the loss's reduction ("mean" divides the sum by ``divisor``)."""
-    if reduction == "none":
+def _reduce(values: Tensor, layout: TokenLayout, divisor: float | None) -> Tensor:
+    """(N,) per-position values reduced as the loss is: the sum over ``divisor``, or per loss position (None)."""
+    if divisor is None:
         return layout.to_loss_positions(values)
-    if reduction == "sum":
-        return values.sum()
     return values.sum() / divisor
 
 
 class _Door(NamedTuple):
-    """What the door hands on: hidden as (N, D), the validated call, the "mean" divisor."""
+    """What the door hands on: hidden as (N, D) and the validated call."""
 
     hidden: Tensor
     call: LossCall
-    divisor: float
 
 
 def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: dict, keywords: dict,
@@ -246,22 +242,31 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         if second is not None and not opts.objective.needs_second_head:
             raise ValueError(f"second_head: objective {type(opts.objective).__name__} takes no second head "
                              "(only objectives such as ASFT compare with one)")
-        backend = select_backend(opts, hidden.device)
+        select_backend(opts, hidden.device)  # a backend this device cannot run is refused before any collective
         split = local.vocab_parallel
+        grad = torch.is_grad_enabled()
+        needs = Needs(grad and hidden.requires_grad, grad and weight.requires_grad,
+                      grad and bias is not None and bias.requires_grad)
     except (TypeError, ValueError) as err:
         if hint is not None and dist.is_available() and dist.is_initialized():
             # every rank learns of it, then raises; the same fields as a valid call's check, all zero
-            check_group(hint, hidden=hidden, settings=dict.fromkeys(_COMPARED_OPTIONS, 0),
+            check_group(hint, hidden=hidden, settings=dict.fromkeys((*_COMPARED_OPTIONS, "needs"), 0),
                         tensors=dict.fromkeys(_COMPARED_TENSORS), error=err)
         raise
     if split is not None:
-        split = check_group(split, hidden=hidden, weight=weight, labels=labels, settings=opts.digests(),
+        split = check_group(split, hidden=hidden, weight=weight, labels=labels,
+                            settings={**opts.digests(), "needs": sum(int(n) << i for i, n in enumerate(needs))},
                             tensors={"class_weight": opts.class_weight, "position_ids": position_ids,
                                      **{name: batch[name] for name in TOKEN_INPUTS}},
                             sharded_dtensor=local.from_dtensor)
         opts = opts.replace(vocab_parallel=split)
-        backend = ShardedBackend(backend, split)
     V, D = (weight.shape[0] if split is None else split.vocab_size), hidden.shape[-1]
+    compute = _inputs.compute_dtype("weight", hidden, weight)
+    plan = backward_mode(opts, device=hidden.device, vocab_size=V, hidden_size=D, compute_dtype=compute, needs=needs,
+                         second_head=second is not None)
+    backend = select_backend(opts, hidden.device, plan)
+    if split is not None:
+        backend = ShardedBackend(backend, split)
     layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
     to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
     class_weight = opts.class_weight
@@ -288,12 +293,13 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
     else:
         divisor = max(layout.n_computed, 1)
-    head = Head(weight, bias, opts.softcap, opts.temperature, _inputs.compute_dtype("weight", hidden, weight),
-                class_weight, second)
+    divisor = {"none": None, "sum": 1.0}.get(opts.reduction, divisor)
+    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second)
     call = LossCall(layout, opts, head, backend, V,
                     token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
-                    segments=layout.segments() if opts.objective.needs_segments else None)
-    return _Door(hidden.reshape(-1, D), call, divisor)
+                    segments=layout.segments() if opts.objective.needs_segments else None,
+                    divisor=divisor, plan=plan, needs=needs)
+    return _Door(hidden.reshape(-1, D), call)
 
 
 def _check_token_inputs(objective, batch: dict, loss_shape: tuple, shift: int, device) -> dict[str, Tensor]:

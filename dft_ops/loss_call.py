@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .backends.protocol import Backend, Head, Tokens
+from .backends import Plan
+from .backends.protocol import Backend, Head, Needs, Tokens
 from .layout import TokenLayout
 from .options import LossOptions
 
@@ -30,6 +31,9 @@ class LossCall:
         vocab_size: V of the whole vocabulary (the group's, under vocabulary parallelism).
         token_inputs: the objective's per-token inputs by name, each (M,) float32 aligned with the rows.
         segments: (M,) int64 sequence ids for objectives with ``needs_segments``, else None.
+        divisor: the "mean" reduction's divisor (1.0 for "sum"), or None for reduction "none".
+        plan: how the call runs (:class:`~dft_ops.backends.Plan`: one-pass or two passes), decided at the door.
+        needs: which gradients the call will need (grad mode and ``requires_grad`` at the door).
     """
 
     layout: TokenLayout
@@ -39,6 +43,9 @@ class LossCall:
     vocab_size: int
     token_inputs: dict[str, Tensor] = field(default_factory=dict)
     segments: Tensor | None = None
+    divisor: float | None = 1.0
+    plan: Plan = Plan("two-pass", "")
+    needs: Needs = Needs(True, True, False)
 
     @property
     def tokens(self) -> Tokens:

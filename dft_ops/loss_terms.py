@@ -63,26 +63,32 @@ class TokenLoss(NamedTuple):
     kl: Tensor | None = None
 
 
-def token_loss(stats: ForwardStats, call: LossCall) -> TokenLoss:
-    """Loss values and G terms of the M computed tokens of ``call``, from the backend's forward statistics.
+def token_loss(stats: ForwardStats, call: LossCall, part: slice = slice(None)) -> TokenLoss:
+    """Loss values and G terms of the computed tokens ``part`` of ``call`` (all M by default), from the
+    backend's forward statistics of those tokens.
 
     ``stats.smooth_sum`` is there when the call has label smoothing (the
     forward ran with ``smoothing=True`` and the head's class weights); the
-    targets are the call's (global ids under vocabulary parallelism).
+    targets are the call's (global ids under vocabulary parallelism). A part
+    (a one-pass chunk) needs an objective without ``needs_segments``.
     """
     options, V = call.options, call.vocab_size
     objective, eps, z_loss = options.objective, options.label_smoothing, options.z_loss
     class_weight = options.class_weight
     lse = stats.lse
-    logp = stats.target_logit - lse
-    batch = TokenBatch(logp=logp, inputs=call.token_inputs, segments=call.segments)
+    logp = stats.logprob
+    whole = part == slice(None)
+    assert whole or call.segments is None, "sequence-level objectives see every token at once"
+    inputs = call.token_inputs if whole else {name: t[part] for name, t in call.token_inputs.items()}
+    targets = call.layout.row_targets if whole else call.layout.row_targets[part]
+    batch = TokenBatch(logp=logp, inputs=inputs, segments=call.segments)
     value, weight = (_per_token(objective, name, getattr(objective, name)(batch), logp) for name in ("value", "weight"))
 
     target_weight = None
     label_factor = 1.0 - eps  # (1 - eps) * cw_y, a tensor with class weights
     if class_weight is not None:
         # clamped gather: the targets were checked against V, and a clamp costs nothing next to an illegal read
-        target_weight = class_weight.to(torch.float32).gather(0, call.layout.row_targets.clamp(0, V - 1))
+        target_weight = class_weight.to(torch.float32).gather(0, targets.clamp(0, V - 1))
         label_factor = label_factor * target_weight
     value = label_factor * value
     softmax_factor = label_factor
@@ -99,7 +105,7 @@ def token_loss(stats: ForwardStats, call: LossCall) -> TokenLoss:
         z_value = z_loss * lse * lse
         value = value + z_value
         softmax = softmax + (2.0 * z_loss) * lse
-    terms = GradTerms(lse=lse, softmax=softmax, target=weight * label_factor, uniform=uniform)
+    terms = GradTerms(lse=lse, softmax=softmax, target=weight * label_factor, uniform=uniform, logprob=logp)
     kl = None
     if isinstance(objective, ASFT):
         kl, terms = _kl_term(stats, objective, terms)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from . import objectives as _objectives
-from .backends.protocol import BACKWARD_MODES, DEFAULT_WORKSPACE_MB
+from .backends.protocol import BACKWARD_MODES
 from .distributed.vocab_parallel import VocabParallel
 from .inputs import check_dense
 
@@ -101,8 +101,10 @@ def _positive_finite(name, value) -> float | None:
     return value
 
 
-def _workspace_mb(name, value) -> float:
-    value = _real(name, value, "a positive number of MiB")
+def _workspace_mb(name, value) -> float | None:
+    if value is None:
+        return None
+    value = _real(name, value, "a positive number of MiB or None")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}: must be a positive finite number of MiB, got {value}")
     return value
@@ -198,11 +200,13 @@ class LossOptions:
             products as a high and a low part (elementwise-accurate gradients).
         vocab_parallel: a :class:`dft_ops.VocabParallel` (the weight and bias
             are this rank's rows of a head split over a process group), or None.
-        backward_mode: the Triton backward: "auto" (= "gemm", or "fused" with
-            filter_eps), "gemm" (vocabulary splits and cuBLAS products, a
-            bounded workspace) or "fused" (one atomic kernel, no workspace).
-            See docs/backward.md.
-        workspace_mb: bound of the "gemm" backward's workspace in MiB (default 256).
+        backward_mode: "auto" ("onepass" where it applies, else "gemm";
+            "fused" with filter_eps), "onepass" (the gradients formed in the
+            forward, every product in BLAS), "gemm" (two passes, vocabulary
+            splits and cuBLAS products) or "fused" (two passes, one atomic
+            kernel, no workspace). See docs/backward.md.
+        workspace_mb: bound of the workspace in MiB, or None for the mode's
+            default ("gemm": 256; "onepass": the smallest fast chunk).
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name), and so are combinations
@@ -229,7 +233,7 @@ class LossOptions:
     precise: bool = _option(False, _bool)
     vocab_parallel: VocabParallel | None = _option(None, _vocab_parallel)
     backward_mode: str = _option("auto", _one_of(BACKWARD_MODES))
-    workspace_mb: float = _option(float(DEFAULT_WORKSPACE_MB), _workspace_mb)
+    workspace_mb: float | None = _option(None, _workspace_mb)
 
     def __post_init__(self):
         for f in fields(self):
@@ -243,6 +247,18 @@ class LossOptions:
             raise ValueError("filter_eps: gradient filtering skips tiles of backward_mode='fused'; the 'gemm' "
                              "backward computes every product in cuBLAS. Use backward_mode='fused' (or 'auto') "
                              "with filter_eps.")
+        if self.backward_mode == "onepass" and self.filter_eps is not None:
+            raise ValueError("filter_eps: gradient filtering skips tiles of backward_mode='fused'; the 'onepass' "
+                             "head computes every product in BLAS. Use backward_mode='fused' (or 'auto') with "
+                             "filter_eps.")
+        if self.backward_mode == "onepass" and self.reduction == "none":
+            raise ValueError("backward_mode: 'onepass' forms the gradients in the forward for one upstream number, "
+                             "which reduction='none' (an upstream gradient per token) does not give; use "
+                             "reduction 'mean' or 'sum', or backward_mode 'auto' / 'gemm'")
+        if self.backward_mode == "onepass" and self.objective.needs_segments:
+            raise ValueError(f"backward_mode: 'onepass' weighs each token by its own statistics; "
+                             f"{type(self.objective).__name__} needs whole sequences first; use backward_mode "
+                             "'auto' or 'gemm'")
         if self.vocab_parallel is not None and self.objective.needs_second_head:
             raise ValueError(f"vocab_parallel: {type(self.objective).__name__} is not supported with a "
                              "vocabulary-parallel head yet (the second head's log-sum-exp and KL sums would need "

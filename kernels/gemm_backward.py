@@ -39,7 +39,7 @@ from torch import Tensor
 from dft_ops.backends.protocol import DEFAULT_WORKSPACE_MB, MB, Grads, GradTerms, Head, Needs, Tokens, assert_inputs
 from . import logit_grad
 from .launch import Config, bucket, interpreting, kernel_operands, round_down
-from .products import add_product, write_product
+from dft_ops.backends.products import add_product, write_product
 from .second_head import second_head_key
 
 # Splits narrower than this many tiles make the fp32 d(hidden) accumulator's traffic (8 bytes

@@ -4,7 +4,7 @@ In this process: the merge of per-slice statistics (the algebra the ranks'
 all-gather feeds) against the whole vocabulary on both backends, and the
 option's checks. In a spawned two-rank job (gloo on CPU,
 tests/vocab_parallel_worker.py): the functional API with the explicit option on
-both backends (CE, DFT, CHORD, PSFT's per-token input, a sequence objective;
+both backends, one-pass (chunks of 8 tokens, "auto") and two passes (CE, DFT, CHORD, PSFT's per-token input, a sequence objective;
 softcap, bias, ignored tokens, shift, reduction "none" with an upstream gradient,
 TokenStats, uneven, reversed and empty slices, bf16, caller-side sequence
 parallelism), DTensor heads (Shard(0), Replicate, sequence-sharded hidden
@@ -31,7 +31,8 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}  # bf16: d(hidden) summed over ranks af
 
 EXACT = [f"{backend}-{case}" for backend in ("torch", "triton")
          for case in ("ce", "dft-bias-softcap-shift", "chord-none-upstream-stats", "psft-per-token-input",
-                      "sequence-dft-packed", "dft-empty-slice", "dft-peer-options-stats")] + [
+                      "sequence-dft-packed", "dft-empty-slice", "dft-peer-options-stats",
+                      "dft-bias-softcap-shift-two-pass", "dft-empty-slice-two-pass")] + [
     "torch-dft-reversed-slices", "torch-dft-all-ignored", "torch-dft-bf16", "torch-explicit-sequence-parallel",
     "dtensor-shard0", "dtensor-shard0-replicated-hidden", "dtensor-shard0-sequence-parallel",
     "dtensor-replicate", "group-of-one"]

@@ -29,6 +29,10 @@ from rank_harness import serve
 V, D, SHAPE = 131, 32, (3, 9)  # not multiples of any block size; rank 0 holds rows [0, 70) unless said
 CUT = 70
 
+# one-pass chunks of 8 tokens: the calls of "auto" (one-pass where it applies) span several chunks, each
+# chunk's statistics all-gathered across the ranks
+dft_ops.backends.one_pass.MIN_CHUNK = dft_ops.backends.one_pass.GRANULE = 8
+
 
 def inputs(dtype=torch.float32, shape=SHAPE, vocab=V):
     """The same random hidden (*shape, D), weight (vocab, D), labels, bias on every rank; logits of order 3."""
@@ -321,8 +325,11 @@ def group_of_one():
                     return ({},)
                 raise
             raise AssertionError("a rank outside the group was not refused")
-        (ref_loss, ref_stats, ref_grads) = loss_stats_grads(hidden, weight, bias, labels, return_stats=True)
-        loss, stats, grads = loss_stats_grads(hidden, weight, bias, labels, return_stats=True,
+        # two passes: the very same computation as without the option (one-pass merges its statistics in
+        # float64 across the group, which rounds differently from one rank's own log-probs)
+        (ref_loss, ref_stats, ref_grads) = loss_stats_grads(hidden, weight, bias, labels, return_stats=True,
+                                                            backward_mode="gemm")
+        loss, stats, grads = loss_stats_grads(hidden, weight, bias, labels, return_stats=True, backward_mode="gemm",
                                               vocab_parallel=VocabParallel(0, V, group=group))
         # no gather: rank 1 is not in this group, and holds every row anyway
         errors = {n: rel_err(g, r) for n, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads)}
@@ -345,6 +352,10 @@ for backend in ("torch", "triton"):
         f"{backend}-dft-empty-slice": explicit(((0, V), (V, V)), return_stats=True, backend=backend),
         f"{backend}-dft-peer-options-stats": explicit(softcap=5.0, return_stats=True, backend=backend,
                                                       **peer_options()),
+        f"{backend}-dft-bias-softcap-shift-two-pass": explicit(softcap=4.0, shift=True, backend=backend,
+                                                               backward_mode="gemm"),
+        f"{backend}-dft-empty-slice-two-pass": explicit(((0, V), (V, V)), return_stats=True, backend=backend,
+                                                        backward_mode="gemm"),
     })
 CASES.update({
     "torch-dft-reversed-slices": explicit(((61, V), (0, 61)), return_stats=True),

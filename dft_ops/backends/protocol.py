@@ -6,6 +6,13 @@ logits of one head without ever writing them to memory::
     lse_forward(hidden, head, tokens, *, with_stats=False, smoothing=False) -> ForwardStats
     grad_backward(hidden, head, tokens, terms, needs) -> Grads
 
+or, as a :class:`OnePassBackend`, both in one pass over chunks of tokens whose
+full-vocabulary logits are held in a bounded workspace (the per-token terms come
+from a callback that applies the objective to each chunk's statistics)::
+
+    loss_and_grads(hidden, head, tokens, terms_of, needs, *, with_stats=False, smoothing=False)
+        -> (ForwardStats, Grads)      # Grads in fp32, for a unit upstream gradient
+
 ``hidden`` is (N, D); ``head`` (:class:`Head`) describes the output head (its
 weight and bias, soft-cap, temperature, the dtype its products run in, class
 weights, an optional :class:`SecondHead`); ``tokens`` (:class:`Tokens`) says
@@ -56,16 +63,18 @@ checks every argument once, at the door); backends only assert shapes
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKWARD_MODES = ("auto", "gemm", "fused")
-"""Backward modes of the Triton backend (docs/backward.md): "gemm" = vocabulary splits, G in a
-bounded workspace, cuBLAS products; "fused" = one kernel, fp32 atomics, no workspace;
-"auto" = "gemm", or "fused" when gradient filtering is asked for."""
+BACKWARD_MODES = ("auto", "onepass", "gemm", "fused")
+"""Backward modes (docs/backward.md): "onepass" = the gradients formed in the forward, chunk by chunk, every
+product in BLAS (6NDV); "gemm" = two passes, G per vocabulary split in a bounded workspace, cuBLAS
+products (8NDV); "fused" = two passes, one Triton kernel with fp32 atomics, no workspace;
+"auto" = "onepass" where it applies (dft_ops.backends.backward_mode), else "gemm" ("fused" with
+gradient filtering). The PyTorch backend runs "onepass" or its own two passes."""
 DEFAULT_WORKSPACE_MB = 256
 """Default bound of the "gemm" backward's workspace, MiB (G in the compute dtype, staged rows, scratch)."""
 MB = 2**20
@@ -182,6 +191,8 @@ class ForwardStats(NamedTuple):
         second_lse: log-sum-exp of the second head's logits r; with a second head only.
         reverse_kl: KL(p || q) = E_p[z - r] - lse + lse2 (p = softmax(z), q = softmax(r)); with a second head.
         forward_kl: KL(q || p) = lse - lse2 - E_q[z - r]; with a second head.
+        target_logprob: log p of the target, computed without the cancellation of
+            ``target_logit - lse`` (a backend that has the whole row gives it; None: the difference).
     """
 
     lse: Tensor
@@ -193,6 +204,12 @@ class ForwardStats(NamedTuple):
     second_lse: Tensor | None = None
     reverse_kl: Tensor | None = None
     forward_kl: Tensor | None = None
+    target_logprob: Tensor | None = None
+
+    @property
+    def logprob(self) -> Tensor:
+        """(M,) log p of the target: ``target_logprob`` where the backend gives it, else ``target_logit - lse``."""
+        return self.target_logprob if self.target_logprob is not None else self.target_logit - self.lse
 
 
 class GradTerms(NamedTuple):
@@ -206,6 +223,9 @@ class GradTerms(NamedTuple):
         second: e_t, the factor of the second head's softmax q, or None for 0.
         gap: f_t, the factor of ``s (log s - log q)``, or None for 0.
         second_lse: the second head's log-sum-exp (read by e and f), or None.
+        logprob: log p of the target, consistent with ``lse`` (the whole vocabulary's under vocabulary
+            parallelism), or None: what a one-pass backend forms the label's entry from, ``a expm1(logprob) +
+            (a - b)`` (two-pass backends form ``a s_y - b``).
     """
 
     lse: Tensor
@@ -215,6 +235,7 @@ class GradTerms(NamedTuple):
     second: Tensor | None = None
     gap: Tensor | None = None
     second_lse: Tensor | None = None
+    logprob: Tensor | None = None
 
     @property
     def reads_second_head(self) -> bool:
@@ -224,7 +245,7 @@ class GradTerms(NamedTuple):
     def scaled(self, upstream: Tensor) -> "GradTerms":
         """The coefficients times a per-token upstream gradient (M,) (lse and second_lse unchanged)."""
         return self._replace(**{name: upstream * t for name, t in self._asdict().items()
-                                if t is not None and name not in ("lse", "second_lse")})
+                                if t is not None and name not in ("lse", "second_lse", "logprob")})
 
 
 class Needs(NamedTuple):
@@ -263,6 +284,46 @@ class Backend(Protocol):
 
     def grad_backward(self, hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms,
                       needs: Needs) -> Grads: ...
+
+
+TermsOf = Callable[[ForwardStats, int, int], "GradTerms"]
+"""``terms_of(stats, lo, hi)``: the G terms of computed tokens [lo, hi) from their statistics (a one-pass
+backend's callback: the objective table applied to one chunk; a unit upstream gradient)."""
+
+
+@runtime_checkable
+class OnePassBackend(Backend, Protocol):
+    """A backend that also computes the loss's statistics and its gradients in one pass (6NDV).
+
+    ``loss_and_grads`` walks the computed tokens in chunks: the chunk's logits of
+    the whole vocabulary by one product into a workspace, its statistics,
+    ``terms_of`` for its G terms, G in place, then d(hidden), d(weight) and
+    d(bias) by products. Returns the statistics of all M tokens and the fp32
+    gradients for a unit upstream gradient (None where ``needs`` says so).
+    ``chunk`` (tokens per chunk) is fixed when the backend is built.
+    """
+
+    chunk: int
+
+    def loss_and_grads(self, hidden: Tensor, head: Head, tokens: Tokens, terms_of: TermsOf, needs: Needs, *,
+                       with_stats: bool = False, smoothing: bool = False) -> tuple[ForwardStats, Grads]: ...
+
+
+class RowPasses(Protocol):
+    """The two passes over a chunk's (C, V) fp32 logit workspace of a one-pass backend.
+
+    ``logits`` hold the raw logits ``u`` (bias added), any row stride >= V and unit
+    column stride; ``second_logits`` the second head's, the same shape.
+    """
+
+    def row_stats(self, logits: Tensor, targets: Tensor, head: Head, *, with_stats: bool, smoothing: bool,
+                  second_logits: Tensor | None) -> ForwardStats:
+        """The chunk's ForwardStats (``target_logprob`` included)."""
+
+    def logit_grad(self, logits: Tensor, targets: Tensor, head: Head, terms: GradTerms, *,
+                   second_logits: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+        """G of the chunk written over ``logits`` (a (C, V) view of ``out_dtype``; 16-bit G in each row's first
+        bytes); the label entry formed from ``terms.logprob`` as ``a expm1(logprob) + (a - b)``."""
 
 
 def fp32_gradients(hidden: Tensor, head: Head, needs: Needs, *, weight: bool = True) -> Grads:

@@ -18,6 +18,11 @@ with the same two passes (the option and the group checks live in
   this rank's share and is all-reduced over the group (or left to the caller,
   ``reduce_hidden_grad=False``, whose sequence-parallel gather reduce-scatters it).
 
+- ``loss_and_grads`` (a one-pass local backend) runs the local chunk loop;
+  each chunk's partials are all-gathered and merged before the objective table
+  sees them (the chunks, planned from the whole vocabulary's shapes, are the
+  same on every rank), d(hidden) is all-reduced once at the end.
+
 Communication per call: one all-gather of a few int64 per rank when the call
 is checked (:func:`~dft_ops.distributed.vocab_parallel.check_group`), one
 all-gather of ``k x M`` float64 per rank in the forward (k = 3 to 6
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from ..distributed.vocab_parallel import VocabParallel, all_gather, checked, group_of
 from .partials import combine_partials
-from .protocol import ForwardStats, Grads, Head, Tokens
+from .protocol import ForwardStats, Grads, Head, Needs, TermsOf, Tokens, fp32_gradients
 
 __all__ = ["ShardedBackend", "shard_partials", "merge_partials"]
 
@@ -110,16 +115,49 @@ class ShardedBackend:
         head = head._replace(class_weight=None if cw is None else cw[self.vp.start:self.vp.stop])
         return head, tokens._replace(targets=tokens.targets - self.vp.start)
 
+    @property
+    def chunk(self) -> int:
+        return self.local.chunk
+
+    def _merged(self, stats: ForwardStats, *, with_stats: bool, smoothing: bool) -> ForwardStats:
+        """The whole vocabulary's statistics from every rank's (one all-gather)."""
+        mine = shard_partials(stats, self.vp.start, with_stats=with_stats, smoothing=smoothing)
+        everyone = mine.new_empty((self.world * mine.shape[0], mine.shape[1]))
+        all_gather(everyone, mine, self.group)
+        return merge_partials(everyone.reshape(self.world, *mine.shape), with_stats=with_stats, smoothing=smoothing)
+
     def lse_forward(self, hidden, head: Head, tokens: Tokens, *, with_stats=False, smoothing=False) -> ForwardStats:
         if self.vp.rows:
             stats = self.local.lse_forward(hidden, *self._local(head, tokens), with_stats=with_stats,
                                            smoothing=smoothing)
         else:
             stats = _empty_stats(tokens.count, hidden.device, with_stats=with_stats, smoothing=smoothing)
-        mine = shard_partials(stats, self.vp.start, with_stats=with_stats, smoothing=smoothing)
-        everyone = mine.new_empty((self.world * mine.shape[0], mine.shape[1]))
-        all_gather(everyone, mine, self.group)
-        return merge_partials(everyone.reshape(self.world, *mine.shape), with_stats=with_stats, smoothing=smoothing)
+        return self._merged(stats, with_stats=with_stats, smoothing=smoothing)
+
+    def loss_and_grads(self, hidden, head: Head, tokens: Tokens, terms_of: TermsOf, needs: Needs, *,
+                       with_stats=False, smoothing=False) -> tuple[ForwardStats, Grads]:
+        merged = []
+
+        def merged_terms_of(local_stats: ForwardStats, lo: int, hi: int):
+            # the objective sees the whole vocabulary's statistics; the local G uses the global lse
+            merged.append(self._merged(local_stats, with_stats=with_stats, smoothing=smoothing))
+            return terms_of(merged[-1], lo, hi)
+
+        if self.vp.rows:
+            _, grads = self.local.loss_and_grads(hidden, *self._local(head, tokens), merged_terms_of, needs,
+                                                 with_stats=with_stats, smoothing=smoothing)
+        else:  # no rows here: the same chunks' collectives, nothing computed
+            grads = fp32_gradients(hidden, head, needs)
+            M = tokens.count
+            for lo in range(0, M, self.chunk):
+                hi = min(lo + self.chunk, M)
+                merged_terms_of(_empty_stats(hi - lo, hidden.device, with_stats=with_stats, smoothing=smoothing),
+                                lo, hi)
+        if grads.hidden is not None and self.vp.reduce_hidden_grad:
+            dist.all_reduce(grads.hidden, group=self.group)  # fp32 shares, summed once
+        if not merged:
+            return _empty_stats(0, hidden.device, with_stats=with_stats, smoothing=smoothing), grads
+        return ForwardStats(*(torch.cat(f) if f[0] is not None else None for f in zip(*merged))), grads
 
     def grad_backward(self, hidden, head: Head, tokens: Tokens, terms, needs) -> Grads:
         if self.vp.rows:

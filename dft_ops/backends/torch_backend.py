@@ -160,7 +160,7 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden, d_weight, d_bias = fp32_gradients(hidden, head, needs)
-    lse, a_all, b_all, c_all, e_all, f_all, lse2 = (t.float() if t is not None else None for t in terms)
+    lse, a_all, b_all, c_all, e_all, f_all, lse2 = (t.float() if t is not None else None for t in terms[:7])
     reads_second = terms.reads_second_head
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
         chunk = _Chunk(hidden, head if reads_second else head._replace(second=None), idx)

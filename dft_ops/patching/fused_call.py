@@ -32,7 +32,7 @@ from ..callbacks import recorder_of
 from ..backends.protocol import SecondHead
 from ..distributed import like_linear_output, local
 from ..functional import linear_cross_entropy
-from .head import check_head, forward_slot, output_head, replaced_attribute
+from .head import check_head, forward_slot, output_head, replaced_attribute, sharded_by_engine
 
 
 class FusedCall:
@@ -88,8 +88,14 @@ class FusedCall:
         if recorder is not None and not recorder.enabled:
             recorder = None
         patch_options = self.state.options
+        # a sharding engine: the one-pass head's unsharded fp32 d(weight) would outweigh the head's shard
+        mode = patch_options.backward_mode
+        if mode == "auto" and sharded_by_engine(head, self.causal_lm):
+            mode = "gemm"
+        if mode == "onepass" and self.per_token:  # a protocol's per-token loss has a per-token upstream gradient
+            mode = "auto"
         options = patch_options.replace(
-            ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
+            backward_mode=mode, ignore_index=self.ignore_index, softcap=transform.softcap, shift=self.shift,
             reduction="none" if self.per_token else patch_options.reduction,
             return_stats=self.per_token or patch_options.return_stats or recorder is not None)
         # dtypes as nn.Linear would compute (the autocast dtype under autocast): linear_cross_entropy's rule

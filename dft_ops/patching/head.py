@@ -55,6 +55,20 @@ def head_shape(head: nn.Linear) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def sharded_by_engine(head: nn.Module, causal_lm: nn.Module) -> bool:
+    """Whether an engine shards the head's parameters between its forwards: FSDP2 (``fully_shard`` on the head
+    or on the model) or DeepSpeed ZeRO-3 (its parameters carry ``ds_id``).
+
+    The one-pass head keeps an unsharded fp32 d(weight) (4 V D bytes) from forward to backward on every
+    rank, more than such an engine holds of the head; "auto" runs two passes there.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()
+    return isinstance(head, FSDPModule) or isinstance(causal_lm, FSDPModule) or hasattr(head.weight, "ds_id")
+
+
 def forward_slot(module: nn.Module) -> str:
     """The attribute that ``module.__call__`` ends up calling for the module's own computation.
 

@@ -1,6 +1,7 @@
-"""The GEMM backward's matrix products: cuBLAS with fp32 accumulation, whatever the torch version.
+"""Matrix products with fp32 accumulation, whatever the torch version: cuBLAS on CUDA, BLAS elsewhere.
 
-Two operations, both on 2-D operands of one dtype (fp32, bf16 or fp16):
+Shared by the Triton "gemm" backward (``dft_ops.kernels.gemm_backward``) and the one-pass head
+(:mod:`dft_ops.backends.one_pass`). Three operations, on 2-D operands of one dtype (fp32, bf16 or fp16):
 
 - :func:`add_product`: ``acc += a @ b`` into an fp32 accumulator. 16-bit
   operands on CUDA use ``torch.addmm(..., out_dtype=torch.float32)`` in place
@@ -11,6 +12,7 @@ Two operations, both on 2-D operands of one dtype (fp32, bf16 or fp16):
   input dtypes the ``out_dtype`` overloads accept.
 - :func:`write_product`: ``out = a @ b`` in the operands' dtype, accumulated in
   fp32 and rounded once (cuBLAS does exactly that for 16-bit GEMMs).
+- :func:`fp32_product`: ``out = a @ b`` into an fp32 tensor (the one-pass head's logits and d(hidden)).
 
 Off CUDA (the tests on CPU) both run as fp32 matmuls of the operands upcast,
 which is what cuBLAS computes (products of 16-bit values are exact in fp32);
@@ -40,6 +42,20 @@ def add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def fp32_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (fp32, (m, n), any row stride) = a (m, k) @ b (k, n), accumulated in fp32."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+        return
+    method = accumulate_method(out.device)
+    if method == "addmm_out_dtype":
+        torch.addmm(out, a, b, beta=0, out_dtype=torch.float32, out=out)
+    elif method == "mm_out_dtype":
+        out.copy_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        torch.mm(a.float(), b.float(), out=out)
 
 
 def write_product(out: Tensor, a: Tensor, b: Tensor) -> None:
