@@ -34,6 +34,12 @@ HEADS = {h.name: h for h in (
     Head("qwen2.5-0.5b", 896, 151936),
     # CPU-sized, deliberately not a multiple of the usual tile sizes
     Head("tiny", 256, 10000),
+    # the CPU goal's head (issue 16): the one-pass head against the three products' time on this CPU
+    Head("cpu-goal", 1024, 32000),
+    # the published anchors of issue 16 at D 4096: materialized PyTorch (59 ms on an H100) and a Hopper
+    # CuTe fused head (50.4 ms) at 8k tokens
+    Head("4096x151936", 4096, 151936),
+    Head("4096x131072", 4096, 131072),
 )}
 
 
@@ -76,12 +82,20 @@ LONG_CONTEXT = ("qwen2.5-7b", 128 * K)
 # providers that materialize N x V logits (76 GB in fp32 at the long-context case): not run there
 MATERIALIZING = ("torch", "torch-compile", "torch-lce")
 
+# issue 16's anchors at 8k tokens (DFT and CE): dft-ops as shipped against materialized PyTorch and the peers
+ANCHORS = {"4096x151936": 8 * K, "4096x131072": 8 * K}
+
 # DFT first: the goal lines compare every peer on DFT and need CE of dft-ops only
 _GOAL_GROUPS = [
     *(Group((head,), (n,), ("dft", "ce"), modes=("forward+backward",)) for head, n in GOAL_TOKENS.items()),
     Group((LONG_CONTEXT[0],), (LONG_CONTEXT[1],), ("dft",), ("forward+backward",), "non-materializing"),
+    *(Group((head,), (n,), ("dft", "ce"), modes=("forward+backward",)) for head, n in ANCHORS.items()),
 ]
-_REAL_HEADS = tuple(h for h in HEADS if h != "tiny")
+_REAL_HEADS = ("llama3-8b", "qwen2.5-7b", "gemma2-2b", "qwen2.5-0.5b")
+CPU_GOAL = ("cpu-goal", 4 * 1024)
+# the CPU goal's providers: dft-ops as shipped (its one-pass head on this backend), its two passes, and every
+# peer with a CPU path (Liger is Triton-only; Cut Cross-Entropy runs its torch.compile implementation)
+CPU_GOAL_PROVIDERS = ("dft-ops", "dft-ops-two-pass", "torch", "torch-compile", "torch-lce", "cce-exact", "trl")
 
 # the "gemm" backward's workspace sizes of --workspace-sweep (MiB), and its cases: time and
 # memory of the backward against the workspace, where it matters (long sequences, large heads)
@@ -90,6 +104,9 @@ WORKSPACE_SWEEP_MB = (16, 32, 64, 128, 256, 512, 1024, 2048)
 SUITES: dict[str, list[Group]] = {
     # `make bench` without a GPU: every CPU-capable provider on the tiny head, in a few minutes
     "cpu": [Group(("tiny",), (256, 1024, 2048))],
+    # the CPU goal (`make bench` without a GPU runs it after "cpu"): N=4096, D=1024, V=32000 fp32,
+    # forward+backward, against the three products' time measured in the same run (python -m bench --goals)
+    "cpu-goal": [Group((CPU_GOAL[0],), (CPU_GOAL[1],), ("dft", "ce"), ("forward+backward",), CPU_GOAL_PROVIDERS)],
     # exactly what `--goals` reads (bf16, forward+backward, peaked inputs), most wanted first: the
     # headline of a GPU window (bench/gpu_run.sh call2)
     "goals": _GOAL_GROUPS,

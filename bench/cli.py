@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import goals, report
-from .cases import (DTYPES, HEADS, INPUT_KINDS, MODES, OBJECTIVES, SUITES, WORKSPACE_SWEEP_MB, Group, expand,
-                    parse_head, parse_tokens)
+from . import goals, measure, report
+from .cases import (CPU_GOAL, DTYPES, HEADS, INPUT_KINDS, MODES, OBJECTIVES, SUITES, WORKSPACE_SWEEP_MB, Group,
+                    expand, parse_head, parse_tokens)
 from .environment import RESULTS_DIR, SCRATCH_DIR, git_commit, slug, versions
 from .providers import PROVIDERS, dft_ops_workspace_provider
 from .run import Session, run_case
@@ -29,6 +29,8 @@ suites: cpu   - the tiny head, 256/1k/2k tokens, every mode (the default without
         goals - only what --goals reads, DFT first: llama3-8b @16k, gemma2-2b @8k (all providers), qwen2.5-7b
                 @128k (every provider that does not materialize logits); a GPU window's headline
         workspace - the "gemm" backward at each --workspace-sweep size (what --workspace-sweep runs by default)
+        cpu-goal - N=4096, D=1024, V=32000 fp32 forward+backward, dft-ops and every CPU peer, against the
+                three products' time measured in the same run; ends with the CPU goal lines
 --shapes/--tokens replace the suite's heads and token counts; --objectives/--modes filter it.
 
 examples:
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
         return 2
     if args.goals:
         print(goals.report(args.out))
+        print()
+        print(goals.cpu_report(args.out))
         return 0
     if args.report:
         return _rebuild_reports(args.out, not args.no_plots)
@@ -192,6 +196,13 @@ def main(argv=None) -> int:
         report.write_markdown(args.out / f"{stem}.md", data, sorted(args.out.glob(f"{stem}-*.png")))
 
     session.emit = emit
+    floor_case = next((c for c in cases if c.head.name == CPU_GOAL[0] and c.tokens == CPU_GOAL[1]), None)
+    if floor_case is not None and not args.check_only:
+        # the CPU goal's yardstick, measured in this run with the same meter: the three products of its shapes
+        run_info["three_products"] = measure.three_products(meter, floor_case.tokens, floor_case.head.hidden,
+                                                            floor_case.head.vocab, dtype, deadline)
+        print(f"  three products of N={floor_case.tokens}, D={floor_case.head.hidden}, V={floor_case.head.vocab}: "
+              f"{run_info['three_products']['ms_median']:.0f} ms (median)", flush=True)
     t0 = time.monotonic()
     for i, case in enumerate(cases, 1):
         if session.out_of_time():
@@ -222,6 +233,9 @@ def main(argv=None) -> int:
     if suite == "goals" or (meter.kind == "cuda" and suite == "gpu"):
         print()
         print(goals.report(args.out))
+    if floor_case is not None:
+        print()
+        print(goals.cpu_report(args.out))
     return 0
 
 

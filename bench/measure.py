@@ -144,6 +144,29 @@ class GpuMeter:
         return 2 * n**3 / (ms * 1e-3) / 1e12, f"{n}x{n}x{n} torch.matmul, random data"
 
 
+def three_products(meter, N: int, D: int, V: int, dtype: torch.dtype, deadline: float | None = None) -> dict:
+    """The floor of a fused linear + loss step measured on ``meter``: the three products of its shapes,
+    logits (N x D x V), d(hidden) and d(weight), fp32 outputs, nothing else (the same meter's timing).
+
+    Returns a Timing summary (ms) and the FLOPs counted (6 N D V).
+    """
+    gen = torch.Generator(device=meter.device).manual_seed(1)
+    h = torch.randn(N, D, generator=gen, device=meter.device).to(dtype)
+    w = torch.randn(V, D, generator=gen, device=meter.device).to(dtype)
+    g = torch.randn(N, V, generator=gen, device=meter.device).to(dtype)
+
+    def step(_):
+        z = torch.mm(h, w.T)
+        dh = torch.mm(g, w)
+        dw = torch.mm(g.T, h)
+        return z, dh, dw
+
+    timing = meter.time(step, deadline=deadline)
+    del h, w, g
+    meter.cleanup()
+    return {**timing.summary(), "flops": 6.0 * N * D * V}
+
+
 class CpuMeter:
     kind = "cpu"
     memory_metric = "peak resident set size (VmHWM) during the step minus resident size before it"

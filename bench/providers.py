@@ -297,9 +297,13 @@ DFT_OPS_MODES = (
     # opt-in gradient filtering (fused mode), at CCE's default threshold (the torch backend is always exact)
     ("dft-ops-filter", "dft-ops with filter_eps (gradient filtering, fused mode)",
      dict(backend="triton", backward_mode="fused"), True),
-    # issue 16: gradients formed in the forward, every product in cuBLAS (6NDV)
+    # gradients formed in the forward, every product in cuBLAS (6NDV); "auto" picks it wherever it applies
     ("dft-ops-onepass", "dft-ops, backward_mode='onepass' (gradients in the forward, cuBLAS products)",
      dict(backend="triton", backward_mode="onepass"), False),
+    # the two passes of the backend as shipped (on CPU the PyTorch backend's; on CUDA the same as dft-ops-gemm):
+    # what one-pass replaced, in the CPU goal
+    ("dft-ops-two-pass", "dft-ops, backward_mode='gemm' on the backend as shipped (the two passes, 8NDV)",
+     dict(backward_mode="gemm"), False),
 )
 
 # The peers, in the order a run measures them after the dft-ops modes (the fastest to build first;

@@ -251,6 +251,9 @@ class LossOptions:
             raise ValueError("filter_eps: gradient filtering skips tiles of backward_mode='fused'; the 'onepass' "
                              "head computes every product in BLAS. Use backward_mode='fused' (or 'auto') with "
                              "filter_eps.")
+        if self.backward_mode == "onepass" and self.precise:
+            raise ValueError("precise: the high and low 16-bit parts of G are the two-pass backward's; the one-pass "
+                             "head feeds cuBLAS one G. Use backward_mode 'gemm' or 'fused' (or 'auto') with precise")
         if self.backward_mode == "onepass" and self.reduction == "none":
             raise ValueError("backward_mode: 'onepass' forms the gradients in the forward for one upstream number, "
                              "which reduction='none' (an upstream gradient per token) does not give; use "

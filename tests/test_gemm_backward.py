@@ -65,7 +65,7 @@ def test_plans_of_the_goal_heads(monkeypatch):
     monkeypatch.setattr(gemm, "interpreting", lambda: False)
     tile_n, tile_v = gemm.tile_granules()
     assert (tile_n, tile_v) == (128, 128)
-    budget = dft_ops.LossOptions().workspace_mb * 2**20
+    budget = dft_ops.backends.DEFAULT_WORKSPACE_MB * 2**20  # the "gemm" backward's budget (workspace_mb None)
     llama = plan_of(16384, 128256, 4096, int(budget))
     assert (llama.split, llama.chunk, llama.weight_scratch) == (8192, 16384, False)
     assert llama.workspace_bytes == 256 * 2**20
@@ -306,7 +306,7 @@ def test_tuner_never_copies_accumulators_and_zeroes_its_trials(monkeypatch):
 
 
 def test_products_off_cuda_are_fp32():
-    from dft_ops.kernels import products
+    from dft_ops.backends import products
 
     assert products.accumulate_method(torch.device("cpu")) == "upcast"
     a = torch.randn(5, 7).to(BF16)
@@ -343,7 +343,7 @@ def test_backward_has_no_host_sync(mode):
 
 @gpu
 def test_products_use_fp32_output_on_cuda():
-    from dft_ops.kernels import products
+    from dft_ops.backends import products
 
     method = products.accumulate_method(torch.device("cuda"))
     a = torch.randn(256, 512, device="cuda").to(BF16)

@@ -36,7 +36,7 @@ def test_defaults_and_normalization():
     opts = LossOptions(label_smoothing=torch.tensor(0.25).item(), z_loss=1, temperature=2)
     assert (opts.label_smoothing, opts.z_loss, opts.temperature) == (0.25, 1.0, 2.0)
     assert type(opts.z_loss) is float and type(opts.temperature) is float
-    assert (LossOptions().backward_mode, LossOptions().workspace_mb) == ("auto", 256.0)
+    assert (LossOptions().backward_mode, LossOptions().workspace_mb) == ("auto", None)  # None: the mode's default
     assert type(LossOptions(workspace_mb=64).workspace_mb) is float
 
 
@@ -118,7 +118,7 @@ def test_signature_shows_the_defaults():
                      "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
                      "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
                      "precise": "False", "vocab_parallel": "None",
-                     "backward_mode": "'auto'", "workspace_mb": "256.0"}
+                     "backward_mode": "'auto'", "workspace_mb": "None"}
     assert params["options"].default is None
     module_params = inspect.signature(dft_ops.LinearCrossEntropy).parameters
     assert set(LossOptions.names()) | {"options"} == set(module_params)

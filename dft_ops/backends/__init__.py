@@ -62,7 +62,7 @@ def backward_mode(options, *, device: torch.device, vocab_size: int, hidden_size
     sequences; the products run in fp16 (G formed before a loss scale is known would
     underflow); saved-tensor hooks are set (checkpointing without re-entry would keep and
     then recompute the formed gradients; offload would copy them); gradient filtering is
-    asked for; an explicit ``workspace_mb`` cannot hold the smallest fast chunk.
+    asked for, or the precise mode; an explicit ``workspace_mb`` cannot hold the smallest fast chunk.
     ``options.backward_mode == "onepass"`` runs one-pass whatever the budget (the
     options refused it where it cannot apply); "gemm" / "fused" run two passes.
     Under vocabulary parallelism ``vocab_size`` is the whole vocabulary's: every rank
@@ -84,6 +84,7 @@ def backward_mode(options, *, device: torch.device, vocab_size: int, hidden_size
             (compute_dtype != torch.float16, "fp16 products: G formed before the loss scale would underflow"),
             (not saved_tensor_hooks_active(), "saved-tensor hooks are set (checkpointing, offload)"),
             (options.filter_eps is None, "gradient filtering runs the fused two-pass backward"),
+            (not options.precise, "precise splits the two-pass backward's G in two 16-bit parts"),
             (fits, f"workspace_mb={options.workspace_mb} holds fewer than {chunk} tokens of the vocabulary")):
         if not applies:
             return Plan("two-pass", reason)
