@@ -31,6 +31,17 @@ def class_weights(V, device):
     return u
 
 
+def small_chunks(monkeypatch, tokens: int, vocab: int) -> None:
+    """Chunk sizes for test shapes: the torch backend's two passes (``tokens`` x ``vocab`` blocks) and the
+    one-pass head (``tokens`` per chunk), so that a test's few hundred tokens span several chunks."""
+    from dft_ops.backends import one_pass, torch_backend
+
+    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", tokens)
+    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", vocab)
+    for name in ("MIN_CHUNK", "CUDA_MIN_CHUNK", "GRANULE"):
+        monkeypatch.setattr(one_pass, name, tokens)
+
+
 class OutputsSeen(TorchDispatchMode):
     """Records every tensor a torch op produces while active, as (numel, dtype) in ``seen``."""
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dft_ops
-from helpers import TOL, OutputsSeen, check_against_reference, loss_and_grads, make_inputs, rel_err
+from helpers import TOL, OutputsSeen, check_against_reference, loss_and_grads, make_inputs, rel_err, small_chunks
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -172,17 +172,17 @@ def test_gradient_filtering_is_exact_when_off_and_active_when_on(device):
     assert g_all[1].abs().max() < g_exact[1].abs().max()
 
 
-@pytest.mark.parametrize("backend, backward_mode", [("torch", "auto"), ("triton", "gemm"), ("triton", "fused")])
+@pytest.mark.parametrize("backend, backward_mode", [("torch", "gemm"), ("torch", "onepass"), ("triton", "gemm"),
+                                                    ("triton", "fused"), ("triton", "onepass")])
 def test_never_builds_tokens_by_vocab(backend, backward_mode, device, monkeypatch):
     """No torch op in forward or backward produces a tensor with tokens x vocab elements.
 
     The gemm backward's workspace holds a (token chunk x vocabulary split) block of G, bounded by
-    workspace_mb: here 6 KiB, a fraction of tokens x vocab.
+    workspace_mb: here 6 KiB, a fraction of tokens x vocab. The one-pass head's holds a chunk of 16 tokens'
+    logits (the chunk floor, made small for the test).
     """
-    from dft_ops.backends import torch_backend
-
-    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 16)
-    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    small_chunks(monkeypatch, tokens=16, vocab=64)
+    workspace = {} if backward_mode == "onepass" else dict(workspace_mb=6 / 1024)
     N, D, V = 96, 8, 400
     hidden, weight, labels, bias = make_inputs((N,), D, V, torch.float32, device, bias=True)
     hidden.requires_grad_()
@@ -190,11 +190,11 @@ def test_never_builds_tokens_by_vocab(backend, backward_mode, device, monkeypatc
 
     with OutputsSeen() as watch:
         loss = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, return_stats=True,
-                                            backward_mode=backward_mode, workspace_mb=6 / 1024)[0]
+                                            backward_mode=backward_mode, **workspace)[0]
         loss.backward()
-    largest = [numel for numel, _ in watch.seen]
-    # the interpreter's own byte copies of weight (V * D * 4 elements) are the largest
-    # legitimate tensors; a logits block would be N * V
+    # not the interpreter's own byte copies of what a kernel reads (uint8: 4 elements per fp32 element); the
+    # weight and its gradient (V * D) are the largest legitimate tensors, a logits block would be N * V
+    largest = [numel for numel, dtype in watch.seen if dtype != torch.uint8]
     assert max(largest) < N * V / 2, max(largest)
     assert max(largest) >= V * D  # the watch saw the weight gradient
 

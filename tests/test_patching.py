@@ -490,3 +490,25 @@ def test_per_token_objective_inputs_come_through_the_forward():
     # eval / generation: the keyword is dropped, the original forward runs
     model.eval()
     assert model(input_ids=input_ids, old_logprobs=old).logits is not None
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_auto_runs_two_passes_where_an_engine_shards_the_head(monkeypatch, sharded):
+    """A head whose parameters an engine shards between forwards (here: ZeRO-3's ds_id mark) gets two passes under
+    "auto": the one-pass head would hold an unsharded fp32 d(weight) from forward to backward on every rank."""
+    from dft_ops.patching import fused_call
+
+    seen = []
+    real = fused_call.linear_cross_entropy
+
+    def spy(*args, options, **kwargs):
+        seen.append(options.backward_mode)
+        return real(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(fused_call, "linear_cross_entropy", spy)
+    model = dft_ops.patch(build("qwen2"), objective="dft")
+    if sharded:
+        model.lm_head.weight.ds_id = 0
+    input_ids, labels = make_batch()
+    model(input_ids=input_ids, labels=labels).loss.backward()
+    assert seen == ["gemm" if sharded else "auto"]

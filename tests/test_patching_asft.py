@@ -115,12 +115,9 @@ def test_frozen_reference_on_the_triton_backend(backward_mode, ref_family, direc
 
 @pytest.mark.parametrize("reference", ["frozen", "adapters_disabled"])
 def test_no_tokens_x_vocabulary_tensor_for_either_model(reference, monkeypatch):
-    from dft_ops.backends import torch_backend
+    from helpers import OutputsSeen, small_chunks
 
-    from helpers import OutputsSeen
-
-    monkeypatch.setattr(torch_backend, "TOKEN_CHUNK", 32)
-    monkeypatch.setattr(torch_backend, "VOCAB_CHUNK", 64)
+    small_chunks(monkeypatch, tokens=32, vocab=64)
     if reference == "frozen":
         model, ref = build("llama"), build("gemma2", seed=2)
     else:
