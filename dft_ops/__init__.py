@@ -1,6 +1,8 @@
 """dft-ops: fused linear + cross-entropy / Dynamic Fine-Tuning losses that never materialize logits.
 
-    loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, objective="dft", shift=True)
+    loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, shift=True)                    # cross-entropy
+    loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, objective="dft", shift=True)   # DFT
+    model = dft_ops.patch(model)                      # a Hugging Face causal LM trains DFT (it says so, once)
 
 The layers, top to bottom (docs/architecture.md): :mod:`dft_ops.patching` (Hugging Face models) and
 :mod:`dft_ops.integrations` (one file per training framework) call the functional API
@@ -12,7 +14,7 @@ objectives are rows of one table (:mod:`dft_ops.objectives`) used by both backen
 is the float64 oracle everything is tested against.
 """
 
-from . import backends, callbacks, distributed, naive, objectives
+from . import _logging, backends, callbacks, distributed, naive, objectives
 from .backends.protocol import SecondHead
 from .callbacks import TokenStatsRecorder
 from .distributed import VocabParallel
@@ -25,6 +27,7 @@ from .patching import PatchError, patch, unpatch
 from . import _moved
 
 __version__ = "0.1.0"
+_logging.configure()
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "SecondHead", "VocabParallel", "TokenLayout",
            "TokenStats", "objectives", "naive", "backends", "distributed", "patch", "unpatch", "PatchError",

@@ -168,7 +168,7 @@ def linear_cross_entropy(
 ):
     """The float64 oracle of :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
 
-    ``objective`` is "dft" (default), a name of :data:`NAIVE_LOSSES`, an
+    ``objective`` is "ce" (default, as in :func:`dft_ops.linear_cross_entropy`), a name of :data:`NAIVE_LOSSES`, an
     instance from :mod:`dft_ops.objectives` (see :func:`reference_loss`), or a
     callable mapping the (...,) float64 label log-probabilities to per-token
     losses. ``position_ids`` splits rows into sequences (for SequenceDFT).
@@ -211,7 +211,7 @@ def linear_cross_entropy(
     if callable(objective):  # a plain logp -> loss function
         loss_fn = lambda logp, valid, sequence: objective(logp)  # noqa: E731
     else:
-        loss_fn = naive_loss("dft" if objective is None else objective, old_logprobs, ref_logprobs)
+        loss_fn = naive_loss("ce" if objective is None else objective, old_logprobs, ref_logprobs)
     per_token = loss_fn(logp, valid, sequence)
     u = torch.ones(V, dtype=torch.float64, device=z.device) if class_weight is None else class_weight.double()
     u_y = u[safe_labels]

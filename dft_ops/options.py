@@ -176,8 +176,11 @@ class LossOptions:
     """The options of a fused linear + objective loss (see docs/api.md for each one's formula).
 
     Attributes:
-        objective: an :class:`dft_ops.objectives.Objective`; a name ("dft",
-            "ce", "chord") is resolved to one on construction.
+        objective: an :class:`dft_ops.objectives.Objective`; a name ("ce",
+            "dft", "chord") is resolved to one on construction. Default
+            "ce": a function named cross-entropy computes cross-entropy unless
+            told otherwise (a drop-in for Cut Cross-Entropy or Liger trains
+            what it trained before); :func:`dft_ops.patch` defaults to "dft".
         ignore_index: label value that contributes nothing (an int64).
         reduction: "mean", "sum" or "none".
         softcap: ``logits <- softcap * tanh(logits / softcap)``, or None.
@@ -217,7 +220,7 @@ class LossOptions:
     ``class_weight`` compares by identity, so no tensor is ever read to compare.
     """
 
-    objective: _objectives.Objective = _option("dft", _objective)
+    objective: _objectives.Objective = _option("ce", _objective)
     ignore_index: int = _option(-100, _int64)
     reduction: str = _option("mean", _one_of(REDUCTIONS))
     softcap: float | None = _option(None, _positive_finite)

@@ -228,8 +228,8 @@ def test_auto_backend_is_torch_on_cpu_and_tolerances_are_meaningful():
     b = dft_ops.linear_cross_entropy(hidden, weight, labels, backend="torch")
     assert torch.equal(a, b)
     # the comparison would catch a wrong objective: CE and DFT differ far beyond the tolerance
-    ce = dft_ops.linear_cross_entropy(hidden, weight, labels, objective="ce")
-    assert rel_err(a, ce) > 100 * TOL[torch.float32]
+    dft = dft_ops.linear_cross_entropy(hidden, weight, labels, objective="dft")
+    assert rel_err(a, dft) > 100 * TOL[torch.float32]
 
 
 @pytest.mark.parametrize("num_items", [0, 0.0, torch.tensor(0), torch.tensor(0.0)], ids=["int", "float", "long", "t"])
@@ -247,3 +247,28 @@ def test_zero_num_items_with_every_token_ignored(backend, num_items, device):
     for bad in (-1, float("nan"), torch.tensor(-2.0)):
         with pytest.raises(ValueError, match="^num_items_in_batch"):
             dft_ops.linear_cross_entropy(hidden, weight, ignored, num_items_in_batch=bad, backend=backend)
+
+
+def test_the_default_objective_is_cross_entropy():
+    """A function named cross-entropy computes cross-entropy unless told otherwise (a Cut Cross-Entropy or Liger
+    user who swaps the import trains what they trained before): F.cross_entropy of the logits, and the module
+    and the options agree."""
+    hidden, weight, labels, _ = make_inputs((3, 11), 16, 37, torch.float32, "cpu")
+    expected = torch.nn.functional.cross_entropy((hidden.double() @ weight.double().T).flatten(0, 1),
+                                                 labels.flatten())
+    assert rel_err(dft_ops.linear_cross_entropy(hidden, weight, labels), expected) < TOL[torch.float32]
+    assert rel_err(dft_ops.LinearCrossEntropy()(hidden, weight, labels), expected) < TOL[torch.float32]
+    assert type(dft_ops.LossOptions().objective).__name__ == "CE"
+
+
+def test_patch_says_which_objective_it_trains(capsys):
+    """patch() keeps DFT as its default (the package's purpose) and says so once, on stderr."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = dft_ops.patch(transformers.Qwen2ForCausalLM(config))
+    dft_ops.patch(model)  # the same objective again: nothing more to say
+    err = capsys.readouterr().err
+    assert err.count("[dft_ops]") == 1 and "Qwen2ForCausalLM trains DFT()" in err and "objective='ce'" in err
+    dft_ops.patch(model, objective="ce")
+    assert "trains CE()" in capsys.readouterr().err

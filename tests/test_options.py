@@ -17,7 +17,7 @@ from helpers import make_inputs
 
 def test_defaults_and_normalization():
     opts = LossOptions()
-    assert isinstance(opts.objective, o.DFT)
+    assert isinstance(opts.objective, o.CE)  # cross-entropy unless told otherwise; patch() defaults to DFT
     assert (opts.ignore_index, opts.reduction, opts.softcap, opts.shift, opts.return_stats, opts.backend,
             opts.filter_eps) == (-100, "mean", None, 0, False, "auto", None)
     assert (opts.label_smoothing, opts.z_loss, opts.temperature, opts.class_weight, opts.precise) == \
@@ -114,7 +114,7 @@ def test_frozen_replace_from_dict_check():
 def test_signature_shows_the_defaults():
     params = inspect.signature(dft_ops.linear_cross_entropy).parameters
     shown = {name: repr(params[name].default) for name in LossOptions.names()}
-    assert shown == {"objective": "'dft'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
+    assert shown == {"objective": "'ce'", "ignore_index": "-100", "reduction": "'mean'", "softcap": "None",
                      "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
                      "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
                      "precise": "False", "vocab_parallel": "None",
@@ -126,13 +126,13 @@ def test_signature_shows_the_defaults():
 
 def test_functional_options_and_keyword_overrides(device):
     hidden, weight, labels, bias = make_inputs((2, 9), 16, 40, torch.float32, device, bias=True, scale=3.0)
-    by_keywords = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, objective="ce", shift=True,
+    by_keywords = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, objective="dft", shift=True,
                                                softcap=4.0, reduction="sum")
-    opts = LossOptions(objective="ce", shift=True, softcap=4.0, reduction="sum")
+    opts = LossOptions(objective="dft", shift=True, softcap=4.0, reduction="sum")
     by_options = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, options=opts)
     assert torch.equal(by_keywords, by_options)
     # an explicit keyword overrides the field (here back to the defaults' values)
-    overridden = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, options=opts, objective="dft",
+    overridden = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, options=opts, objective="ce",
                                               reduction="mean")
     want = dft_ops.linear_cross_entropy(hidden, weight, labels, bias=bias, shift=True, softcap=4.0)
     assert torch.equal(overridden, want) and not torch.allclose(overridden, by_options)
@@ -259,8 +259,8 @@ def test_recorder_uses_the_stats_mask(device):
 
 
 def test_options_built_from_the_same_names_are_equal():
-    assert LossOptions() == LossOptions(objective="dft") and hash(LossOptions()) == hash(LossOptions(objective="dft"))
-    assert LossOptions(objective="ce") != LossOptions()
+    assert LossOptions() == LossOptions(objective="ce") and hash(LossOptions()) == hash(LossOptions(objective="ce"))
+    assert LossOptions(objective="dft") != LossOptions()
     assert LossOptions(objective=o.Power(2)) == LossOptions(objective=o.Power(2.0))
     assert LossOptions(objective=o.Power(2)) != LossOptions(objective=o.Power(3))
     assert o.PSFT() == o.PSFT(clip_low=0.2) != o.PSFT(clip_high=0.5)  # settings only: no tensor to compare

@@ -9,6 +9,7 @@ the forward it wraps untouched.
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 
 import torch
@@ -24,6 +25,8 @@ from .state import STATE_ATTR, PatchState, causal_lm_of, probe_unpatched
 # what the model or each forward call decides: never a patch option (every other LossOptions field is one)
 _MODEL_OPTIONS = ("softcap", "shift", "vocab_parallel")
 _CALL_INPUTS = ("bias", "num_items_in_batch", "position_ids", "weight", "hidden", "labels")
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -76,6 +79,8 @@ def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> 
     reference = _validate_reference(options.objective, reference, causal_lm)
     existing = causal_lm.__dict__.get(STATE_ATTR)
     if existing is not None and causal_lm.__dict__.get("forward") is existing.forward:
+        if existing.options.objective != options.objective:
+            _say_what_trains(causal_lm, options)
         existing.options, existing.reference = options, reference
         return model
     # an older patch that something else wrapped (e.g. TRL) must be inert while probing and after
@@ -92,7 +97,15 @@ def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> 
     causal_lm.__dict__[STATE_ATTR] = state
     causal_lm.forward = state.forward
     _BypassGuard.install(causal_lm)
+    _say_what_trains(causal_lm, options)
     return model
+
+
+def _say_what_trains(causal_lm: nn.Module, options: LossOptions) -> None:
+    # patch() defaults to DFT (the package's purpose) where the functional API defaults to CE: say which, once
+    logger.info("patch: %s trains %r through the fused head%s", type(causal_lm).__name__, options.objective,
+                " (dft_ops.patch(model, objective='ce') trains cross-entropy)"
+                if type(options.objective).__name__ == "DFT" else "")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
