@@ -14,7 +14,11 @@ installed package's dependencies):
    directory in front of the venv's site-packages, imports ``dft_ops`` and
    ``dft_ops.kernels`` from it and computes a tiny loss and its backward on the
    torch backend and the Triton kernels (CPU interpreter), and an ASFT loss (two
-   heads), against the float64 reference.
+   heads), against the float64 reference;
+4. the wheel's metadata asks for triton on Linux only (there are no triton wheels for macOS or
+   Windows), and a fresh interpreter in which ``import triton`` fails (as on those systems) imports
+   the installed ``dft_ops`` (``python -S``, site-packages without triton), trains a tiny loss on the torch backend and a patched tiny model, and
+   gets a ValueError naming triton for ``backend="triton"``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,60 @@ for backend in ("torch", "triton"):
     assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item()), ("asft", backend, loss.item(), want.item())
     print(f"wheel check: {backend} backend ASFT loss {loss.item():.6f} (reference {want.item():.6f})")
 """
+
+WITHOUT_TRITON = r"""
+import sys
+site = sys.argv[1]
+import torch, dft_ops
+assert dft_ops.__file__.startswith(site), dft_ops.__file__
+torch.manual_seed(0)
+hidden, weight, labels = torch.randn(9, 16, requires_grad=True), torch.randn(45, 16), torch.randint(0, 45, (9,))
+loss = dft_ops.linear_cross_entropy(hidden, weight, labels, objective="dft")
+loss.backward()
+want = dft_ops.naive.linear_cross_entropy(hidden.double(), weight.double(), labels, objective="dft")
+assert abs(loss.item() - want.item()) < 1e-4 * abs(want.item()), (loss.item(), want.item())
+try:
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    dft_ops.linear_cross_entropy(hidden, weight, labels, backend="triton")
+except ValueError as e:
+    assert "triton" in str(e) and "not installed" in str(e), e
+else:
+    raise AssertionError("backend='triton' without triton did not refuse")
+import transformers
+config = transformers.Qwen2Config(vocab_size=45, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+model = dft_ops.patch(transformers.Qwen2ForCausalLM(config))
+ids = torch.randint(0, 45, (2, 6))
+model(input_ids=ids, labels=ids).loss.backward()
+assert not [m for m in sys.modules if m.split(".")[0] == "triton"], "triton was imported"
+print(f"wheel check: without triton, torch backend loss {loss.item():.6f} (reference {want.item():.6f}), "
+      "a patched model trained, backend='triton' refused")
+"""
+
+
+def site_without_triton(dest: Path) -> Path:
+    """``dest`` filled with links to every entry of this interpreter's site-packages but triton's: with ``python -S``
+    and ``PYTHONPATH=<wheel site>:<dest>``, ``import triton`` fails as on a system without triton wheels."""
+    import site as site_module
+
+    dest.mkdir()
+    for packages in map(Path, site_module.getsitepackages()):
+        for entry in packages.iterdir():
+            if not entry.name.lower().startswith("triton") and not (dest / entry.name).exists():
+                (dest / entry.name).symlink_to(entry)
+    return dest
+
+
+def triton_requirement(wheel: Path) -> str:
+    """The wheel's Requires-Dist line for triton (one, with a Linux-only marker)."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = z.read(name).decode()
+    (line,) = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist: triton")]
+    return line
 
 
 def run(cmd: list[str], what: str, **kwargs) -> None:
@@ -115,6 +173,13 @@ def main() -> int:
         env.update(PYTHONPATH=str(site), TRITON_INTERPRET="1")
         run([python, "-c", USE_THE_WHEEL, str(site)], "importing it from a temporary directory, a tiny loss + backward",
             cwd=cwd, env=env)
+        requirement = triton_requirement(wheel)
+        if "sys_platform == \"linux\"" not in requirement.replace("'", '"'):
+            print(f"wheel check FAILED: triton must be required on Linux only: {requirement}", file=sys.stderr)
+            return 1
+        env.pop("TRITON_INTERPRET")
+        env["PYTHONPATH"] = f"{site}{os.pathsep}{site_without_triton(tmp / 'no-triton')}"
+        run([python, "-S", "-c", WITHOUT_TRITON, str(site)], f"without triton ({requirement})", cwd=cwd, env=env)
     print(f"wheel check passed: {wheel.name}, packages {sorted(installed)}")
     return 0
 
