@@ -183,10 +183,11 @@ class _TokenStatsCallbackMixin:
     At every training log (the records with ``loss``) it adds the keys of
     :meth:`TokenStatsRecorder.collect`: mean label probability, mean entropy,
     top-1 accuracy, plain cross-entropy (``token_ce_loss``, next to the
-    objective's ``loss``), the token count and the label-probability
-    histogram (``token_label_prob_hist/lo-hi``, fractions of tokens; the DFT
-    paper's Figure 2). Each histogram logged is also kept in
-    :attr:`histograms` as ``(global_step, fractions)``.
+    objective's ``loss``) and the token count; with ``log_histogram=True``
+    also the label-probability histogram (``token_label_prob_hist/lo-hi``,
+    one key per bin, fractions of tokens; the DFT paper's Figure 2). Each
+    logging step's histogram is kept in :attr:`histograms` as
+    ``(global_step, fractions)`` either way.
 
     Feeding it: call :meth:`record` from your ``compute_loss`` (see the docs
     page), or train a model patched by dft-ops, which finds the recorder this
@@ -201,9 +202,14 @@ class _TokenStatsCallbackMixin:
 
     Args:
         bins: histogram bins over [0, 1].
+        log_histogram: also add the ``bins`` histogram keys to every log record (off by default: they
+            would fill every console line).
     """
 
-    def __init__(self, bins: int = 10):
+    def __init__(self, bins: int = 10, log_histogram: bool = False):
+        if not isinstance(log_histogram, bool):
+            raise TypeError(f"log_histogram: expected a bool, got {type(log_histogram).__name__}")
+        self.log_histogram = log_histogram
         self.recorder = TokenStatsRecorder(bins)
         self.recorder.enabled = False  # only inside training steps
         self.histograms: list[tuple[int, list[float]]] = []
@@ -212,10 +218,18 @@ class _TokenStatsCallbackMixin:
 
     @classmethod
     def add_to(cls, trainer, **kwargs):
-        """Creates the callback and puts it first in ``trainer``'s callbacks; returns it."""
+        """Creates the callback and puts it first in ``trainer``'s callbacks; returns it.
+
+        Raises:
+            TypeError: ``trainer`` is not a ``transformers.Trainer`` (it has no ``callback_handler``).
+        """
+        handler = getattr(trainer, "callback_handler", None)
+        if not isinstance(getattr(handler, "callbacks", None), list):
+            raise TypeError(f"trainer: expected a transformers.Trainer (or a subclass such as trl.SFTTrainer), got "
+                            f"{type(trainer).__name__}; outside a Trainer, use dft_ops.TokenStatsRecorder directly")
         callback = cls(**kwargs)
         callback._first = True
-        trainer.callback_handler.callbacks.insert(0, callback)
+        handler.callbacks.insert(0, callback)
         return callback
 
     def record(self, stats, mask: Tensor | None = None) -> None:
@@ -251,12 +265,14 @@ class _TokenStatsCallbackMixin:
                 warnings.warn("TokenStatsCallback: no token statistics were recorded; call callback.record(stats) "
                               "in compute_loss or train a model patched by dft-ops.", stacklevel=2)
             return
+        keys = self.recorder.histogram_keys()
+        self.histograms.append((state.global_step, [summary[k] for k in keys]))
+        if not self.log_histogram:
+            summary = {k: v for k, v in summary.items() if k not in keys}
         logs.update(summary)
         # Trainer.log stored a copy of this record before calling the callbacks
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(summary)
-        fractions = [summary[k] for k in self.recorder.histogram_keys()]
-        self.histograms.append((state.global_step, fractions))
 
 
 _CALLBACK_CLASS = None
@@ -265,7 +281,12 @@ _CALLBACK_CLASS = None
 def _callback_class():
     global _CALLBACK_CLASS
     if _CALLBACK_CLASS is None:
-        from transformers import TrainerCallback
+        try:
+            from transformers import TrainerCallback
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                "dft_ops.TokenStatsCallback is a transformers.TrainerCallback and needs transformers: pip install "
+                "'dft-ops[hf]' (dft_ops.TokenStatsRecorder works without it)", name=e.name) from e
 
         _CALLBACK_CLASS = type("TokenStatsCallback", (_TokenStatsCallbackMixin, TrainerCallback),
                                {"__doc__": _TokenStatsCallbackMixin.__doc__, "__module__": __name__,

@@ -25,7 +25,8 @@ anchor keeps the fine-tuned distribution near the base model's while it learns.
   fine-tuning data before and after (the DFT paper's Figure 2). These
   measurements use the tiny model's materialized logits.
 
-Writes ``asft_vs_dft.png`` and ``asft_vs_dft.json`` under ``--out``.
+Writes ``asft_vs_dft.png`` and ``asft_vs_dft.json`` under ``--out`` (default: ``dft-ops-examples`` in the
+temporary directory).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,7 +152,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kl-coef", type=float, default=0.5)
     p.add_argument("--direction", choices=("forward", "reverse"), default="forward")
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dft-ops-examples",
+                   help="folder for asft_vs_dft.png and .json (a scratch folder by default, never the current one)")
     args = p.parse_args(argv)
     t0 = time.time()
     gen = torch.Generator().manual_seed(0)

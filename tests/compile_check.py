@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,6 +37,9 @@ from dft_ops.backends.protocol import GradTerms, Head, SecondHead, Tokens, produ
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
 bwd = importlib.import_module("dft_ops.kernels.fused_backward")
 lgrad = importlib.import_module("dft_ops.kernels.logit_grad")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import compile_cache  # noqa: E402  (tests/ is not a package)
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -215,11 +216,8 @@ def main() -> int:
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--second-head-only", action="store_true", help="only the second-head (ASFT) variants")
     args = parser.parse_args()
-    with ProcessPoolExecutor(args.workers) as pool:
-        todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.second_head_only)]
-        for result in pool.map(check, todo):
-            print(json.dumps(result), flush=True)
-    return 0
+    todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.second_head_only)]
+    return compile_cache.run(__file__, check, todo, args.workers)
 
 
 if __name__ == "__main__":

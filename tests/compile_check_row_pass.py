@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import compile_cache  # tests/ is on sys.path
 
 import torch
 from triton.backends.compiler import GPUTarget
@@ -125,10 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    with ProcessPoolExecutor(args.workers) as pool:
-        for result in pool.map(check, list(jobs())):
-            print(json.dumps(result), flush=True)
-    return 0
+    return compile_cache.run(__file__, check, list(jobs()), args.workers)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """TokenStatsRecorder sums against direct computation; TokenStatsCallback in short Trainer runs."""
 
 import numpy as np
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -140,7 +142,7 @@ def test_callback_logs_the_promised_keys_with_a_custom_compute_loss(tmp_path):
     args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, prediction_loss_only=True)
     trainer = StatsTrainer(model=tiny_llama(), args=args, train_dataset=TokenData(16, 0),
                            eval_dataset=TokenData(8, 1), callbacks=[reporter])
-    stats_callback = dft_ops.TokenStatsCallback.add_to(trainer)
+    stats_callback = dft_ops.TokenStatsCallback.add_to(trainer, log_histogram=True)
     trainer.train()
 
     train_logs = [r for r in trainer.state.log_history if "loss" in r]
@@ -194,7 +196,10 @@ def test_callback_feeds_from_a_patched_forward_with_gradient_accumulation(tmp_pa
     for record in train_logs:
         # 2 optimizer steps x 2 micro-batches x 2 sequences per record
         assert record[TOKENS] == 8 * (SEQ - 3)
-        assert record[CE_LOSS] > 0 and len([k for k in record if k.startswith("token_label_prob_hist/")]) == 5
+        # the histogram is kept on the callback, not added to every log line (log_histogram=False)
+        assert record[CE_LOSS] > 0 and not [k for k in record if k.startswith("token_label_prob_hist/")]
+    assert [len(fractions) for _, fractions in stats_callback.histograms] == [5, 5]
+    assert all(sum(fractions) == pytest.approx(1.0) for _, fractions in stats_callback.histograms)
     assert recorder_of(model) is None  # detached when training ends
 
 
@@ -203,7 +208,7 @@ def test_callback_feeds_from_dft_ops_patch(tmp_path):
     model = dft_ops.patch(tiny_llama(), objective="dft")
     args = training_args(tmp_path, logging_steps=2, per_device_train_batch_size=2)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(16, 0))
-    dft_ops.TokenStatsCallback.add_to(trainer, bins=4)
+    dft_ops.TokenStatsCallback.add_to(trainer, bins=4, log_histogram=True)
     trainer.train()
     train_logs = [r for r in trainer.state.log_history if "loss" in r]
     assert train_logs
@@ -219,3 +224,16 @@ def test_callback_warns_when_integrations_would_miss_it(tmp_path):
     args.report_to = ["tensorboard"]  # only read by the callback here; no integration is created
     with pytest.warns(UserWarning, match="add_to"):
         stats_callback.on_train_begin(args, None, None, model=None)
+
+
+def test_callback_errors_name_what_is_wrong(monkeypatch):
+    with pytest.raises(TypeError, match="^trainer: expected a transformers.Trainer"):
+        dft_ops.TokenStatsCallback.add_to(object())
+    with pytest.raises(TypeError, match="^log_histogram: "):
+        dft_ops.TokenStatsCallback(log_histogram="yes")
+    from dft_ops import callbacks
+
+    monkeypatch.setattr(callbacks, "_CALLBACK_CLASS", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if transformers were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"needs transformers: pip install 'dft-ops\[hf\]'"):
+        dft_ops.TokenStatsCallback

@@ -14,14 +14,12 @@ is a finding to look at, not a broken build. To check 3.6 here: a venv with trit
 torch==2.13.0 (e.g. /work/venvs/triton36), then `python tests/compile_check.py` in it.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import triton
+
+import compile_cache
 
 HERE = Path(__file__).parent
 SUPPORTED_TRITON = ("3.6", "3.9")
@@ -29,14 +27,9 @@ TRITON = ".".join(triton.__version__.split(".")[:2])
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(HERE / "compile_check.py")], capture_output=True, text=True,
-                          env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert rows, proc.stderr[-4000:]
-    return rows
+def results(request):
+    # minutes on a 2-core machine (its progress lines are shown); seconds when the kernels are unchanged
+    return compile_cache.run_from_test(request, HERE / "compile_check.py")
 
 
 def _name(r):

@@ -8,26 +8,19 @@ products (C * ld passes 2^31 at long context).
 """
 
 import importlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import compile_cache
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def results():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(HERE / "compile_check_row_pass.py")], capture_output=True, text=True,
-                          env=env, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert rows, proc.stderr[-4000:]
-    return rows
+def results(request):
+    # minutes on a 2-core machine (its progress lines are shown); seconds when the kernels are unchanged
+    return compile_cache.run_from_test(request, HERE / "compile_check_row_pass.py")
 
 
 def _name(r):
