@@ -219,9 +219,17 @@ def main(argv=None) -> int:
     report.write_markdown(args.out / f"{stem}.md", data, plots or sorted(args.out.glob(f"{stem}-*.png")))
 
     skipped = report.skipped_providers(records)
-    header, rows = report.result_rows([r for r in records if r["provider"] not in skipped], meter.kind == "cpu")
+    shown = [r for r in records if r["provider"] not in skipped]
+    header, rows = report.result_rows(shown, meter.kind == "cpu")
     print()
     print(report.text_table(header, rows))
+    if report.backward_in_forward(shown):
+        print(report.BACKWARD_IN_FORWARD_NOTE.replace("`", ""))
+    summary = report.summary_lines(shown)
+    if summary:
+        print("\nSummary, forward+backward: dft-ops against the fastest peer")
+        for line in summary:
+            print(f"  {line}")
     for p, reason in skipped.items():
         print(f"skipped {p}: {reason}")
     mismatches = sorted({(r["provider"], r["shape"], r["tokens"], r["objective"]) for r in records

@@ -80,14 +80,60 @@ def _runs(rec: dict) -> str:
     return f"{rec['n_runs']}" + (" (cut)" if rec.get("cut_by_deadline") else "")
 
 
+def _case_of(r: dict) -> tuple:
+    return (r["shape"], r["objective"], r["dtype"], r["inputs"], r["tokens"])
+
+
+def backward_in_forward(records: list[dict]) -> set[tuple]:
+    """(provider, case) pairs whose gradients were formed in the forward: their backward, timed alone, took
+    under half their forward's time (a two-pass backward does twice the forward's products). Their "fwd"
+    and "bwd" rows are not comparable with the others' (the forward holds the backward's work); "fwd+bwd" is."""
+    ms = {(r["provider"], _case_of(r), r["mode"]): r["ms_median"] for r in records
+          if r["status"] == "ok" and r.get("ms_median")}
+    return {(p, case) for (p, case, mode), t in ms.items()
+            if mode == "backward" and (p, case, "forward") in ms and t < 0.5 * ms[(p, case, "forward")]}
+
+
+BACKWARD_IN_FORWARD_NOTE = ("`*`: the gradients are formed in the forward (the backward, timed alone, took under "
+                            "half the forward's time): this provider's fwd and bwd rows are not comparable with "
+                            "the others'; compare fwd+bwd.")
+
+
+def summary_lines(records: list[dict]) -> list[str]:
+    """One line per case measured forward+backward: dft-ops as shipped against the fastest peer that ran
+    (time ratio, and the ratio of peak memory over the inputs)."""
+    ok = [r for r in records if r["status"] == "ok" and r["mode"] == "forward+backward" and r.get("ms_median")]
+    lines = []
+    for case in sorted({_case_of(r) for r in ok}, key=lambda c: (list(HEADS).index(c[0]) if c[0] in HEADS
+                                                                  else len(HEADS), *c)):
+        ours = next((r for r in ok if _case_of(r) == case and r["provider"] == "dft-ops"), None)
+        peers = [r for r in ok if _case_of(r) == case and not r["provider"].startswith("dft-ops")]
+        shape, objective, dtype, inputs, tokens = case
+        what = f"{shape} {objective} {dtype} {inputs} {_tokens(tokens)} fwd+bwd"
+        if ours is None or not peers:
+            lines.append(f"{what}: " + ("no dft-ops result" if ours is None else "no peer ran"))
+            continue
+        best = min(peers, key=lambda r: r["ms_median"])
+        memory = ""
+        if ours.get("peak_mb") and best.get("peak_mb"):
+            memory = f", memory {ours['peak_mb'] / best['peak_mb']:.2f}x ({ours['peak_mb']:.0f} vs {best['peak_mb']:.0f} MB)"
+        lines.append(f"{what}: dft-ops {ours['ms_median']:.1f} ms vs the fastest peer, {best['provider']}, "
+                     f"{best['ms_median']:.1f} ms: time {ours['ms_median'] / best['ms_median']:.2f}x{memory}")
+    return lines
+
+
 def result_rows(records: list[dict], cpu: bool) -> tuple[list[str], list[list[str]]]:
     header = ["shape", "objective", "mode", "tokens", "provider", "ms median", "ms min-max", "runs"]
     header += ["CPU ms"] if cpu else []
     header += ["tokens/s", "TFLOP/s", "% GEMM", "peak RSS MB" if cpu else "peak MB", "extra MB", "check", "status"]
     rows = []
+    flagged = backward_in_forward(records)
     for r in sorted(records, key=_sort_key):
         ok = r["status"] == "ok"
-        row = [r["shape"], r["objective"], MODE_SHORT[r["mode"]], _tokens(r["tokens"]), r["provider"]]
+        mode = MODE_SHORT[r["mode"]]
+        if r["mode"] != "forward+backward" and (r["provider"], _case_of(r)) in flagged:
+            mode += "*"
+        row = [r["shape"], r["objective"], mode, _tokens(r["tokens"]), r["provider"]]
         if ok:
             row += [_fmt(r["ms_median"], ".3f"), f"{r['ms_min']:.3f}-{r['ms_max']:.3f}", _runs(r)]
             row += [_fmt(r.get("cpu_ms_median"), ".2f")] if cpu else []
@@ -190,8 +236,15 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
     header, rows = check_rows(records)
     if rows:
         out += ["## Correctness against float64 (and agreement with dft-ops)", "", markdown_table(header, rows), ""]
-    header, rows = result_rows([r for r in records if r["provider"] not in skipped], cpu)
+    shown = [r for r in records if r["provider"] not in skipped]
+    summary = summary_lines(shown)
+    if summary:
+        out += ["## Summary: dft-ops against the fastest peer, forward+backward", ""] + [f"- {s}" for s in summary]
+        out += [""]
+    header, rows = result_rows(shown, cpu)
     out += ["## Results", "", markdown_table(header, rows), ""]
+    if backward_in_forward(shown):
+        out += [BACKWARD_IN_FORWARD_NOTE, ""]
     if plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if last.get("not_run"):

@@ -68,7 +68,29 @@ def test_cli_tiny_cpu_run_writes_records(tmp_path):
 
     md = files[0].with_suffix(".md").read_text()
     assert "CPU numbers" in md and "| torch |" in md and "Correctness against float64" in md
+    # one summary line per forward+backward case: dft-ops against the fastest peer that ran (plain PyTorch)
+    assert md.count("dft-ops against the fastest peer") == 1 and "vs the fastest peer, torch," in md
+    assert done.stdout.count("vs the fastest peer, torch,") == 4  # 2 objectives x 2 token counts
     assert list(tmp_path.glob("cpu-*-dft-fwd-bwd.png"))
+
+
+def test_summary_and_the_rows_of_a_backward_done_in_the_forward():
+    from bench import report
+
+    def rec(provider, mode, ms, peak):
+        return dict(_goal_record(provider, "dft", "tiny", 4096, ms, mode=mode, peak_mb=peak),
+                    hidden=256, vocab=10000, ms_min=ms, ms_max=ms, n_runs=3, tokens_per_s=1.0, tflops=1.0)
+
+    recs = [rec("dft-ops", "forward", 30.0, 100.0), rec("dft-ops", "backward", 2.0, 50.0),  # grads in the forward
+            rec("dft-ops", "forward+backward", 32.0, 120.0),
+            rec("cce", "forward", 10.0, 90.0), rec("cce", "backward", 20.0, 90.0),          # two passes
+            rec("cce", "forward+backward", 30.0, 150.0), rec("torch", "forward+backward", 60.0, 900.0)]
+    assert report.backward_in_forward(recs) == {("dft-ops", ("tiny", "dft", "bf16", "peaked", 4096))}
+    _, rows = report.result_rows(recs, cpu=False)
+    modes = {(row[4], row[2]) for row in rows}
+    assert {("dft-ops", "fwd*"), ("dft-ops", "bwd*"), ("dft-ops", "fwd+bwd"), ("cce", "fwd"), ("cce", "bwd")} <= modes
+    (line,) = report.summary_lines(recs)
+    assert "dft-ops 32.0 ms vs the fastest peer, cce, 30.0 ms: time 1.07x, memory 0.80x (120 vs 150 MB)" in line
 
 
 def test_check_flags_a_provider_that_computes_another_loss():
