@@ -40,15 +40,17 @@ test: venv $(DS_STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS) tests
 
 # The main job: the full benchmark on a CUDA GPU; without one, a small CPU run (dft-ops runs its
-# PyTorch backend there) and a check of every Triton backward mode on the interpreter. Results,
+# PyTorch backend there), the CPU goal of the one-pass head (cpu-goal: N=4096, D=1024, V=32000 against the
+# three products it needs, and the peers), and a check of every Triton backward mode on the interpreter. Results,
 # tables and plots go to a scratch folder (python -m bench --help); BENCH_ARGS="--out docs/benchmarks"
 # updates the tracked ones (see docs/benchmarks/README.md).
 BENCH_ARGS ?=
 bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
 ifneq ($(HAS_GPU),1)
+	$(PY) -m bench --suite cpu-goal $(BENCH_ARGS)
 	$(PY) -m bench --interpret --device cpu --shapes 64x1000 --tokens 48 \
-		--providers dft-ops-gemm dft-ops-fused dft-ops-filter $(BENCH_ARGS)
+		--providers dft-ops-gemm dft-ops-fused dft-ops-filter dft-ops-onepass $(BENCH_ARGS)
 endif
 
 # A GPU window's plan on a GPU machine of your own (docs/benchmarks/README.md): call1 (probe, carried
