@@ -3,7 +3,7 @@
 The whole suite on a GPU (1281 tests, >= 525 distinct kernel compiles, 326 tuner keys) takes 15-25
 minutes; a GPU window has 15 in all. These tests cover each kernel path once: the forward, the
 "gemm" backward (the logit-gradient kernel and the cuBLAS products, fp32 output accumulation), the
-fused backward, gradient filtering, the precise (two-part G) mode, bf16 / fp32 (tf32x3) / mixed
+fused backward, the one-pass head (row passes and cuBLAS), gradient filtering, the precise (two-part G) mode, bf16 / fp32 (tf32x3) / mixed
 dtypes with every optional feature, ASFT's reference-head variants of all three kernels, the
 public API with per-token upstream gradients and statistics, and the GPU-only checks: no host
 sync in either backward, the gemm backward's memory bound, int64 offsets past 2^31 elements,
@@ -66,6 +66,14 @@ GPU_SMOKE = (
     "tests/test_asft.py::test_options_match_reference[triton-gemm-forward-bf16-none-temperature-Dref]",
     "tests/test_asft.py::test_options_match_reference[triton-fused-reverse-fp32-mean-shift-bias-softcaps-stats]",
     "tests/test_asft.py::test_gradient_filtering_keeps_the_kl_terms[forward]",
+    # the one-pass head (the default): row passes + cuBLAS products, G packed in place, every feature,
+    # bf16 and fp32, the accurate label entry on peaked rows, ASFT's second head in the same pass
+    "tests/test_one_pass.py::test_matches_float64[triton-dft-fp32-mean-shift-bias-stats]",
+    "tests/test_one_pass.py::test_matches_float64[triton-dft-bf16-sum-softcap-temp-ignore5]",
+    "tests/test_one_pass.py::test_matches_float64[triton-ce-fp32-mean-items-smooth-cw-zloss]",
+    "tests/test_one_pass.py::test_asft_second_head_in_the_same_pass[triton-reverse]",
+    "tests/test_one_pass.py::test_peaked_rows_keep_the_label_entry_accurate[triton]",
+    "tests/test_linear_cross_entropy.py::test_never_builds_tokens_by_vocab[triton-onepass]",
     # hardware-only checks written for the GPU (tests/test_gpu_hardware.py)
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[gemm]",
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[fused]",
