@@ -15,7 +15,7 @@ import dft_ops
 import dft_ops.kernels  # noqa: F401 (the spy patches TritonBackend)
 from dft_ops import objectives as o
 from dft_ops.backends import Needs, backward_mode, one_pass
-from dft_ops.backends.protocol import Head, Tokens
+from dft_ops.backends.protocol import GradTerms, Head, Tokens
 from helpers import TOL, check_against_reference, loss_and_grads, make_inputs, rel_err
 from test_objectives import CASES, make_case, peaked_inputs
 
@@ -61,6 +61,10 @@ CONFIGS = {
     "fp32-mean-items-smooth-cw-zloss": dict(dtype=torch.float32, shape=(2, 11), shift=True, reduction="mean",
                                             num_items_in_batch=29, label_smoothing=0.1, class_weight=True,
                                             z_loss=1e-3),
+    # no statistics, soft-cap or smoothing sum: the torch row passes' in-place form
+    "fp32-mean-shift-bias-temp-ignore5": dict(dtype=torch.float32, shape=(3, 9), shift=True, bias=True,
+                                              temperature=0.7, ignore_index=5, reduction="mean"),
+    "bf16-sum-items": dict(dtype=torch.bfloat16, shape=(2, 13), reduction="sum", num_items_in_batch=17),
 }
 
 
@@ -245,3 +249,34 @@ def test_peaked_rows_keep_the_label_entry_accurate(backend, device):
         _, want = loss_and_grads(dft_ops.naive.linear_cross_entropy, h.double(), w.double(), None, labels=labels,
                                  objective="ce")
         assert rel_err(grads[0], want[0]) < tol, (dtype, rel_err(grads[0], want[0]))
+
+
+@pytest.mark.parametrize("temperature", [None, 0.6])
+def test_torch_row_passes_in_place_form_equals_the_general_one(temperature):
+    """The in-place form (workspace rewritten as exp(z - m), G scaled per row) against the general form on the
+    same chunk: peaked and flat rows, a row of -inf logits but its label's, a label outside the shard."""
+    torch.manual_seed(3)
+    C, V = 37, 211
+    u = torch.randn(C, V) * 3.0
+    targets = torch.randint(0, V, (C,))
+    u[:5] += 40.0 * torch.nn.functional.one_hot(targets[:5], V)  # p of the label ~1
+    u[5] = float("-inf")
+    u[5, targets[5]] = 1.0
+    targets[6] = V + 3  # another shard's label (vocabulary parallelism): no entry here
+    head = Head(torch.empty(V, 1), None, None, temperature, torch.float32, None, None)
+    rows = one_pass.TorchRowPasses()
+    general = rows.row_stats(u.clone(), targets, head, with_stats=True, smoothing=False, second_logits=None)
+    terms = GradTerms(lse=general.lse, softmax=torch.rand(C) + 0.5, target=torch.rand(C) + 0.5,
+                      logprob=general.target_logprob)
+    want = rows.logit_grad(u.clone(), targets, head, terms, second_logits=None, out_dtype=torch.float32)
+    ws = u.clone()
+    plain = rows.row_stats(ws, targets, head, with_stats=False, smoothing=False, second_logits=None)
+    for name in ("lse", "target_logit", "target_logprob"):
+        assert torch.allclose(getattr(plain, name), getattr(general, name), rtol=1e-6, atol=1e-6), name
+    got = rows.logit_grad(ws, targets, head, terms, second_logits=None, out_dtype=torch.float32)
+    assert got.data_ptr() == ws.data_ptr()  # in place
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (got - want).abs().max()
+    # the in-place form's G is only for the workspace its statistics pass rewrote
+    rows.row_stats(u.clone(), targets, head, with_stats=False, smoothing=False, second_logits=None)
+    with pytest.raises(RuntimeError, match="not the one its row_stats rewrote"):
+        rows.logit_grad(u.clone(), targets, head, terms, second_logits=None, out_dtype=torch.float32)
