@@ -241,6 +241,13 @@ def write_markdown(path: Path, data: dict, plots: list[Path]) -> None:
     if summary:
         out += ["## Summary: dft-ops against the fastest peer, forward+backward", ""] + [f"- {s}" for s in summary]
         out += [""]
+    if any(r.get("shape") == "cpu-goal" for r in records):
+        from .goals import cpu_evaluate  # the goals read this module's records; imported where they are shown
+
+        lines = cpu_evaluate(data)
+        out += ["## The CPU goal (issue 16), from this file's runs", "",
+                markdown_table(["goal", "measured", "target", "verdict"],
+                               [[g.what, g.measured, g.target, g.verdict] for g in lines]), ""]
     header, rows = result_rows(shown, cpu)
     out += ["## Results", "", markdown_table(header, rows), ""]
     if backward_in_forward(shown):
