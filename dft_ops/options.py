@@ -304,7 +304,7 @@ class LossOptions:
     def check(cls, name: str, value):
         """One option's value, checked and normalized as the constructor does (for code holding a single option)."""
         cls._check_names({name: value})
-        return next(f for f in fields(cls) if f.name == name).metadata["check"](name, value)
+        return _CHECKS[name](name, value)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "LossOptions":
@@ -345,6 +345,7 @@ class LossOptions:
 
 # read once: torch.compile's tracer cannot call dataclasses.fields on the class (a graph break per call)
 _NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {f.name: f.metadata["check"] for f in fields(LossOptions)}
 
 
 class _Unset:

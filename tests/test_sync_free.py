@@ -95,12 +95,12 @@ def _leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _run(hidden, weight, bias, labels, *, upstream=None, guard=False, **kwargs):
-    """(loss, stats or None, grads of hidden / weight / bias): one forward and backward, in a NoHostReads block
-    when ``guard``."""
+def _run(hidden, weight, bias, labels, *, upstream=None, guard=False, fn=dft_ops.linear_cross_entropy, **kwargs):
+    """(loss, stats or None, grads of hidden / weight / bias): one forward and backward of ``fn``, in a
+    NoHostReads block when ``guard``."""
     h, w, b = _leaves(hidden, weight, bias)
     with NoHostReads() if guard else torch.enable_grad():
-        out = dft_ops.linear_cross_entropy(h, w, labels, bias=b, **kwargs)
+        out = fn(h, w, labels, bias=b, **kwargs)
         loss, stats = out if isinstance(out, tuple) else (out, None)
         loss.backward(upstream)
     return loss.detach(), stats, [t.grad for t in (h, w, b) if t is not None]
@@ -274,3 +274,36 @@ def test_cuda_graph_captures_and_replays_a_training_step(mode):
         torch.cuda.synchronize()
         for name, got, ref in zip(("loss", "entropy", "d_hidden", "d_weight"), static_out, want):
             assert rel_err(got.float(), ref.float()) < 1e-2, (seed, name)
+
+
+def test_a_compiled_sync_free_loss_reads_nothing_either(monkeypatch):
+    """The sync-free operator inside a compiled graph (torch.compile's aot_eager backend), forward and backward:
+    what the operators' implementations run is watched (a dispatch mode cannot be active while compiling)."""
+    from dft_ops import custom_op
+
+    def watched(fn):
+        def run(*args, **kwargs):
+            with NoHostReads():
+                return fn(*args, **kwargs)
+        return run
+
+    hidden, weight, bias, labels, _, spec = _case("options", torch.device("cpu"))
+    want = _run(hidden, weight, bias, labels, sync_free=True, **spec)
+    for name in ("_call", "forward_pass", "backward_pass"):
+        monkeypatch.setattr(custom_op, name, watched(getattr(custom_op, name)))
+
+    def fn(h, w, y, bias=None, **kwargs):
+        return dft_ops.linear_cross_entropy(h, w, y, bias=bias, **kwargs)
+
+    torch._dynamo.reset()
+    try:
+        got = _run(hidden, weight, bias, labels, fn=torch.compile(fn, fullgraph=True, backend="aot_eager"),
+                   sync_free=True, **spec)
+        # the same watch sees the default path's read
+        with pytest.raises(HostRead):
+            _run(hidden, weight, bias, labels, fn=torch.compile(fn, fullgraph=True, backend="aot_eager"), **spec)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(got[0], want[0], rtol=1e-6)
+    for a, r in zip(got[2], want[2]):
+        assert rel_err(a, r) < 1e-6
