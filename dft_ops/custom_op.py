@@ -33,7 +33,7 @@ What travels how:
   of a unit upstream gradient; the registered backward only scales them (plain ops the compiler
   fuses), as the Function does.
 
-Inside the operators everything is the eager code (:func:`dft_ops.functional.loss_call`,
+Inside the operators everything is the eager code (:func:`dft_ops.loss_call.build_call`,
 :func:`dft_ops.autograd.forward_pass` / :func:`~dft_ops.autograd.backward_pass`), so both paths
 compute the same numbers. Not through the operators (the Function runs, with the graph breaks its
 Python costs): vocabulary parallelism and DTensor inputs, and objectives that hold this batch's
@@ -53,13 +53,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import functional as _functional  # a cycle: functional imports this module; attributes are read per call
 from . import inputs as _inputs
 from .autograd import FunctionOutputs, backward_pass, forward_pass, scaled_grads
 from .backends import Plan, backward_mode, one_pass, select_backend, workspace_bytes
 from .backends.protocol import MB, GradTerms, Needs, SecondHead
 from .distributed import is_dtensor
 from .layout import TokenLayout
+from .loss_call import build_call
 from .objectives import ASFT, Objective
 from .options import LossOptions, _Unset, resolve_options
 
@@ -135,7 +135,6 @@ def _file(static: _Static) -> str:
     return key
 
 
-@torch.compiler.assume_constant_result
 def _static(options, *, device_type: str, fits: bool, compute: torch.dtype,
             second_compute, second_softcap, needs: tuple, has_class_weight: bool, has_second: bool,
             token_inputs: tuple, keywords: tuple):
@@ -153,11 +152,17 @@ def _static(options, *, device_type: str, fits: bool, compute: torch.dtype,
         return ("TypeError" if isinstance(err, TypeError) else "ValueError", str(err))
 
 
+# torch.compiler.assume_constant_result(_static), without importing torch._dynamo (and with it Triton, which
+# must not be imported before TRITON_INTERPRET is set) with dft_ops: the attribute is all that decorator sets
+# (tests/test_torch_compile.py checks that it still is)
+_static._dynamo_marked_constant = True
+
+
 def _facts(options, *, device_type, fits, compute, second_compute, second_softcap, needs, has_class_weight,
            has_second, token_inputs, keywords) -> _Facts:
     opts = resolve_options(_rebuilt(options), **{name: _rebuilt(value) for name, value in keywords})
-    _functional.check_token_input_presence(opts.objective, set(token_inputs))
-    _functional.check_second_head_presence(opts.objective, has_second)
+    _inputs.check_token_input_presence(opts.objective, set(token_inputs))
+    _inputs.check_second_head_presence(opts.objective, has_second)
     device = torch.device(device_type)
     select_backend(opts, device)
     needs = Needs(*needs)
@@ -246,9 +251,21 @@ def _static_of(key: str) -> _Static:
 # ---------------------------------------------------------------------------------------------- the public path
 
 
-def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: dict, keywords: dict, options):
-    """:func:`dft_ops.linear_cross_entropy` through the operators (its arguments, checked as its door checks
-    them), or :data:`UNSUPPORTED`. Traced by the compiler: only metadata and constants steer it."""
+class Done(NamedTuple):
+    """What :func:`loss` computed, for :func:`dft_ops.functional.results` to return: the Function's outputs
+    (each (N,) or the 0-d loss), the call's layout (loss positions, mask), whether stats were asked for, and
+    the 0-d divisor of the loss (None for reduction "none")."""
+
+    outputs: FunctionOutputs
+    layout: TokenLayout
+    return_stats: bool
+    divisor: Tensor | None
+
+
+def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: dict, keywords: dict,
+         options) -> Done:
+    """:func:`dft_ops.linear_cross_entropy`'s call through the operators (its arguments, checked as its door
+    checks them), or :data:`UNSUPPORTED`. Traced by the compiler: only metadata and constants steer it."""
     if any(is_dtensor(t) for t in (hidden, weight, bias, labels)):
         return UNSUPPORTED
     given = {k: v for k, v in keywords.items() if not isinstance(v, _Unset)}
@@ -284,7 +301,7 @@ def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: 
                     second_compute=None if second is None else second.compute_dtype,
                     second_softcap=None if second is None else second.softcap, needs=needs,
                     has_class_weight=class_weight is not None, has_second=second is not None,
-                    token_inputs=tuple(name for name in _functional.TOKEN_INPUTS if batch.get(name) is not None),
+                    token_inputs=tuple(name for name in _inputs.TOKEN_INPUTS if batch.get(name) is not None),
                     keywords=settings)
     if len(facts) == 2:  # an error (_Facts has more fields)
         kind, message = facts
@@ -306,7 +323,7 @@ def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: 
     out = FunctionOutputs(*(t if there else None for t, there in zip(outs, facts.outputs)))
     layout = TokenLayout(labels, shift=facts.shift, ignore_index=facts.ignore_index)
     divisor = None if facts.reduction == "none" else outs[8]
-    return _functional.results(out, layout, return_stats=facts.return_stats, divisor=divisor)
+    return Done(out, layout, facts.return_stats, divisor)
 
 
 # ---------------------------------------------------------------------------------------------- the operators
@@ -366,7 +383,7 @@ def _call(static: _Static, hidden, weight, bias, labels, class_weight, position_
         second = SecondHead(second_hidden, second_weight, second_bias, static.second_softcap, static.second_compute)
     num = num_items if num_items is not None else num_items_value
     token_inputs = {name: t for name, t in token_tensors.items() if name in opts.objective.token_inputs}
-    return _functional.loss_call(opts, plan, static.needs, weight, bias, labels, position_ids, num,
+    return build_call(opts, plan, static.needs, weight, bias, labels, position_ids, num,
                                  token_inputs, second, static.compute, weight.shape[0], device=hidden.device)
 
 

@@ -28,15 +28,13 @@ from . import inputs as _inputs
 from . import objectives as _objectives
 from .autograd import FunctionOutputs, LinearCrossEntropyFunction
 from .backends import backward_mode, select_backend
-from .backends.protocol import Head, Needs, SecondHead
-from .backends.sharded import ShardedBackend
+from .backends.protocol import Needs, SecondHead
 from .distributed import VocabParallel, check_group, is_dtensor, localize
 from .layout import TokenLayout
-from .loss_call import LossCall
+from .loss_call import LossCall, build_call
 from .options import UNSET, LossOptions, resolve_options
 
-TOKEN_INPUTS = ("old_logprobs", "ref_logprobs")
-"""The objectives' per-token inputs a call can pass (:attr:`dft_ops.objectives.Objective.token_inputs`)."""
+TOKEN_INPUTS = _inputs.TOKEN_INPUTS
 # what the ranks of a vocabulary-parallel group compare, the same keys in the same order on every rank
 _COMPARED_OPTIONS = tuple(name for name in LossOptions.names() if name != "vocab_parallel")
 _COMPARED_TENSORS = ("class_weight", "position_ids", *TOKEN_INPUTS)
@@ -188,10 +186,10 @@ def linear_cross_entropy(
     batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head)
     if _custom_op.wanted():
         # under torch.compile: the registered operator, which the compiler sees as one node
-        result = _custom_op.loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords,
-                                 options)
-        if result is not _custom_op.UNSUPPORTED:
-            return result
+        done = _custom_op.loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords,
+                               options)
+        if done is not _custom_op.UNSUPPORTED:
+            return results(done.outputs, done.layout, return_stats=done.return_stats, divisor=done.divisor)
     door = _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords, options)
     call = door.call
     out = FunctionOutputs(*LinearCrossEntropyFunction.apply(door.hidden, call.head.weight, call.head.bias, call))
@@ -248,7 +246,7 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         loss_shape = (*labels.shape[:-1], max(labels.shape[-1] - opts.shift, 0))
         token_inputs = _check_token_inputs(opts.objective, batch, loss_shape, opts.shift, labels.device)
         second = batch["second_head"]
-        check_second_head_presence(opts.objective, second is not None)
+        _inputs.check_second_head_presence(opts.objective, second is not None)
         select_backend(opts, hidden.device)  # a backend this device cannot run is refused before any collective
         split = local.vocab_parallel
         grad = torch.is_grad_enabled()
@@ -275,123 +273,17 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         _inputs.check_class_weight(opts.class_weight, V, hidden.device)
     if second is not None:
         second = _inputs.check_second_head(second, tuple(labels.shape), V, hidden)
-    call = loss_call(opts, plan, needs, weight, bias, labels, position_ids, num_items, token_inputs, second, compute,
-                     V, device=hidden.device, split=split)
+    call = build_call(opts, plan, needs, weight, bias, labels, position_ids, num_items, token_inputs, second, compute,
+                      V, device=hidden.device, split=split)
     return _Door(hidden.reshape(-1, D), call)
-
-
-def loss_call(opts: LossOptions, plan, needs: Needs, weight: Tensor, bias: Tensor | None, labels: Tensor,
-              position_ids: Tensor | None, num_items: float | Tensor | None, token_inputs: dict[str, Tensor],
-              second: SecondHead | None, compute: torch.dtype, V: int, *, device: torch.device,
-              split: VocabParallel | None = None) -> LossCall:
-    """The :class:`LossCall` of arguments already checked at the door (every type, shape, device and option;
-    ``second`` as :func:`~dft_ops.inputs.check_second_head` returns it), decided how to run (``plan``, ``needs``,
-    ``compute``): the layout, the values read (or, with ``sync_free``, computed on the device) and the divisor.
-
-    Also what the custom operators (:mod:`dft_ops.custom_op`) build again inside their implementations.
-    """
-    backend = select_backend(opts, device, plan)
-    if split is not None:
-        backend = ShardedBackend(backend, split)
-    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
-    class_weight = opts.class_weight
-    if opts.sync_free:
-        divisor = _device_divisor(layout, opts, num_items, V)
-    else:
-        divisor = _read_divisor(layout, opts, num_items, V)
-    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second)
-    return LossCall(layout, opts, head, backend, V,
-                    token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
-                    segments=layout.segments() if opts.objective.needs_segments else None,
-                    divisor=divisor, plan=plan, needs=needs)
-
-
-def _read_divisor(layout: TokenLayout, opts: LossOptions, num_items, V: int) -> float | None:
-    """Compacts the layout and returns the reduction's divisor: the call's one device synchronisation."""
-    to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
-    class_weight = opts.class_weight
-    weighted_mean = class_weight is not None and opts.reduction == "mean" and num_items is None
-    if class_weight is not None:
-        to_read["invalid_class_weights"] = (~(torch.isfinite(class_weight) & (class_weight >= 0))).sum()
-        if weighted_mean:
-            # PyTorch's weighted mean: sum_t u[y_t] over non-ignored tokens (labels outside [0, V) fail in compact)
-            u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
-            to_read["target_weight_sum"] = torch.where(layout.valid, u, 0.0).sum()
-    # the call's one device sync: label range, the computed-token count, and the 0-d tensors to read with them
-    read = dict(zip(to_read, layout.compact(V, *to_read.values())))
-    if read.get("invalid_class_weights"):
-        raise ValueError(f"class_weight: {int(read['invalid_class_weights'])} value(s) negative or not finite; "
-                         "expected finite weights >= 0")
-    if "num_items" in read:
-        num_items = read["num_items"]
-    if num_items is not None:
-        divisor = _inputs.num_items_divisor(num_items, layout.n_computed)
-    elif weighted_mean:
-        divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
-    else:
-        divisor = max(layout.n_computed, 1)
-    return {"none": None, "sum": 1.0}.get(opts.reduction, divisor)
-
-
-def _device_divisor(layout: TokenLayout, opts: LossOptions, num_items, V: int) -> Tensor | float | None:
-    """``sync_free``: every position kept (:meth:`TokenLayout.keep_all`) and the divisor as a float32 0-d device
-    tensor, the default path's rules written as ``where`` s (what it would refuse becomes NaN, never a read)."""
-    layout.keep_all(V)
-    class_weight = opts.class_weight
-    if class_weight is not None:
-        # a weight the default path refuses: every row's loss and gradient NaN
-        invalid = ~(torch.isfinite(class_weight) & (class_weight >= 0)).all()
-        layout.row_poison = layout.row_poison | invalid
-    if opts.reduction != "mean":
-        return {"none": None, "sum": 1.0}[opts.reduction]
-    f64 = dict(dtype=torch.float64, device=layout.targets.device)
-    count = layout.valid.sum().to(torch.float64)
-    if num_items is not None:
-        # a filled tensor, not torch.tensor(value): a host-to-device copy cannot be captured in a CUDA graph
-        num = num_items.to(**f64) if isinstance(num_items, Tensor) else torch.full((), float(num_items), **f64)
-        usable = torch.isfinite(num) & (num > 0)
-        divisor = torch.where((num == 0) & (count == 0), 1.0, torch.where(usable, num, float("nan")))
-    elif class_weight is not None:
-        u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
-        total = torch.where(layout.valid, u, 0.0).sum()
-        divisor = torch.where(total == 0, 1.0, total)
-    else:
-        divisor = count.clamp(min=1.0)
-    # the default path divides by a Python float, which float32 arithmetic rounds to float32
-    return divisor.to(torch.float32)
 
 
 def _check_token_inputs(objective, batch: dict, loss_shape: tuple, shift: int, device) -> dict[str, Tensor]:
     """The objective's per-token inputs from the call's keywords, each checked; unknown or missing ones refused."""
-    check_token_input_presence(objective, {name for name in TOKEN_INPUTS if batch.get(name) is not None})
+    _inputs.check_token_input_presence(objective, {name for name in TOKEN_INPUTS if batch.get(name) is not None})
     for name in objective.token_inputs:
         _inputs.check_token_input(name, batch[name], loss_shape, shift, device)
     return {name: batch[name] for name in objective.token_inputs}
-
-
-def check_token_input_presence(objective, given: set[str]) -> None:
-    """Refuses a per-token input the objective does not read, or one it reads that is missing (``given``: the
-    names passed)."""
-    wanted = set(objective.token_inputs)
-    for name in TOKEN_INPUTS:
-        if name in wanted and name not in given:
-            raise ValueError(f"{name}: objective {type(objective).__name__} needs this batch's {name}: pass "
-                             f"linear_cross_entropy(..., {name}=...) (a patched model takes the forward keyword "
-                             f"{name}=...)")
-        if name not in wanted and name in given:
-            raise ValueError(f"{name}: objective {type(objective).__name__} takes no {name} (its per-token inputs: "
-                             f"{list(objective.token_inputs) or 'none'})")
-
-
-def check_second_head_presence(objective, given: bool) -> None:
-    """Refuses a second head missing for an objective that compares with one, or given to another."""
-    if objective.needs_second_head and not given:
-        raise ValueError(f"second_head: objective {type(objective).__name__} compares with a frozen second "
-                         "head: pass second_head=dft_ops.SecondHead(hidden2, weight2, bias=None, softcap=None) "
-                         "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
-    if given and not objective.needs_second_head:
-        raise ValueError(f"second_head: objective {type(objective).__name__} takes no second head "
-                         "(only objectives such as ASFT compare with one)")
 
 
 def _vocab_parallel_hint(keywords: dict, options, weight) -> VocabParallel | None:

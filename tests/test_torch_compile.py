@@ -70,6 +70,23 @@ def _functional(**options):
 # ---------------------------------------------------------------------------------------------- graph breaks
 
 
+def test_importing_dft_ops_leaves_dynamo_and_triton_alone():
+    """dft_ops marks its trace-time resolver as torch.compiler.assume_constant_result does, without importing
+    torch._dynamo (which imports Triton: a later TRITON_INTERPRET=1 would no longer be read)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dft_ops; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == \
+        ["False", "False"]
+
+    def probe():
+        return None
+    torch.compiler.assume_constant_result(probe)
+    assert probe.__dict__ == {"_dynamo_marked_constant": True}
+    assert custom_op._static._dynamo_marked_constant is True
+
+
 def test_functional_and_module_trace_to_one_graph():
     hidden, weight, labels, bias = make_inputs((2, 7), 16, 37, torch.float32, "cpu", bias=True)
     h, w, b = _leaves(hidden, weight, bias)
