@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .backends.protocol import GradTerms, Needs
+from .backends.protocol import Grads, GradTerms, Needs
 from .loss_call import LossCall
 from .loss_terms import TokenLoss, token_loss
 
@@ -89,44 +89,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, call: LossCall):
-        head, layout, options = call.head._replace(weight=weight, bias=bias), call.layout, call.options
-        one_pass = call.plan.mode == "onepass"
-        smoothing = options.label_smoothing > 0
-        with _no_autocast(hidden.device):
-            if one_pass:
-                parts = []
-
-                def terms_of(chunk_stats, lo, hi):
-                    parts.append(token_loss(chunk_stats, call, slice(lo, hi)))
-                    return parts[-1].terms
-
-                stats, grads = call.backend.loss_and_grads(hidden, head, call.tokens, terms_of, call.needs,
-                                                           with_stats=options.return_stats, smoothing=smoothing)
-                loss = _concatenated(parts) if parts else token_loss(stats, call)
-            else:
-                stats = call.backend.lse_forward(hidden, head, call.tokens, with_stats=options.return_stats,
-                                                 smoothing=smoothing)
-                loss = token_loss(stats, call)
-        if one_pass:
+        out, loss, grads = forward_pass(hidden, weight, bias, call)
+        if call.plan.mode == "onepass":
             # the gradients of a unit upstream gradient, fp32: a "mean" loss's are those of its sum, divided
             ctx.grads, ctx.input_dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
             ctx.save_for_backward()
         else:
-            second = head.second
+            second = call.head.second
             second_tensors = tuple(getattr(second, f) for f in _SECOND_FIELDS) if second is not None else (None,) * 3
             ctx.save_for_backward(hidden, weight, bias, *loss.terms, *second_tensors)
         ctx.call = call
-
-        values = layout.scatter(loss.value)
-        reduced = values if call.divisor is None else values.sum() / call.divisor
-        out = FunctionOutputs(reduced, layout.scatter(loss.logp))
-        if options.return_stats:
-            out = out._replace(entropy=layout.scatter(stats.entropy),
-                               is_top1=layout.scatter(stats.target_logit >= stats.max_logit),
-                               # a copy: stats.lse is saved for backward, and the caller may edit what it gets
-                               lse=layout.scatter(stats.lse.clone()), predicted=layout.scatter(stats.argmax),
-                               z_loss=None if loss.z_loss is None else layout.scatter(loss.z_loss),
-                               kl=None if loss.kl is None else layout.scatter(loss.kl))
         ctx.mark_non_differentiable(*[t for t in out[1:] if t is not None])
         return tuple(out)
 
@@ -142,28 +114,73 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         call: LossCall = ctx.call
         need = ctx.needs_input_grad[:3]
         if call.plan.mode == "onepass":
-            return (*_scaled(ctx, grad_value / call.divisor, need), *_NOT_DIFFERENTIABLE)
+            return (*scaled_grads(ctx.grads, ctx.input_dtypes, grad_value / call.divisor, need), *_NOT_DIFFERENTIABLE)
         hidden, weight, bias, *saved = ctx.saved_tensors
         n_terms = len(GradTerms._fields)
         terms, second_tensors = GradTerms(*saved[:n_terms]), saved[n_terms:]
-        head = call.head._replace(weight=weight, bias=bias)
-        if head.second is not None:
-            head = head._replace(second=head.second._replace(**dict(zip(_SECOND_FIELDS, second_tensors))))
-        if not any(need):
-            return None, None, None, *_NOT_DIFFERENTIABLE
-        upstream = call.layout.pick(grad_value) if call.divisor is None else grad_value / call.divisor
-        terms = terms.scaled(upstream.to(torch.float32))
-        with _no_autocast(hidden.device):
-            grads = call.backend.grad_backward(hidden, head, call.tokens, terms,
-                                               Needs(need[0], need[1], bias is not None and need[2]))
+        grads = backward_pass(grad_value, hidden, weight, bias, call, terms, second_tensors, need)
         return grads.hidden, grads.weight, grads.bias, *_NOT_DIFFERENTIABLE
 
 
-def _scaled(ctx, scale: Tensor, need) -> tuple:
+def forward_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                 call: LossCall) -> tuple[FunctionOutputs, TokenLoss, Grads | None]:
+    """The Function's forward without autograd: its :class:`FunctionOutputs`, the computed tokens'
+    :class:`~dft_ops.loss_terms.TokenLoss` (the two-pass backward's G terms) and, one-pass, the fp32 gradients
+    of a unit upstream gradient (else None). Also the custom operator's forward (:mod:`dft_ops.custom_op`)."""
+    head, layout, options = call.head._replace(weight=weight, bias=bias), call.layout, call.options
+    one_pass = call.plan.mode == "onepass"
+    smoothing = options.label_smoothing > 0
+    grads = None
+    with _no_autocast(hidden.device):
+        if one_pass:
+            parts = []
+
+            def terms_of(chunk_stats, lo, hi):
+                parts.append(token_loss(chunk_stats, call, slice(lo, hi)))
+                return parts[-1].terms
+
+            stats, grads = call.backend.loss_and_grads(hidden, head, call.tokens, terms_of, call.needs,
+                                                       with_stats=options.return_stats, smoothing=smoothing)
+            loss = _concatenated(parts) if parts else token_loss(stats, call)
+        else:
+            stats = call.backend.lse_forward(hidden, head, call.tokens, with_stats=options.return_stats,
+                                             smoothing=smoothing)
+            loss = token_loss(stats, call)
+    values = layout.scatter(loss.value)
+    reduced = values if call.divisor is None else values.sum() / call.divisor
+    out = FunctionOutputs(reduced, layout.scatter(loss.logp))
+    if options.return_stats:
+        out = out._replace(entropy=layout.scatter(stats.entropy),
+                           is_top1=layout.scatter(stats.target_logit >= stats.max_logit),
+                           # a copy: stats.lse is saved for backward, and the caller may edit what it gets
+                           lse=layout.scatter(stats.lse.clone()), predicted=layout.scatter(stats.argmax),
+                           z_loss=None if loss.z_loss is None else layout.scatter(loss.z_loss),
+                           kl=None if loss.kl is None else layout.scatter(loss.kl))
+    return out, loss, grads
+
+
+def backward_pass(grad_value: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, call: LossCall,
+                  terms: GradTerms, second_tensors: tuple, need) -> Grads:
+    """The two-pass backward: the saved G terms (of the computed tokens) times the upstream gradient, through
+    the backend; ``second_tensors`` the second head's (hidden, weight, bias) as saved (or Nones); ``need``
+    which of d(hidden), d(weight), d(bias) autograd asks for."""
+    head = call.head._replace(weight=weight, bias=bias)
+    if head.second is not None:
+        head = head._replace(second=head.second._replace(**dict(zip(_SECOND_FIELDS, second_tensors))))
+    if not any(need):
+        return Grads(None, None, None)
+    upstream = call.layout.pick(grad_value) if call.divisor is None else grad_value / call.divisor
+    terms = terms.scaled(upstream.to(torch.float32))
+    with _no_autocast(hidden.device):
+        return call.backend.grad_backward(hidden, head, call.tokens, terms,
+                                          Needs(need[0], need[1], bias is not None and need[2]))
+
+
+def scaled_grads(grads, input_dtypes, scale: Tensor, need) -> tuple:
     """A one-pass call's kept fp32 gradients times the upstream number, each in its input's dtype: one op per
     gradient (scaled and rounded once), out of place (a second backward with ``retain_graph`` gives the same)."""
     out = []
-    for wanted, grad, dtype in zip(need, ctx.grads, ctx.input_dtypes):
+    for wanted, grad, dtype in zip(need, grads, input_dtypes):
         if not wanted or dtype is None:
             out.append(None)
             continue

@@ -23,19 +23,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import custom_op as _custom_op
 from . import inputs as _inputs
 from . import objectives as _objectives
 from .autograd import FunctionOutputs, LinearCrossEntropyFunction
 from .backends import backward_mode, select_backend
-from .backends.protocol import Head, Needs, SecondHead
-from .backends.sharded import ShardedBackend
+from .backends.protocol import Needs, SecondHead
 from .distributed import VocabParallel, check_group, is_dtensor, localize
 from .layout import TokenLayout
-from .loss_call import LossCall
+from .loss_call import LossCall, build_call
 from .options import UNSET, LossOptions, resolve_options
 
-TOKEN_INPUTS = ("old_logprobs", "ref_logprobs")
-"""The objectives' per-token inputs a call can pass (:attr:`dft_ops.objectives.Objective.token_inputs`)."""
+TOKEN_INPUTS = _inputs.TOKEN_INPUTS
 # what the ranks of a vocabulary-parallel group compare, the same keys in the same order on every rank
 _COMPARED_OPTIONS = tuple(name for name in LossOptions.names() if name != "vocab_parallel")
 _COMPARED_TENSORS = ("class_weight", "position_ids", *TOKEN_INPUTS)
@@ -122,6 +121,7 @@ def linear_cross_entropy(
     vocab_parallel: VocabParallel | None = UNSET["vocab_parallel"],
     backward_mode: str = UNSET["backward_mode"],
     workspace_mb: float = UNSET["workspace_mb"],
+    sync_free: bool = UNSET["sync_free"],
     position_ids: Tensor | None = None,
     second_head: SecondHead | None = None,
     old_logprobs: Tensor | None = None,
@@ -139,7 +139,7 @@ def linear_cross_entropy(
         objective, ignore_index, reduction, softcap, shift, return_stats,
             backend, filter_eps, label_smoothing, z_loss, temperature,
             class_weight, precise, vocab_parallel, backward_mode,
-            workspace_mb: the options (:class:`dft_ops.LossOptions`).
+            workspace_mb, sync_free: the options (:class:`dft_ops.LossOptions`).
         num_items_in_batch: the "mean" divisor (gradient accumulation: the
             token count of the whole batch): a finite number, or a real tensor
             holding one (any device). 0 only for a batch with no token to
@@ -182,26 +182,37 @@ def linear_cross_entropy(
                     return_stats=return_stats, backend=backend, filter_eps=filter_eps,
                     label_smoothing=label_smoothing, z_loss=z_loss, temperature=temperature,
                     class_weight=class_weight, precise=precise, vocab_parallel=vocab_parallel,
-                    backward_mode=backward_mode, workspace_mb=workspace_mb)
+                    backward_mode=backward_mode, workspace_mb=workspace_mb, sync_free=sync_free)
     batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head)
+    if _custom_op.wanted():
+        # under torch.compile: the registered operator, which the compiler sees as one node
+        done = _custom_op.loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords,
+                               options)
+        if done is not _custom_op.UNSUPPORTED:
+            return results(done.outputs, done.layout, return_stats=done.return_stats, divisor=done.divisor)
     door = _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords, options)
     call = door.call
-    layout, opts = call.layout, call.options
     out = FunctionOutputs(*LinearCrossEntropyFunction.apply(door.hidden, call.head.weight, call.head.bias, call))
-    loss = out.value if call.divisor is not None else layout.to_loss_positions(out.value)
-    if not opts.return_stats:
+    return results(out, call.layout, return_stats=call.options.return_stats, divisor=call.divisor)
+
+
+def results(out: FunctionOutputs, layout: TokenLayout, *, return_stats: bool, divisor: float | Tensor | None):
+    """What :func:`linear_cross_entropy` returns from the Function's (or the custom operator's) per-position
+    outputs: the loss (0-d, or of the loss positions' shape for ``divisor`` None), and the TokenStats."""
+    loss = out.value if divisor is not None else layout.to_loss_positions(out.value)
+    if not return_stats:
         return loss
     to_positions = layout.to_loss_positions
     stats = TokenStats(
         to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
         lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
         z_loss=None if out.z_loss is None else to_positions(out.z_loss),
-        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, call.divisor),
+        reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, divisor),
         kl=None if out.kl is None else to_positions(out.kl))
     return loss, stats
 
 
-def _reduce(values: Tensor, layout: TokenLayout, divisor: float | None) -> Tensor:
+def _reduce(values: Tensor, layout: TokenLayout, divisor: float | Tensor | None) -> Tensor:
     """(N,) per-position values reduced as the loss is: the sum over ``divisor``, or per loss position (None)."""
     if divisor is None:
         return layout.to_loss_positions(values)
@@ -235,13 +246,7 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         loss_shape = (*labels.shape[:-1], max(labels.shape[-1] - opts.shift, 0))
         token_inputs = _check_token_inputs(opts.objective, batch, loss_shape, opts.shift, labels.device)
         second = batch["second_head"]
-        if opts.objective.needs_second_head and second is None:
-            raise ValueError(f"second_head: objective {type(opts.objective).__name__} compares with a frozen second "
-                             "head: pass second_head=dft_ops.SecondHead(hidden2, weight2, bias=None, softcap=None) "
-                             "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
-        if second is not None and not opts.objective.needs_second_head:
-            raise ValueError(f"second_head: objective {type(opts.objective).__name__} takes no second head "
-                             "(only objectives such as ASFT compare with one)")
+        _inputs.check_second_head_presence(opts.objective, second is not None)
         select_backend(opts, hidden.device)  # a backend this device cannot run is refused before any collective
         split = local.vocab_parallel
         grad = torch.is_grad_enabled()
@@ -264,58 +269,20 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
     compute = _inputs.compute_dtype("weight", hidden, weight)
     plan = backward_mode(opts, device=hidden.device, vocab_size=V, hidden_size=D, compute_dtype=compute, needs=needs,
                          second_head=second is not None)
-    backend = select_backend(opts, hidden.device, plan)
-    if split is not None:
-        backend = ShardedBackend(backend, split)
-    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
-    to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
-    class_weight = opts.class_weight
-    weighted_mean = class_weight is not None and opts.reduction == "mean" and num_items is None
-    if class_weight is not None:
-        _inputs.check_class_weight(class_weight, V, hidden.device)
-        to_read["invalid_class_weights"] = (~(torch.isfinite(class_weight) & (class_weight >= 0))).sum()
-        if weighted_mean:
-            # PyTorch's weighted mean: sum_t u[y_t] over non-ignored tokens (labels outside [0, V) fail in compact)
-            u = class_weight.to(torch.float64).gather(0, layout.targets.clamp(0, V - 1))
-            to_read["target_weight_sum"] = torch.where(layout.valid, u, 0.0).sum()
+    if opts.class_weight is not None:
+        _inputs.check_class_weight(opts.class_weight, V, hidden.device)
     if second is not None:
-        second = _inputs.check_second_head(second, layout.shape, V, hidden)
-    # the call's one device sync: label range, the computed-token count, and the 0-d tensors to read with them
-    read = dict(zip(to_read, layout.compact(V, *to_read.values())))
-    if read.get("invalid_class_weights"):
-        raise ValueError(f"class_weight: {int(read['invalid_class_weights'])} value(s) negative or not finite; "
-                         "expected finite weights >= 0")
-    if "num_items" in read:
-        num_items = read["num_items"]
-    if num_items is not None:
-        divisor = _inputs.num_items_divisor(num_items, layout.n_computed)
-    elif weighted_mean:
-        divisor = read["target_weight_sum"] or 1.0  # no weight at all (e.g. every token ignored): loss 0, not NaN
-    else:
-        divisor = max(layout.n_computed, 1)
-    divisor = {"none": None, "sum": 1.0}.get(opts.reduction, divisor)
-    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second)
-    call = LossCall(layout, opts, head, backend, V,
-                    token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
-                    segments=layout.segments() if opts.objective.needs_segments else None,
-                    divisor=divisor, plan=plan, needs=needs)
+        second = _inputs.check_second_head(second, tuple(labels.shape), V, hidden)
+    call = build_call(opts, plan, needs, weight, bias, labels, position_ids, num_items, token_inputs, second, compute,
+                      V, device=hidden.device, split=split)
     return _Door(hidden.reshape(-1, D), call)
 
 
 def _check_token_inputs(objective, batch: dict, loss_shape: tuple, shift: int, device) -> dict[str, Tensor]:
     """The objective's per-token inputs from the call's keywords, each checked; unknown or missing ones refused."""
-    wanted = set(objective.token_inputs)
-    for name in TOKEN_INPUTS:
-        given = batch.get(name)
-        if name in wanted and given is None:
-            raise ValueError(f"{name}: objective {type(objective).__name__} needs this batch's {name}: pass "
-                             f"linear_cross_entropy(..., {name}=...) (a patched model takes the forward keyword "
-                             f"{name}=...)")
-        if name not in wanted and given is not None:
-            raise ValueError(f"{name}: objective {type(objective).__name__} takes no {name} (its per-token inputs: "
-                             f"{list(objective.token_inputs) or 'none'})")
-        if given is not None:
-            _inputs.check_token_input(name, given, loss_shape, shift, device)
+    _inputs.check_token_input_presence(objective, {name for name in TOKEN_INPUTS if batch.get(name) is not None})
+    for name in objective.token_inputs:
+        _inputs.check_token_input(name, batch[name], loss_shape, shift, device)
     return {name: batch[name] for name in objective.token_inputs}
 
 

@@ -19,6 +19,9 @@ from torch import Tensor
 
 from .backends.protocol import FLOAT_DTYPES, SecondHead, product_dtype
 
+TOKEN_INPUTS = ("old_logprobs", "ref_logprobs")
+"""The objectives' per-token inputs a call can pass (:attr:`dft_ops.objectives.Objective.token_inputs`)."""
+
 
 def check_dense(name: str, t: Tensor) -> None:
     """A clear error for tensors that carry no data (meta) or are not strided (sparse, nested)."""
@@ -232,3 +235,28 @@ def check_second_head(second, leading_shape: tuple, V: int, hidden: Tensor) -> S
     dtype = compute_dtype("second_head.weight", h2, w2)
     return SecondHead(h2.detach().reshape(-1, D2), w2.detach(), None if b2 is None else b2.detach(),
                       None if softcap is None else float(softcap), dtype)
+
+
+def check_token_input_presence(objective, given: set[str]) -> None:
+    """Refuses a per-token input the objective does not read, or one it reads that is missing (``given``: the
+    names passed)."""
+    wanted = set(objective.token_inputs)
+    for name in TOKEN_INPUTS:
+        if name in wanted and name not in given:
+            raise ValueError(f"{name}: objective {type(objective).__name__} needs this batch's {name}: pass "
+                             f"linear_cross_entropy(..., {name}=...) (a patched model takes the forward keyword "
+                             f"{name}=...)")
+        if name not in wanted and name in given:
+            raise ValueError(f"{name}: objective {type(objective).__name__} takes no {name} (its per-token inputs: "
+                             f"{list(objective.token_inputs) or 'none'})")
+
+
+def check_second_head_presence(objective, given: bool) -> None:
+    """Refuses a second head missing for an objective that compares with one, or given to another."""
+    if objective.needs_second_head and not given:
+        raise ValueError(f"second_head: objective {type(objective).__name__} compares with a frozen second "
+                         "head: pass second_head=dft_ops.SecondHead(hidden2, weight2, bias=None, softcap=None) "
+                         "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
+    if given and not objective.needs_second_head:
+        raise ValueError(f"second_head: objective {type(objective).__name__} takes no second head "
+                         "(only objectives such as ASFT compare with one)")

@@ -44,7 +44,11 @@ class TokenLayout:
             (``ignore_index`` for the last ``shift`` positions of a row).
         valid: (N,) bool, ``targets != ignore_index``.
         rows: (M,) int64 positions the kernels compute, or None (all N); set by :meth:`compact`.
-        row_targets: (M,) int64 contiguous targets of the rows; set by :meth:`compact`.
+        row_targets: (M,) int64 contiguous targets of the rows; set by :meth:`compact` (or :meth:`keep_all`).
+        row_mask: (M,) bool, the rows whose loss counts, or None (every row: after :meth:`compact`); set by
+            :meth:`keep_all`, which computes every position and masks the ignored ones.
+        row_poison: (M,) bool, the rows whose loss and gradients are NaN (a label outside [0, V) found without
+            a host read), or None; set by :meth:`keep_all`.
     """
 
     def __init__(self, labels: Tensor, *, shift: int = 0, ignore_index: int = -100,
@@ -69,7 +73,10 @@ class TokenLayout:
         self.position_ids = None if position_ids is None else position_ids.contiguous()
         self.rows: Tensor | None = None
         self.row_targets: Tensor | None = None
+        self.row_mask: Tensor | None = None
+        self.row_poison: Tensor | None = None
         self.n_computed: int | None = None
+        self._kept_all = False
 
     # ------------------------------------------------------------------------------------------ compaction
 
@@ -105,8 +112,23 @@ class TokenLayout:
             self.row_targets = flat[self.rows]
         return read[2:]
 
+    def keep_all(self, vocab_size: int) -> None:
+        """The sync-free alternative to :meth:`compact`: every position is a row (M = N), nothing is read.
+
+        Sets :attr:`row_targets` (the targets as they are: ignored positions' and out-of-range labels
+        included; the backends give a target outside [0, V) no label term), :attr:`row_mask` (the
+        positions whose loss counts) and :attr:`row_poison` (non-ignored labels outside [0, V), which
+        :meth:`compact` would refuse with a ValueError: their loss and gradients become NaN instead).
+        :attr:`n_computed` stays None: the count is a device tensor, ``row_mask.sum()``.
+        """
+        flat, valid = self.targets, self.valid
+        self.rows, self.row_targets = None, flat
+        self.row_mask = valid
+        self.row_poison = valid & ((flat < 0) | (flat >= vocab_size))
+        self._kept_all = True
+
     def _computed(self) -> None:
-        if self.n_computed is None:
+        if self.n_computed is None and not self._kept_all:
             raise RuntimeError("TokenLayout: call compact(vocab_size) before asking for the computed rows")
 
     def pick(self, t: Tensor) -> Tensor:
@@ -117,6 +139,8 @@ class TokenLayout:
     def scatter(self, values: Tensor) -> Tensor:
         """(M,) values of the computed rows -> (N,), zero (False) at the other positions."""
         self._computed()
+        if self.row_mask is not None:  # every position computed: the ignored ones are zeroed, not dropped
+            return torch.where(self.row_mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
         if self.rows is None:
             return values
         return values.new_zeros(self.n_positions).index_copy_(0, self.rows, values)

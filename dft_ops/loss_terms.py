@@ -81,7 +81,13 @@ def token_loss(stats: ForwardStats, call: LossCall, part: slice = slice(None)) -
     assert whole or call.segments is None, "sequence-level objectives see every token at once"
     inputs = call.token_inputs if whole else {name: t[part] for name, t in call.token_inputs.items()}
     targets = call.layout.row_targets if whole else call.layout.row_targets[part]
-    batch = TokenBatch(logp=logp, inputs=inputs, segments=call.segments)
+    keep, poison = call.layout.row_mask, call.layout.row_poison
+    if keep is not None:
+        # sync-free: ignored rows are computed too; their log p (-inf or garbage) must not reach an objective's
+        # sums over a sequence, and everything they give is zeroed below
+        keep, poison = keep[part], poison[part]
+        logp = torch.where(keep, logp, 0.0)
+    batch = TokenBatch(logp=logp, inputs=inputs, segments=call.segments, mask=keep)
     value, weight = (_per_token(objective, name, getattr(objective, name)(batch), logp) for name in ("value", "weight"))
 
     target_weight = None
@@ -110,7 +116,21 @@ def token_loss(stats: ForwardStats, call: LossCall, part: slice = slice(None)) -
     if isinstance(objective, ASFT):
         kl, terms = _kl_term(stats, objective, terms)
         value = value + objective.kl_coef * kl
+    if keep is not None:
+        value, z_value, kl, terms = _masked(keep, poison, value, z_value, kl, terms)
     return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, terms=terms, kl=kl)
+
+
+def _masked(keep: Tensor, poison: Tensor, value: Tensor, z_value, kl, terms: GradTerms):
+    """A sync-free call's rows: 0 (no loss, no gradient) where the row does not count, NaN (loss and
+    gradient) where its label is outside the vocabulary, each as a where (no host read)."""
+    def zeroed(t):
+        return None if t is None else torch.where(keep, t, 0.0)
+
+    nan = torch.full((), float("nan"), device=value.device)
+    coefficients = {name: zeroed(getattr(terms, name)) for name in ("softmax", "target", "uniform", "second", "gap")}
+    coefficients["softmax"] = torch.where(poison, nan, coefficients["softmax"])
+    return (torch.where(poison, nan, zeroed(value)), zeroed(z_value), zeroed(kl), terms._replace(**coefficients))
 
 
 def _kl_term(stats: ForwardStats, objective: ASFT, terms: GradTerms) -> tuple[Tensor, GradTerms]:

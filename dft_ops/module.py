@@ -32,14 +32,15 @@ class LinearCrossEntropy(nn.Module):
                  temperature=UNSET["temperature"], class_weight=UNSET["class_weight"], precise=UNSET["precise"],
                  vocab_parallel=UNSET["vocab_parallel"],
                  backward_mode=UNSET["backward_mode"], workspace_mb=UNSET["workspace_mb"],
-                 options: LossOptions | None = None):
+                 sync_free=UNSET["sync_free"], options: LossOptions | None = None):
         super().__init__()
         self.options = resolve_options(options, objective=objective, ignore_index=ignore_index, reduction=reduction,
                                        softcap=softcap, shift=shift, return_stats=return_stats, backend=backend,
                                        filter_eps=filter_eps, label_smoothing=label_smoothing, z_loss=z_loss,
                                        temperature=temperature, class_weight=class_weight, precise=precise,
                                        vocab_parallel=vocab_parallel,
-                                       backward_mode=backward_mode, workspace_mb=workspace_mb)
+                                       backward_mode=backward_mode, workspace_mb=workspace_mb,
+                                       sync_free=sync_free)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
                 num_items_in_batch=None, position_ids: Tensor | None = None, second_head=None,

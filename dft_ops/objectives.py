@@ -49,11 +49,16 @@ class TokenBatch:
             otherwise. Ids are non-decreasing and numbered 0, 1, ... in order
             of appearance among the computed tokens, so they are < M and
             per-sequence sums fit an (M,) buffer (``index_add_``, no sync).
+        mask: (M,) bool, the tokens that count, or None (all of them). Set by a
+            ``sync_free`` call, which computes ignored tokens too (their logp
+            is 0 and whatever the row gives them is zeroed afterwards): an
+            objective that counts tokens (a per-sequence mean) counts these.
     """
 
     logp: Tensor
     inputs: dict[str, Tensor] = field(default_factory=dict)
     segments: Tensor | None = None
+    mask: Tensor | None = None
 
     @property
     def p(self) -> Tensor:
@@ -82,6 +87,7 @@ class Objective:
     # the functional API moves them to the call's arguments (dft_ops.objectives.batch_tensors)
     _batch_inputs: dict = {}
     _batch_second_head = None
+    _parameter_names: tuple[str, ...] = ()
 
     def value(self, t: TokenBatch) -> Tensor:
         """(M,) float32 loss of each token."""
@@ -110,11 +116,16 @@ class Objective:
             clone._batch_second_head = second_head
         return clone
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # read once per class: torch.compile traces repr / == / hash, and cannot trace inspect.signature
+        cls._parameter_names = tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                     and p.name not in cls.token_inputs)
+
     def _parameters(self) -> tuple[str, ...]:
         """The constructor's setting names (each an attribute of the same name), per-token inputs left out."""
-        return tuple(p.name for p in inspect.signature(type(self).__init__).parameters.values()
-                     if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                     and p.name not in self.token_inputs)
+        return self._parameter_names
 
     def __eq__(self, other):
         # the same row with the same settings, so options built from the same names compare equal
@@ -382,7 +393,8 @@ class SequenceDFT(Objective):
         # segment ids are < M (see TokenBatch): O(tokens) sums without a host sync
         seq_logp = torch.zeros_like(t.logp).index_add_(0, seg, t.logp)
         if self.mode == "geometric":
-            count = torch.zeros_like(t.logp).index_add_(0, seg, torch.ones_like(t.logp))
+            counted = torch.ones_like(t.logp) if t.mask is None else t.mask.to(t.logp.dtype)
+            count = torch.zeros_like(t.logp).index_add_(0, seg, counted)
             seq_logp = seq_logp / count.clamp(min=1.0)
         return torch.exp(seq_logp)[seg]
 

@@ -210,6 +210,16 @@ class LossOptions:
             kernel, no workspace). See docs/backward.md.
         workspace_mb: bound of the workspace in MiB, or None for the mode's
             default ("gemm": 256; "onepass": the smallest fast chunk).
+        sync_free: no host synchronisation in the forward or the backward, so
+            a step can be captured in a CUDA graph (``torch.cuda.graph``,
+            ``torch.compile(mode="reduce-overhead")``): ignored positions are
+            computed and zeroed instead of dropped from the work (it costs the
+            ignored positions' share of the loss's compute), and what the
+            default path checks on the host yields NaN instead of an error: the
+            loss and gradients of a token whose label is outside [0, V), every
+            value with a negative or non-finite class weight, the loss with a
+            ``num_items_in_batch`` that is not a positive finite number.
+            Refused with ``vocab_parallel`` (its group check reads on the host).
 
     Every field is checked and normalized by the constructor (TypeError /
     ValueError starting with the field's name), and so are combinations
@@ -237,6 +247,7 @@ class LossOptions:
     vocab_parallel: VocabParallel | None = _option(None, _vocab_parallel)
     backward_mode: str = _option("auto", _one_of(BACKWARD_MODES))
     workspace_mb: float | None = _option(None, _workspace_mb)
+    sync_free: bool = _option(False, _bool)
 
     def __post_init__(self):
         for f in fields(self):
@@ -265,6 +276,9 @@ class LossOptions:
             raise ValueError(f"backward_mode: 'onepass' weighs each token by its own statistics; "
                              f"{type(self.objective).__name__} needs whole sequences first; use backward_mode "
                              "'auto' or 'gemm'")
+        if self.vocab_parallel is not None and self.sync_free:
+            raise ValueError("sync_free: the vocabulary-parallel group check reads every rank's call on the host "
+                             "(one synchronisation); use sync_free=False with vocab_parallel")
         if self.vocab_parallel is not None and self.objective.needs_second_head:
             raise ValueError(f"vocab_parallel: {type(self.objective).__name__} is not supported with a "
                              "vocabulary-parallel head yet (the second head's log-sum-exp and KL sums would need "
@@ -284,13 +298,13 @@ class LossOptions:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, in declaration order."""
-        return tuple(f.name for f in fields(cls))
+        return _NAMES
 
     @classmethod
     def check(cls, name: str, value):
         """One option's value, checked and normalized as the constructor does (for code holding a single option)."""
         cls._check_names({name: value})
-        return next(f for f in fields(cls) if f.name == name).metadata["check"](name, value)
+        return _CHECKS[name](name, value)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> "LossOptions":
@@ -327,6 +341,11 @@ class LossOptions:
         for name in options:
             if name not in cls.names():
                 raise TypeError(f"{name}: not a loss option; expected one of {cls.names()}")
+
+
+# read once: torch.compile's tracer cannot call dataclasses.fields on the class (a graph break per call)
+_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LossOptions))
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {f.name: f.metadata["check"] for f in fields(LossOptions)}
 
 
 class _Unset:

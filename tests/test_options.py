@@ -32,7 +32,7 @@ def test_defaults_and_normalization():
     assert LossOptions.names() == ("objective", "ignore_index", "reduction", "softcap", "shift", "return_stats",
                                    "backend", "filter_eps", "label_smoothing", "z_loss", "temperature",
                                    "class_weight", "precise", "vocab_parallel",
-                                   "backward_mode", "workspace_mb")
+                                   "backward_mode", "workspace_mb", "sync_free")
     opts = LossOptions(label_smoothing=torch.tensor(0.25).item(), z_loss=1, temperature=2)
     assert (opts.label_smoothing, opts.z_loss, opts.temperature) == (0.25, 1.0, 2.0)
     assert type(opts.z_loss) is float and type(opts.temperature) is float
@@ -78,6 +78,7 @@ BAD_OPTIONS = [
     (TypeError, "workspace_mb", dict(workspace_mb="256")),
     (ValueError, "workspace_mb", dict(workspace_mb=0)),
     (ValueError, "workspace_mb", dict(workspace_mb=float("inf"))),
+    (TypeError, "sync_free", dict(sync_free=1)),
 ]
 
 
@@ -118,7 +119,7 @@ def test_signature_shows_the_defaults():
                      "shift": "False", "return_stats": "False", "backend": "'auto'", "filter_eps": "None",
                      "label_smoothing": "0.0", "z_loss": "0.0", "temperature": "None", "class_weight": "None",
                      "precise": "False", "vocab_parallel": "None",
-                     "backward_mode": "'auto'", "workspace_mb": "None"}
+                     "backward_mode": "'auto'", "workspace_mb": "None", "sync_free": "False"}
     assert params["options"].default is None
     module_params = inspect.signature(dft_ops.LinearCrossEntropy).parameters
     assert set(LossOptions.names()) | {"options"} == set(module_params)

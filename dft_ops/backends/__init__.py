@@ -51,8 +51,8 @@ def saved_tensor_hooks_active() -> bool:
         return top() is not None
 
 
-def backward_mode(options, *, device: torch.device, vocab_size: int, hidden_size: int, compute_dtype: torch.dtype,
-                  needs: Needs, second_head: bool) -> Plan:
+def backward_mode(options, *, device: torch.device, vocab_size: int | None, hidden_size: int | None,
+                  compute_dtype: torch.dtype, needs: Needs, second_head: bool, fits: bool | None = None) -> Plan:
     """The way a call runs, decided before the autograd Function from global shapes and options only.
 
     One-pass (every product in BLAS, 6NDV) where it applies; else the two passes.
@@ -67,13 +67,19 @@ def backward_mode(options, *, device: torch.device, vocab_size: int, hidden_size
     options refused it where it cannot apply); "gemm" / "fused" run two passes.
     Under vocabulary parallelism ``vocab_size`` is the whole vocabulary's: every rank
     plans the same chunks and so issues the same collectives.
+
+    ``fits``: whether the smallest fast chunk fits ``workspace_mb``, when the caller has
+    worked it out (:func:`workspace_fits`; the compiler's symbolic shapes): the sizes are
+    then not read and the plan's ``chunk`` is None, for the caller to fill in.
     """
     mode = options.backward_mode
     if mode in ("gemm", "fused"):
         return Plan("two-pass", f"backward_mode={mode!r}")
-    chunk, fits = one_pass.chunk_tokens(vocab_size, hidden_size, device_type=device.type,
-                                        workspace_bytes=None if options.workspace_mb is None else
-                                        int(options.workspace_mb * MB), second_head=second_head)
+    if fits is None:
+        chunk, fits = one_pass.chunk_tokens(vocab_size, hidden_size, device_type=device.type,
+                                            workspace_bytes=workspace_bytes(options), second_head=second_head)
+    else:
+        chunk = None
     if not any(needs):
         return Plan("two-pass", "no gradient is needed: the forward's statistics only")
     if mode == "onepass":
@@ -89,6 +95,11 @@ def backward_mode(options, *, device: torch.device, vocab_size: int, hidden_size
         if not applies:
             return Plan("two-pass", reason)
     return Plan("onepass", "backward_mode='auto'", chunk)
+
+
+def workspace_bytes(options) -> int | None:
+    """The one-pass head's workspace budget of the options, in bytes (None: the mode's default)."""
+    return None if options.workspace_mb is None else int(options.workspace_mb * MB)
 
 
 def select_backend(options, device: torch.device, plan: Plan | None = None) -> Backend:

@@ -296,12 +296,13 @@ class TorchRowPasses:
         s = torch.exp(log_s)
         g = a * s
         inside = (targets >= 0) & (targets < V)
-        rows = torch.arange(C, device=z.device)[inside]
-        cols = targets[inside]
+        label = targets.clamp(0, V - 1)[:, None]
         # the label's entry a s_y - b as a expm1(log p) + (a - b): s_y - 1 cancels on peaked rows
-        logp = terms.logprob if terms.logprob is not None else z.gather(1, targets.clamp(0, V - 1)[:, None]).squeeze(1) \
-            - terms.lse
-        g[rows, cols] = (terms.softmax * torch.expm1(logp) + (terms.softmax - b))[inside]
+        logp = terms.logprob if terms.logprob is not None else z.gather(1, label).squeeze(1) - terms.lse
+        entry = terms.softmax * torch.expm1(logp) + (terms.softmax - b)
+        # written with a gather / scatter rather than boolean indexing (a host sync); rows without a label in
+        # the vocabulary keep their entry
+        g.scatter_(1, label, torch.where(inside, entry, g.gather(1, label).squeeze(1))[:, None])
         if terms.uniform is not None:
             cw = head.class_weight.float() if head.class_weight is not None else torch.ones(V, device=z.device)
             g -= terms.uniform[:, None] * cw[None, :]

@@ -172,7 +172,9 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
             z, slope = chunk.logits(v_lo, v_hi)
             g = a[:, None] * torch.exp(z - lse_c)
             hit, local = _label_columns(y, v_lo, v_hi)
-            g[hit, local[hit]] -= b[hit]
+            # the one-hot term without boolean indexing (a host sync): -0.0 leaves the other rows' entries as
+            # they are, bit for bit
+            g.scatter_add_(1, local[:, None], torch.where(hit, -b, -0.0)[:, None])
             if c_all is not None:
                 g -= c_all[t_lo:t_hi, None] * _class_weights(head.class_weight, v_lo, v_hi, g)[None, :]
             if reads_second:
