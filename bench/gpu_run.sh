@@ -28,7 +28,9 @@
 # BENCH_ARGS (extra arguments for python -m bench in call2). A CPU dry run of the whole plan (tests/test_gpu_plan.py)
 # sets BENCH_DRY_RUN=1 (no GPU needed) and replaces the heavy parts: BENCH_SMOKE_ARGS (python -m bench.smoke),
 # BENCH_TEST_ARGS (pytest's selection, default "-m gpu_smoke" and the files of tests/gpu_smoke.py), BENCH_TEST_EXTRA
-# (arguments added to it, e.g. --collect-only), BENCH_SUITE_ARGS (default "--suite goals").
+# (arguments added to it, e.g. --collect-only), BENCH_SUITE_ARGS (default "--suite goals"), BENCH_PREVIOUS (the
+# committed results call2 starts from, default docs/benchmarks; the dry run gives an empty folder: this machine's
+# own committed CPU results would otherwise be merged into its output).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -140,7 +142,7 @@ call2() {
     say "benchmark ${BENCH_SUITE_ARGS:---suite goals}, time budget $bench_budget s"
     # --previous: the committed results of this GPU, if any, are the starting point (merged case by case)
     # shellcheck disable=SC2086
-    "$PY" -m bench ${BENCH_SUITE_ARGS:---suite goals} --out "$out" --previous docs/benchmarks \
+    "$PY" -m bench ${BENCH_SUITE_ARGS:---suite goals} --out "$out" --previous "${BENCH_PREVIOUS:-docs/benchmarks}" \
         --time-budget "$bench_budget" --no-plots ${BENCH_ARGS:-}
     bench_rc=$?
     say "goal lines"

@@ -74,7 +74,8 @@ def test_call2_dry_run(tmp_path):
     suite = ("--suite goals --device cpu --shapes 48x500 --tokens 40 --modes forward+backward "
              "--providers dft-ops torch --rep-ms 1 --min-runs 2 --max-runs 3")
     done = subprocess.run(["bash", "bench/gpu_run.sh", "call2", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=_env(BENCH_SUITE_ARGS=suite))
+                          text=True, timeout=300,
+                          env=_env(BENCH_SUITE_ARGS=suite, BENCH_PREVIOUS=str(tmp_path / "no-previous-results")))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = _returned_files(tmp_path)
     names = {p.name for p in files}
