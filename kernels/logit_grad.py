@@ -174,5 +174,16 @@ def logit_grad_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, g, g
         constexprs=dict(constexprs, PRECISE=g_lo is not None),
         grid=lambda c: (triton.cdiv(t_count, c.blocks["BLOCK_N"]) * triton.cdiv(v_count, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, **gradient_per_config(c, head, terms)},
-        family=gradient_family(head, terms),
+        family=logit_grad_family(head, tokens, terms),
     )
+
+
+def logit_grad_family(head: Head, tokens: Tokens, terms: GradTerms) -> str:
+    """This kernel's tile family: :func:`gradient_family`, except that 16-bit products with the entropy term or a
+    temperature per token (dft_ops.token_logprobs) take the "16bit+second" tiles, which leave registers for
+    more live values: with every feature on (precise, soft-cap, bias) the "16bit" tiles spill on sm_80
+    (tests/test_compile_token_logprobs.py)."""
+    tiles = gradient_family(head, terms)
+    if tiles == "16bit" and (terms.entropy is not None or tokens.inv_temperature is not None):
+        return "16bit+second"
+    return tiles

@@ -297,7 +297,12 @@ def logit_grad_tile(
     z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     # exp(-inf - lse) = 0: masked-vocabulary (-inf) logits get no gradient
     s = tl.exp(z - lse[:, None])
-    g = coef_a[:, None] * s
+    if HAS_ENTROPY:
+        # a s + k s log s as s (a + k log s): no third tile live beside z and s (sm_80 spills otherwise). The
+        # entropy's term is the gap term without a second head; no probability, no gradient (0 * -inf)
+        g = tl.where(s > 0.0, s * (coef_a[:, None] + coef_k[:, None] * (z - lse[:, None])), 0.0)
+    else:
+        g = coef_a[:, None] * s
     g -= tl.where(tl.arange(0, BLOCK_V)[None, :] == y_local[:, None], coef_b[:, None], 0.0)
     if HAS_UNIFORM:
         g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]
@@ -307,8 +312,5 @@ def logit_grad_tile(
         # log s - log q, each head relative to its own lse: no offset between the heads enters.
         # A logit without probability gets no gradient, whatever its gap (0 * inf)
         g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - lse2[:, None])), 0.0)
-    if HAS_ENTROPY:
-        # the entropy's term s log s: the gap term without a second head; no probability, no gradient (0 * -inf)
-        g += coef_k[:, None] * tl.where(s > 0.0, s * (z - lse[:, None]), 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
