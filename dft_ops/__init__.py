@@ -20,7 +20,7 @@ from .backends.protocol import SecondHead
 from .callbacks import TokenStatsRecorder
 from .distributed import VocabParallel
 from .functional import TokenStats, linear_cross_entropy
-from .integrations.trl import patch_sft_trainer
+from .integrations.trl import patch_grpo_trainer, patch_sft_trainer
 from .layout import TokenLayout
 from .module import LinearCrossEntropy
 from .options import LossOptions
@@ -33,7 +33,7 @@ _logging.configure()
 
 __all__ = ["linear_cross_entropy", "token_logprobs", "TokenLogprobs", "LinearCrossEntropy", "LossOptions", "SecondHead", "VocabParallel", "TokenLayout",
            "TokenStats", "objectives", "naive", "backends", "distributed", "patch", "unpatch", "PatchError",
-           "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
+           "patch_sft_trainer", "patch_grpo_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
 
 
 def __getattr__(name):
