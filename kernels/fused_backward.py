@@ -237,7 +237,7 @@ def backward_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, filter
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {**_d_blocks(c, D, narrow), **gradient_per_config(c, head, terms)},
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
-        family=gradient_family(head, terms),
+        family=gradient_family(head, terms, tokens),
     )
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backends.protocol import GradTerms, Head, Tokens
-from .launch import Config, Launch, Tuner, torch_to_tl
+from .launch import Config, Launch, Tuner, family, torch_to_tl
 from .second_head import second_even_d, second_head_inputs, tile_family
 from .tile import (entropy_term, grouped_tile, logit_grad_tile, round_to, second_terms, token_inv_temperature,
                    token_terms)
@@ -152,8 +152,17 @@ def gradient_per_config(config: Config, head: Head, terms: GradTerms) -> dict:
     return {"EVEN_D2": second_even_d(second, config.blocks["BLOCK_D"])}
 
 
-def gradient_family(head: Head, terms: GradTerms) -> str:
-    """The tile-configuration family of a launch building G (fp32 when either head's products are)."""
+def gradient_family(head: Head, terms: GradTerms, tokens: Tokens | None = None) -> str:
+    """The tile-configuration family of a launch building G (fp32 when either head's products are).
+
+    The "+second" tiles, which leave registers for more live values, also serve the entropy term and a
+    temperature per token (dft_ops.token_logprobs): with them the plain tiles spill on sm_80 (8-16 B with
+    precise + soft-cap + bias in the logit-gradient kernel under Triton 3.9, 8 B in the fused kernel's
+    32 x 64 fp32 tile under 3.6; tests/test_compile_token_logprobs.py).
+    """
+    extra = terms.entropy is not None or (tokens is not None and tokens.inv_temperature is not None)
+    if extra and not terms.reads_second_head:
+        return family(head.compute_dtype) + "+second"
     return tile_family(head, terms.reads_second_head)
 
 
@@ -174,16 +183,5 @@ def logit_grad_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, g, g
         constexprs=dict(constexprs, PRECISE=g_lo is not None),
         grid=lambda c: (triton.cdiv(t_count, c.blocks["BLOCK_N"]) * triton.cdiv(v_count, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, **gradient_per_config(c, head, terms)},
-        family=logit_grad_family(head, tokens, terms),
+        family=gradient_family(head, terms, tokens),
     )
-
-
-def logit_grad_family(head: Head, tokens: Tokens, terms: GradTerms) -> str:
-    """This kernel's tile family: :func:`gradient_family`, except that 16-bit products with the entropy term or a
-    temperature per token (dft_ops.token_logprobs) take the "16bit+second" tiles, which leave registers for
-    more live values: with every feature on (precise, soft-cap, bias) the "16bit" tiles spill on sm_80
-    (tests/test_compile_token_logprobs.py)."""
-    tiles = gradient_family(head, terms)
-    if tiles == "16bit" and (terms.entropy is not None or tokens.inv_temperature is not None):
-        return "16bit+second"
-    return tiles

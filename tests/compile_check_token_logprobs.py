@@ -3,7 +3,7 @@
 The per-token API switches on two constexprs no other call does: ``TOKEN_TEMPERATURE`` (a temperature per
 token, in the forward and both backwards) and ``HAS_ENTROPY`` (the entropy's ``k s log s`` term of G, in
 both backwards). This builds the library's own launches with them on, for every configuration of the
-families those calls take ("16bit", "fp32"; the logit-gradient kernel's 16-bit launches take "16bit+second",
+families those calls take (the forward's "16bit" and "fp32"; the backwards' "16bit+second" and "fp32+second",
 whose tiles leave room for the extra live values; token_logprobs has no second head), and reports registers,
 stack / local memory (spills), shared memory and tensor-core instructions as tests/compile_check.py does
 (whose compile and read-back functions it uses). Variants per configuration: every feature the calls can
@@ -29,9 +29,9 @@ import compile_check as cc
 from dft_ops.backends.protocol import GradTerms, Head, Tokens, product_dtype
 
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16", "bf16+fp32", "fp32+bf16"), "fp32": ("fp32",)}
-# the logit-gradient kernel's 16-bit launches take the tiles that leave room for more live values
-# (kernels/logit_grad.py: logit_grad_family)
-TAKEN = {("logit_grad", "16bit"): "16bit+second"}
+# the backward kernels' launches take the tiles that leave room for more live values (kernels/logit_grad.py:
+# gradient_family); the forward its plain ones
+TAKEN = {(kernel, base): base + "+second" for kernel in ("logit_grad", "fused_backward") for base in ("16bit", "fp32")}
 
 
 def launch(kernel: str, dtypes: str, features: bool):

@@ -2,9 +2,11 @@
 
 A temperature per token (``TOKEN_TEMPERATURE``) and the entropy's gradient term (``HAS_ENTROPY``) are on
 in no other call: tests/compile_check_token_logprobs.py builds those launches for every configuration of
-the "16bit" and "fp32" families, in a clean subprocess (no TRITON_INTERPRET), with the rules of
+the families they take (the forward's "16bit" / "fp32"; the backwards' "16bit+second" / "fp32+second",
+kernels/logit_grad.py: gradient_family), in a clean subprocess (no TRITON_INTERPRET), with the rules of
 tests/test_compile.py (no spills on the supported Triton versions, shared memory within the limit,
-tensor-core products). For Triton 3.6 (the GPU machines'), run the script in /work/venvs/triton36.
+tensor-core products). For Triton 3.6 (the GPU machines'), run the script under that Triton (its venv
+/work/venvs/triton36 maps dft_ops to another checkout: point it at this one first).
 """
 
 import json
@@ -40,7 +42,7 @@ def test_every_configuration_was_compiled(results):
         # per architecture a configuration is offered on: 16-bit x (bf16, fp16, two mixed pairs; bf16 with no
         # other feature), fp32 x (every feature, none)
         for family, per_arch in (("16bit", 5), ("fp32", 2)):
-            family = "16bit+second" if (mod, family) == ("logit_grad", "16bit") else family
+            family = family if mod == "lse_forward" else family + "+second"
             expected += sum(per_arch * sum(arch >= c.min_arch for arch in (80, 90)) for c in configs[family])
     assert len(results) == expected
     assert {r["kernel"] for r in results} == {"lse_forward", "fused_backward", "logit_grad"}
