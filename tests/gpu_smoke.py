@@ -66,6 +66,12 @@ GPU_SMOKE = (
     "tests/test_asft.py::test_options_match_reference[triton-gemm-forward-bf16-none-temperature-Dref]",
     "tests/test_asft.py::test_options_match_reference[triton-fused-reverse-fp32-mean-shift-bias-softcaps-stats]",
     "tests/test_asft.py::test_gradient_filtering_keeps_the_kl_terms[forward]",
+    # token_logprobs (RL): the per-token temperature and entropy-term kernel variants, both backwards, bf16 and
+    # fp32, upstream gradients of log-probs and entropies; -inf logits (entropy 0, not NaN); all tokens ignored
+    "tests/test_token_logprobs.py::test_every_option_against_float64[torch.bfloat16-triton-gemm]",
+    "tests/test_token_logprobs.py::test_every_option_against_float64[torch.float32-triton-fused]",
+    "tests/test_token_logprobs.py::test_masked_vocabulary_entropy_is_finite[triton-gemm]",
+    "tests/test_token_logprobs.py::test_all_tokens_ignored[triton-fused]",
     # hardware-only checks written for the GPU (tests/test_gpu_hardware.py)
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[gemm]",
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[fused]",

@@ -67,13 +67,27 @@ def assert_close(ours, ref, dtype, *, grad_tol=None):
 
 
 @pytest.mark.parametrize("backend,mode", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_option_against_float64(backend, mode, dtype, device):
     """Per-token temperature, soft-cap, bias, shift, ignored tokens; upstream gradients of both outputs."""
     hidden, weight, labels, bias = make_inputs(SHAPE, D, V, dtype, device, bias=True, scale=4.0)
     temperature = torch.rand(SHAPE[0], SHAPE[1] - 1, device=device) * 1.5 + 0.4
     ours, ref = run_both(hidden, weight, labels, bias, backend=backend, backward_mode=mode, temperature=temperature,
                          softcap=6.0, shift=True)
+    assert_close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_backend_across_chunks(dtype, device, monkeypatch):
+    """The PyTorch backend with blocks of 8 tokens x 48 classes: the (32 x 157) loss positions span several of
+    each (the entropy's partial sums merged across vocabulary chunks, the per-token temperature and the
+    entropy's gradient term per block), every option on, against float64."""
+    from helpers import small_chunks
+
+    small_chunks(monkeypatch, 8, 48)
+    hidden, weight, labels, bias = make_inputs((2, 17), D, V, dtype, device, bias=True, scale=4.0)
+    temperature = torch.rand(2, 16, device=device) * 1.5 + 0.4
+    ours, ref = run_both(hidden, weight, labels, bias, temperature=temperature, softcap=6.0, shift=True)
     assert_close(ours, ref, dtype)
 
 
