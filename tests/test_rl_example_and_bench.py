@@ -59,7 +59,7 @@ def test_grpo_example_policy_learns_the_toy_reward(tmp_path):
     result = example.main(["--steps", "6", "--vocab", "500", "--hidden", "16", "--prompts", "4", "--group", "6",
                            "--prompt-len", "4", "--completion-len", "12", "--lr", "3e-2", "--out", str(tmp_path)])
     rewards = [s["reward"] for s in result["steps"]]
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards  # seeds 0-2: +0.18, +0.26, +0.28
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.1, rewards  # seeds 0-2: +0.15, +0.26, +0.29
 
 
 def test_benchmark_case_checks_and_reports_on_cpu(tmp_path):
