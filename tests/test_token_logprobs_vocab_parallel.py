@@ -2,7 +2,8 @@
 
 Per-token log-probs, entropies and every gradient (upstream gradients of both outputs at once) equal the
 whole vocabulary's in one process: the explicit option on both backends (Triton's two backward modes on
-the interpreter), with a temperature per token, soft-cap, bias, shift and ignored tokens; bf16; an empty
+the interpreter), with a temperature per token, soft-cap, bias, shift and ignored tokens; every token ignored
+(zeros and zero gradients, PyTorch and the fused Triton backward); bf16; an empty
 slice; a Shard(0) DTensor head; verl's drop-in with ``dist_process_group`` (d(hidden) left as each rank's
 share, summed by the caller). Temperatures that differ between the ranks, or are bad on one, are refused
 on every rank.
@@ -18,7 +19,8 @@ import torch
 from rank_harness import run_ranks
 
 WORKER = Path(__file__).with_name("token_logprobs_worker.py")
-EXACT = ["torch", "triton-gemm", "triton-fused", "torch-bf16", "torch-uneven-empty-slice", "dtensor-shard0",
+EXACT = ["torch", "triton-gemm", "triton-fused", "torch-bf16", "torch-uneven-empty-slice", "torch-all-ignored",
+         "triton-fused-all-ignored", "dtensor-shard0",
          "verl-process-group", "verl-process-group-mean"]
 REFUSED = ["refused-temperature-differs", "refused-bad-temperature-on-one-rank"]
 

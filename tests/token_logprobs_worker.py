@@ -53,11 +53,14 @@ def errors(got, ref, start, stop, *, hidden_grad=None) -> dict:
     return out
 
 
-def explicit(bounds=((0, CUT), (CUT, V)), dtype=torch.float32, **options):
-    """The explicit option, with a temperature per token, soft-cap, bias, shift and ignored tokens."""
+def explicit(bounds=((0, CUT), (CUT, V)), dtype=torch.float32, all_ignored=False, **options):
+    """The explicit option, with a temperature per token, soft-cap, bias, shift and ignored tokens (or, with
+    ``all_ignored``, every token: zeros out and zero gradients on every rank, the collectives still matched)."""
 
     def run(rank, world):
         hidden, weight, labels, bias = inputs(dtype)
+        if all_ignored:
+            labels.fill_(-100)
         temperature = torch.rand(SHAPE[0], SHAPE[1] - 1, generator=torch.Generator().manual_seed(2)) + 0.5
         kwargs = dict(temperature=temperature, softcap=4.0, shift=True, **options)
         ref = outputs_and_grads(lambda h, w, b: dft_ops.token_logprobs(h, w, labels, bias=b, **kwargs),
@@ -66,7 +69,11 @@ def explicit(bounds=((0, CUT), (CUT, V)), dtype=torch.float32, **options):
         got = outputs_and_grads(lambda h, w, b: dft_ops.token_logprobs(
             h, w, labels, bias=b, vocab_parallel=VocabParallel(start, stop), **kwargs),
             hidden, weight[start:stop], bias[start:stop])
-        return (errors(got, ref, start, stop),)
+        out = errors(got, ref, start, stop)
+        if all_ignored:  # not only equal to the whole vocabulary's: zero, on this rank
+            lp, ent, grads = got
+            out["all_ignored_max_abs"] = max(t.abs().max().item() for t in (lp, ent, *grads) if t.numel())
+        return (out,)
 
     return run
 
@@ -154,6 +161,8 @@ CASES = {
     "triton-fused": explicit(backend="triton", backward_mode="fused"),
     "torch-bf16": explicit(dtype=torch.bfloat16),
     "torch-uneven-empty-slice": explicit(((0, V), (V, V))),
+    "torch-all-ignored": explicit(all_ignored=True),
+    "triton-fused-all-ignored": explicit(all_ignored=True, backend="triton", backward_mode="fused"),
     "dtensor-shard0": dtensor_head(),
     "verl-process-group": verl_process_group(),
     "verl-process-group-mean": verl_process_group("mean"),
