@@ -126,9 +126,10 @@ test-llamafactory: $(FW_VENVS)/llamafactory/.installed
 test-ms-swift: $(FW_VENVS)/ms-swift/.installed
 	$(FW_VENVS)/ms-swift/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_ms_swift.py
 
-# verl: no dft-ops entry point yet; pins the interface of its fused kernel (issue 17)
+# verl: the drop-in for its fused kernel against verl's own torch path and forwards (and its Triton kernel
+# on a GPU), and the interface of that kernel pinned (issue 17)
 test-verl: $(FW_VENVS)/verl/.installed
-	$(FW_VENVS)/verl/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_verl_probe.py
+	$(FW_VENVS)/verl/bin/pytest $(FW_PYTEST_ARGS) tests/integrations/test_verl.py tests/integrations/test_verl_probe.py
 
 test-frameworks: test-llamafactory test-ms-swift test-axolotl test-verl
 

@@ -3,6 +3,7 @@
     loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, shift=True)                    # cross-entropy
     loss = dft_ops.linear_cross_entropy(hidden, lm_head.weight, labels, objective="dft", shift=True)   # DFT
     model = dft_ops.patch(model)                      # a Hugging Face causal LM trains DFT (it says so, once)
+    logp, entropy = dft_ops.token_logprobs(hidden, lm_head.weight, labels, shift=True)  # RL: both differentiable
 
 The layers, top to bottom (docs/architecture.md): :mod:`dft_ops.patching` (Hugging Face models) and
 :mod:`dft_ops.integrations` (one file per training framework) call the functional API
@@ -19,19 +20,20 @@ from .backends.protocol import SecondHead
 from .callbacks import TokenStatsRecorder
 from .distributed import VocabParallel
 from .functional import TokenStats, linear_cross_entropy
-from .integrations.trl import patch_sft_trainer
+from .integrations.trl import patch_grpo_trainer, patch_sft_trainer
 from .layout import TokenLayout
 from .module import LinearCrossEntropy
 from .options import LossOptions
 from .patching import PatchError, patch, unpatch
+from .token_logprobs import TokenLogprobs, token_logprobs
 from . import _moved
 
 __version__ = "0.1.0"
 _logging.configure()
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "LossOptions", "SecondHead", "VocabParallel", "TokenLayout",
+__all__ = ["linear_cross_entropy", "token_logprobs", "TokenLogprobs", "LinearCrossEntropy", "LossOptions", "SecondHead", "VocabParallel", "TokenLayout",
            "TokenStats", "objectives", "naive", "backends", "distributed", "patch", "unpatch", "PatchError",
-           "patch_sft_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
+           "patch_sft_trainer", "patch_grpo_trainer", "callbacks", "TokenStatsRecorder", "__version__"]
 
 
 def __getattr__(name):

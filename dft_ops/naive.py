@@ -261,3 +261,47 @@ def linear_cross_entropy(
         if kl is not None:
             stats["kl"] = torch.where(valid, kl, 0.0)
     return loss, stats
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    shift: bool | int = False,
+    ignore_index: int | None = -100,
+    position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The float64 oracle of :func:`dft_ops.token_logprobs`: ``(logprob, entropy)``, each the loss positions'
+    shape, 0 at ignored positions, both differentiable by autograd through materialized logits.
+
+    ``temperature``: a float, or a tensor broadcastable to the loss positions' shape (divides each position's
+    capped logits). With ``shift`` and ``position_ids``, a target in the next packed document (a 0 of
+    ``position_ids`` among the ``shift`` positions after a position) is ignored.
+    """
+    z = logits(hidden, weight, bias, softcap)
+    kept = labels.shape[-1]
+    valid = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    if shift:
+        k = int(shift)
+        kept = max(labels.shape[-1] - k, 0)
+        if position_ids is not None:
+            for step in range(1, k + 1):  # a document starts at t + step, for some step in 1..k
+                valid[..., :kept] &= position_ids[..., step:step + kept] != 0
+        z, labels, valid = z[..., :kept, :], labels[..., k:], valid[..., :kept]
+    if isinstance(temperature, Tensor):
+        z = z / torch.broadcast_to(temperature.double(), labels.shape)[..., None]
+    else:
+        z = z / float(temperature)
+    if ignore_index is not None:
+        valid = valid & (labels != ignore_index)
+    logp_all = F.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    p_all = logp_all.exp()
+    # 0 * -inf is 0 for classes without probability (masked logits)
+    entropy = -(p_all * torch.where(p_all > 0, logp_all, 0.0)).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)

@@ -26,14 +26,15 @@ from dft_ops.backends.protocol import Grads, GradTerms, Head, Needs, Tokens, ass
 from .launch import Config, Launch, Tuner, bucket, kernel_operands, round_down
 from .logit_grad import gradient_family, gradient_inputs, gradient_per_config
 from .second_head import second_head_key
-from .tile import dot, grouped_tile, logit_grad_tile, second_terms, round_to, token_terms
+from .tile import (dot, entropy_term, grouped_tile, logit_grad_tile, second_terms, round_to, token_inv_temperature,
+                   token_terms)
 
 
 @triton.jit
 def _fused_backward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr, filter_ptr,
     h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
-    dh_ptr, dw_ptr, db_ptr,
+    dh_ptr, dw_ptr, db_ptr, coef_k_ptr, inv_t_ptr,
     softcap, inv_softcap, inv_temperature, M, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
     softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
@@ -45,6 +46,7 @@ def _fused_backward_kernel(
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr, EVEN_D2: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, TOKEN_TEMPERATURE: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,6 +62,9 @@ def _fused_backward_kernel(
         size += tl.abs(coef_e)
     if HAS_GAP:
         size += tl.abs(coef_f)
+    coef_k = entropy_term(offs, row_mask, coef_k_ptr, lse, HAS_ENTROPY)
+    if HAS_ENTROPY:
+        size += tl.abs(coef_k)
     # tiles of ignored tokens (or zero upstream gradient) add exactly nothing
     if tl.max(size, axis=0) == 0.0:
         return
@@ -69,14 +74,15 @@ def _fused_backward_kernel(
     local = tl.arange(0, BLOCK_V)
     cols = v0 + local.to(tl.int64)
     col_mask = local < v_hi - v0
+    inv_t = token_inv_temperature(inv_t_ptr, offs, row_mask, inv_temperature, TOKEN_TEMPERATURE)
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, cols, col_mask, y - v0, lse,
-        coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
+        coef_a, coef_b, coef_c, softcap, inv_softcap, inv_t, D, stride_hd, stride_wv, stride_wd,
         h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
         softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
         HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
-        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION, coef_k=coef_k, HAS_ENTROPY=HAS_ENTROPY,
     )
     if HAS_FILTER:
         # gradient filtering (opt-in): skip tiles whose every entry is negligible
@@ -231,7 +237,7 @@ def backward_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, filter
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {**_d_blocks(c, D, narrow), **gradient_per_config(c, head, terms)},
         accumulators=[t for t in (d_hidden, d_weight_chunk, d_bias_chunk) if t is not None],
-        family=gradient_family(head, terms),
+        family=gradient_family(head, terms, tokens),
     )
 
 
@@ -268,6 +274,8 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
         hidden, head, tokens, terms = kernel_operands(hidden, head, tokens, terms,
                                                       class_weight=terms.uniform is not None,
                                                       second=terms.reads_second_head)
+        # the skip threshold is scaled by the call's one temperature (dft_ops.token_logprobs never filters)
+        assert filter_eps is None or tokens.inv_temperature is None, "filtering takes one temperature per call"
         if filter_eps is not None and terms.uniform is not None and head.softcap is not None:
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
         threshold = uniform = None
@@ -285,8 +293,8 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
         key = (D, V, chunk, hidden.dtype, weight.dtype, head.compute_dtype, bucket(M), bias is not None,
                head.softcap is not None, head.temperature is not None, terms.uniform is not None,
                head.class_weight is not None, needs.hidden, needs.weight, need_bias, filter_eps is not None, precise,
-               terms.second is not None, terms.gap is not None,
-               *second_head_key(head.second if terms.reads_second_head else None))
+               terms.second is not None, terms.gap is not None, terms.entropy is not None,
+               tokens.inv_temperature is not None, *second_head_key(head.second if terms.reads_second_head else None))
         config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)

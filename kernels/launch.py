@@ -159,7 +159,8 @@ def kernel_operands(hidden, head: Head, tokens: Tokens, terms: GradTerms | None 
     - (M,) / (V,) vectors with unit stride (a caller's view such as labels[:, 0]
       or an expanded bias is copied, which costs nothing next to the products),
       targets clamped to [-1, V] so a label outside [0, V) stays outside after
-      the kernels' int32 cast (2**32 + 5 would otherwise read as 5);
+      the kernels' int32 cast (2**32 + 5 would otherwise read as 5); per-token
+      inverse temperatures fp32;
     - matrices with unit column stride: kernels address element (i, k) as
       ``i * stride(0)`` in int64 plus ``k * stride(1)`` in int32 (int64 column
       offsets cost the registers the largest tiles need), so a column-major
@@ -172,8 +173,10 @@ def kernel_operands(hidden, head: Head, tokens: Tokens, terms: GradTerms | None 
         return matrix if matrix.stride(1) == 1 else matrix.contiguous()
 
     V = head.weight.shape[0]
+    inv_t = tokens.inv_temperature
     tokens = Tokens(tokens.targets.clamp(-1, V).contiguous(),
-                    tokens.rows.contiguous() if tokens.rows is not None else None)
+                    tokens.rows.contiguous() if tokens.rows is not None else None,
+                    inv_t.to(torch.float32).contiguous() if inv_t is not None else None)
     two = head.second if second else None
     if two is not None:
         two = two._replace(hidden=unit(two.hidden), weight=unit(two.weight))

@@ -23,16 +23,17 @@ import triton.language as tl
 # absolute: transformers may import this directory as a top-level `kernels` when the
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backends.protocol import GradTerms, Head, Tokens
-from .launch import Config, Launch, Tuner, torch_to_tl
+from .launch import Config, Launch, Tuner, family, torch_to_tl
 from .second_head import second_even_d, second_head_inputs, tile_family
-from .tile import grouped_tile, logit_grad_tile, round_to, second_terms, token_terms
+from .tile import (entropy_term, grouped_tile, logit_grad_tile, round_to, second_terms, token_inv_temperature,
+                   token_terms)
 
 
 @triton.jit
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr,
     h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
-    g_ptr, g_lo_ptr,
+    g_ptr, g_lo_ptr, coef_k_ptr, inv_t_ptr,
     softcap, inv_softcap, inv_temperature, t_lo, t_count, v_lo, v_count, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
     softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
@@ -43,6 +44,7 @@ def _logit_grad_kernel(
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, TOKEN_TEMPERATURE: tl.constexpr,
 ):
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(t_count, BLOCK_N), tl.cdiv(v_count, BLOCK_V), GROUP_N)
     # i: row of G (token t_lo + i of the computed tokens); j: column of G (vocabulary row v_lo + j)
@@ -54,15 +56,17 @@ def _logit_grad_kernel(
         t_lo + i, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
     lse2, coef_e, coef_f = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
                                               HAS_Q, HAS_GAP)
+    coef_k = entropy_term(t_lo + i, row_mask, coef_k_ptr, lse, HAS_ENTROPY)
+    inv_t = token_inv_temperature(inv_t_ptr, t_lo + i, row_mask, inv_temperature, TOKEN_TEMPERATURE)
     v0 = v_lo + pid_v * BLOCK_V
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, v_lo + j.to(tl.int64), col_mask, y - v0, lse,
-        coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
+        coef_a, coef_b, coef_c, softcap, inv_softcap, inv_t, D, stride_hd, stride_wv, stride_wd,
         h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
         softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
         HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
-        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION,
+        BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION, coef_k=coef_k, HAS_ENTROPY=HAS_ENTROPY,
     )
     # int64 row offsets: a large workspace passes 2**31 elements
     offsets = i.to(tl.int64)[:, None] * stride_gn + j[None, :]
@@ -115,7 +119,7 @@ def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tup
     unused = terms.lse
     second = head.second if terms.reads_second_head else None
     second_args, second_constexprs = second_head_inputs(second, head.compute_dtype, unused)
-    targets, rows = tokens
+    targets, rows, inv_t = tokens.targets, tokens.rows, tokens.inv_temperature
     weight, bias, class_weight = head.weight, head.bias, head.class_weight
     args = dict(
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else unused,
@@ -129,12 +133,15 @@ def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tup
         lse2_ptr=terms.second_lse if second is not None else unused,
         coef_e_ptr=terms.second if terms.second is not None else unused,
         coef_f_ptr=terms.gap if terms.gap is not None else unused, **second_args,
+        coef_k_ptr=terms.entropy if terms.entropy is not None else unused,
+        inv_t_ptr=inv_t if inv_t is not None else unused,
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
         HAS_UNIFORM=terms.uniform is not None, HAS_CLASS_WEIGHT=terms.uniform is not None and class_weight is not None,
         COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3",
         HAS_Q=terms.second is not None, HAS_GAP=terms.gap is not None, **second_constexprs,
+        HAS_ENTROPY=terms.entropy is not None, TOKEN_TEMPERATURE=inv_t is not None,
     )
     return args, constexprs
 
@@ -145,8 +152,17 @@ def gradient_per_config(config: Config, head: Head, terms: GradTerms) -> dict:
     return {"EVEN_D2": second_even_d(second, config.blocks["BLOCK_D"])}
 
 
-def gradient_family(head: Head, terms: GradTerms) -> str:
-    """The tile-configuration family of a launch building G (fp32 when either head's products are)."""
+def gradient_family(head: Head, terms: GradTerms, tokens: Tokens | None = None) -> str:
+    """The tile-configuration family of a launch building G (fp32 when either head's products are).
+
+    The "+second" tiles, which leave registers for more live values, also serve the entropy term and a
+    temperature per token (dft_ops.token_logprobs): with them the plain tiles spill on sm_80 (8-16 B with
+    precise + soft-cap + bias in the logit-gradient kernel under Triton 3.9, 8 B in the fused kernel's
+    32 x 64 fp32 tile under 3.6; tests/test_compile_token_logprobs.py).
+    """
+    extra = terms.entropy is not None or (tokens is not None and tokens.inv_temperature is not None)
+    if extra and not terms.reads_second_head:
+        return family(head.compute_dtype) + "+second"
     return tile_family(head, terms.reads_second_head)
 
 
@@ -167,5 +183,5 @@ def logit_grad_launch(hidden, head: Head, tokens: Tokens, terms: GradTerms, g, g
         constexprs=dict(constexprs, PRECISE=g_lo is not None),
         grid=lambda c: (triton.cdiv(t_count, c.blocks["BLOCK_N"]) * triton.cdiv(v_count, c.blocks["BLOCK_V"]),),
         per_config=lambda c: {"EVEN_D": D % c.blocks["BLOCK_D"] == 0, **gradient_per_config(c, head, terms)},
-        family=gradient_family(head, terms),
+        family=gradient_family(head, terms, tokens),
     )

@@ -31,14 +31,14 @@ from dft_ops.backends.partials import combine_kl, combine_partials
 from dft_ops.backends.protocol import ForwardStats, Head, Tokens, assert_inputs
 from .launch import Config, Launch, Tuner, bucket, device_arch, interpreting, kernel_operands, sm_count, torch_to_tl
 from .second_head import second_even_d, second_head_inputs, second_head_key, tile_family
-from .tile import cap_and_temper, class_weights, logit_tile, second_tile
+from .tile import cap_and_temper, class_weights, logit_tile, second_tile, token_inv_temperature
 
 
 @triton.jit
 def _lse_forward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, cw_ptr,
     part_max_ptr, part_sumexp_ptr, part_ent_ptr, part_arg_ptr, part_smooth_ptr, target_logit_ptr,
-    h2_ptr, w2_ptr, b2_ptr, part_max2_ptr, part_sumexp2_ptr, part_gap_ptr, part_gap2_ptr,
+    h2_ptr, w2_ptr, b2_ptr, part_max2_ptr, part_sumexp2_ptr, part_gap_ptr, part_gap2_ptr, inv_t_ptr,
     softcap, inv_softcap, inv_temperature, M, D, V, SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     softcap2, inv_softcap2, D2, stride_h2n, stride_h2d, stride_w2v, stride_w2d,
@@ -48,7 +48,7 @@ def _lse_forward_kernel(
     HAS_SECOND: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_SOFTCAP2: tl.constexpr,
     COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_D2: tl.constexpr,
+    EVEN_D2: tl.constexpr, TOKEN_TEMPERATURE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # consecutive programs share a token tile and walk different splits, so the
@@ -66,6 +66,8 @@ def _lse_forward_kernel(
     # targets were clamped to [-1, V] by the launcher: int32 compares keep the
     # (tokens x vocab) masks narrow, and out-of-range labels never match a column
     y = tl.load(targets_ptr + offs, mask=row_mask, other=-1).to(tl.int32)
+    # the call's 1 / temperature, or a (BLOCK_N, 1) column of each token's
+    inv_t = token_inv_temperature(inv_t_ptr, offs, row_mask, inv_temperature, TOKEN_TEMPERATURE)
 
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), SPLITS)
     v_lo = pid_s * tiles_per_split * BLOCK_V
@@ -94,7 +96,7 @@ def _lse_forward_kernel(
             # the model's tile, its exponentials and the second head's product would all be)
             r = second_tile(
                 h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, row_mask, cols, col_mask,
-                softcap2, inv_softcap2, inv_temperature, D2, stride_h2d, stride_w2v, stride_w2d,
+                softcap2, inv_softcap2, inv_t, D2, stride_h2d, stride_w2v, stride_w2d,
                 HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D2,
                 FP32_PRECISION,
             )
@@ -103,7 +105,7 @@ def _lse_forward_kernel(
             D, stride_hd, stride_wv, stride_wd,
             HAS_BIAS, COMPUTE_DTYPE, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, FP32_PRECISION,
         )
-        z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
+        z = cap_and_temper(u, softcap, inv_softcap, inv_t, HAS_SOFTCAP)
         # gathered from the same tile the max is taken over, so "label is the
         # argmax" is an exact comparison later
         zy += tl.sum(tl.where(local[None, :] == (y - v0)[:, None], z, 0.0), axis=1)
@@ -232,7 +234,7 @@ def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:
 def forward_launch(hidden, head: Head, tokens: Tokens, *, with_stats: bool, smoothing: bool, splits=None):
     """Build the forward launch and its output buffers (see :func:`lse_forward`); operands as
     :func:`~dft_ops.kernels.launch.kernel_operands` returns them."""
-    targets, rows = tokens
+    targets, rows, inv_t = tokens.targets, tokens.rows, tokens.inv_temperature
     M = targets.numel()
     D = hidden.shape[1]
     weight, bias, second, class_weight = head.weight, head.bias, head.second, head.class_weight
@@ -271,6 +273,7 @@ def forward_launch(hidden, head: Head, tokens: Tokens, *, with_stats: bool, smoo
             part_arg_ptr=out["part_arg"], part_smooth_ptr=out["part_smooth"], target_logit_ptr=out["target_logit"],
             part_max2_ptr=out["part_max2"], part_sumexp2_ptr=out["part_sumexp2"],
             part_gap_ptr=out["part_gap"], part_gap2_ptr=out["part_gap2"], **second_args,
+            inv_t_ptr=inv_t if inv_t is not None else unused,
             softcap=float(head.softcap) if head.softcap is not None else 1.0, inv_softcap=head.inv_softcap,
             inv_temperature=head.inv_temperature, M=M, D=D, V=V,
             stride_hn=hidden.stride(0), stride_hd=hidden.stride(1),
@@ -280,7 +283,7 @@ def forward_launch(hidden, head: Head, tokens: Tokens, *, with_stats: bool, smoo
             HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
             WITH_STATS=with_stats, SMOOTHING=smoothing, HAS_CLASS_WEIGHT=class_weight is not None,
             COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3", HAS_SECOND=second is not None,
-            **second_constexprs,
+            **second_constexprs, TOKEN_TEMPERATURE=inv_t is not None,
         ),
         grid=lambda c: (triton.cdiv(M, c.blocks["BLOCK_N"]) * splits_for(c),),
         per_config=lambda c: {**_tile_blocks(c, D, heavy_epilogue=with_stats or smoothing or second is not None),
@@ -322,7 +325,7 @@ def lse_forward(hidden, head: Head, tokens: Tokens, *, with_stats=False, smoothi
                                              splits=splits)
     key = (hidden.shape[1], head.weight.shape[0], hidden.dtype, head.weight.dtype, head.compute_dtype, bucket(M),
            head.bias is not None, head.softcap is not None, head.temperature is not None, with_stats, smoothing,
-           head.class_weight is not None, splits, *second_head_key(head.second))
+           head.class_weight is not None, splits, tokens.inv_temperature is not None, *second_head_key(head.second))
     S = splits_for(TUNER.run(launch, key))
     part_max, part_sumexp = out["part_max"][:S], out["part_sumexp"][:S]
     lse, max_logit, entropy, argmax = combine_partials(

@@ -238,6 +238,26 @@ def second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
 
 
 @triton.jit
+def token_inv_temperature(inv_t_ptr, offs, row_mask, inv_temperature, TOKEN_TEMPERATURE: tl.constexpr):
+    """1 / temperature of computed tokens ``offs``: a (BLOCK_N, 1) fp32 column read from ``inv_t_ptr``
+    (a temperature per token), or the call's scalar ``inv_temperature``. Either broadcasts over a logit tile
+    in :func:`cap_and_temper` / :func:`cap_and_temper_slope`."""
+    if TOKEN_TEMPERATURE:
+        return tl.load(inv_t_ptr + offs, mask=row_mask, other=1.0)[:, None]
+    else:
+        return inv_temperature
+
+
+@triton.jit
+def entropy_term(offs, row_mask, coef_k_ptr, lse, HAS_ENTROPY: tl.constexpr):
+    """(BLOCK_N,) fp32 k of computed tokens ``offs``, the factor of ``s log s`` (0 when off or masked)."""
+    if HAS_ENTROPY:
+        return tl.load(coef_k_ptr + offs, mask=row_mask, other=0.0)
+    else:
+        return tl.zeros_like(lse)
+
+
+@triton.jit
 def logit_grad_tile(
     h_ptr, w_ptr, b_ptr, cw_ptr,
     h_rows, row_mask, cols, col_mask, y_local, lse, coef_a, coef_b, coef_c,
@@ -250,13 +270,16 @@ def logit_grad_tile(
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    coef_k=0.0, HAS_ENTROPY: tl.constexpr = False,
 ):
     """The logit gradient G of one tile, (BLOCK_N, BLOCK_V) fp32, 0 outside the masks.
 
     G, the contract's formula (dft_ops.backends.protocol),
     from logits rebuilt exactly as the forward built them; the second head's tile r
     (q = exp(r - lse2)) only when HAS_Q or HAS_GAP. y_local: (BLOCK_N,)
-    int32 target minus the tile's first column.
+    int32 target minus the tile's first column. ``inv_temperature``: a scalar or a
+    (BLOCK_N, 1) column (:func:`token_inv_temperature`). ``coef_k`` (BLOCK_N,): the
+    entropy term's factor, read only when HAS_ENTROPY.
     """
     if HAS_Q or HAS_GAP:
         # the second head's tile first: only it stays live through the model's product
@@ -274,7 +297,12 @@ def logit_grad_tile(
     z = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     # exp(-inf - lse) = 0: masked-vocabulary (-inf) logits get no gradient
     s = tl.exp(z - lse[:, None])
-    g = coef_a[:, None] * s
+    if HAS_ENTROPY:
+        # a s + k s log s as s (a + k log s): no third tile live beside z and s (sm_80 spills otherwise). The
+        # entropy's term is the gap term without a second head; no probability, no gradient (0 * -inf)
+        g = tl.where(s > 0.0, s * (coef_a[:, None] + coef_k[:, None] * (z - lse[:, None])), 0.0)
+    else:
+        g = coef_a[:, None] * s
     g -= tl.where(tl.arange(0, BLOCK_V)[None, :] == y_local[:, None], coef_b[:, None], 0.0)
     if HAS_UNIFORM:
         g -= coef_c[:, None] * class_weights(cw_ptr, cols, col_mask, HAS_CLASS_WEIGHT)[None, :]

@@ -100,6 +100,8 @@ class OnePass:
     def loss_and_grads(self, hidden: Tensor, head: Head, tokens: Tokens, terms_of: TermsOf, needs: Needs, *,
                        with_stats=False, smoothing=False) -> tuple[ForwardStats, Grads]:
         M = assert_inputs(hidden, head, tokens)
+        # per-token temperatures come with per-token upstream gradients (dft_ops.token_logprobs): two passes
+        assert tokens.inv_temperature is None, "a temperature per token runs the two-pass backends"
         grads = fp32_gradients(hidden, head, needs)
         sweep = _Sweep(hidden, head, tokens, min(self.chunk, max(M, 1)), self.rows,
                        head.compute_dtype if self.g_dtype == "compute" else torch.float32)
@@ -156,6 +158,7 @@ class _Sweep:
     def add_gradients(self, terms: GradTerms, grad_rows, grads: Grads) -> None:
         """G of the chunk in place, then its contributions to d(hidden), d(weight), d(bias)."""
         lo, hi, idx, h = grad_rows
+        assert terms.entropy is None, "the entropy's gradient term is the two-pass backends'"
         n = hi - lo
         G = self.rows.logit_grad(self.U, self.tokens.targets[lo:hi], self.head, terms, second_logits=self.R,
                                  out_dtype=self.g_dtype)

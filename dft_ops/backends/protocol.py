@@ -41,12 +41,21 @@ exactly. The second head gets no gradient.
 **The logit gradient** (the one formula every backward computes, written once
 here)::
 
-    G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)) * dz_tj/du_tj
+    G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)
+            + k_t s_tj log s_tj) * dz_tj/du_tj
 
-with :class:`GradTerms` ``(a, b, c, e, f)`` per token (the upstream gradient
-folded in; c, e, f None for 0), ``u_j = class_weight[j]`` (1 without class
-weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``. The backward
-accumulates ``d_hidden = G W``, ``d_weight = G^T H``, ``d_bias = sum_t G`` in
+with :class:`GradTerms` ``(a, b, c, e, f, k)`` per token (the upstream gradient
+folded in; c, e, f, k None for 0), ``u_j = class_weight[j]`` (1 without class
+weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``, ``log s = z - lse``.
+The ``k`` term is the entropy's (``dH/dz = -s (log s + H)``: ``k = -g_H``,
+``a -= g_H H`` for an upstream gradient ``g_H`` of the entropy, :mod:`dft_ops.token_logprobs`);
+it is the gap term without a second head (``log q = 0``).
+
+**Per-token temperature.** ``tokens.inv_temperature`` (M,), when given,
+replaces ``head.temperature`` (then None) row by row: ``z_tj = capped u_tj *
+inv_temperature[t]``, and ``dz/du`` with it.
+
+The backward accumulates ``d_hidden = G W``, ``d_weight = G^T H``, ``d_bias = sum_t G`` in
 fp32 and returns each in its input's dtype. Where the terms come from (the
 objective table, label smoothing, class weights, z-loss, the KL terms):
 :mod:`dft_ops.loss_terms`.
@@ -168,10 +177,15 @@ class Tokens(NamedTuple):
     Attributes:
         targets: (M,) int64 label of each computed token (outside [0, V): none).
         rows: (M,) int64 row of hidden of each, distinct; None for rows 0..M-1 (then M == N).
+        inv_temperature: (M,) float32 ``1 / temperature`` of each computed token, or None (the head's
+            temperature applies to all). Given only with ``head.temperature`` None and no second head;
+            the two-pass backends take it, a one-pass backend does not (the per-token API,
+            :mod:`dft_ops.token_logprobs`, always runs two passes).
     """
 
     targets: Tensor
     rows: Tensor | None = None
+    inv_temperature: Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -226,6 +240,8 @@ class GradTerms(NamedTuple):
         logprob: log p of the target, consistent with ``lse`` (the whole vocabulary's under vocabulary
             parallelism), or None: what a one-pass backend forms the label's entry from, ``a expm1(logprob) +
             (a - b)`` (two-pass backends form ``a s_y - b``).
+        entropy: k_t, the factor of ``s log s`` (``log s = z - lse``; the entropy's gradient term, no second
+            head read), or None for 0. Two-pass backends only.
     """
 
     lse: Tensor
@@ -236,6 +252,7 @@ class GradTerms(NamedTuple):
     gap: Tensor | None = None
     second_lse: Tensor | None = None
     logprob: Tensor | None = None
+    entropy: Tensor | None = None
 
     @property
     def reads_second_head(self) -> bool:
@@ -347,10 +364,13 @@ def assert_inputs(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms |
     assert tokens.rows is not None or M == N, (M, N)
     assert head.bias is None or head.bias.shape == (V,)
     assert head.class_weight is None or head.class_weight.shape == (V,)
+    if tokens.inv_temperature is not None:
+        assert tokens.inv_temperature.shape == (M,) and head.temperature is None and head.second is None
     if head.second is not None:
         assert head.second.hidden.shape[0] == N and head.second.weight.shape == (V, head.second.hidden.shape[1])
         assert head.second.compute_dtype in FLOAT_DTYPES
     if terms is not None:
         assert terms.lse.shape == (M,) and terms.softmax.shape == (M,) and terms.target.shape == (M,)
         assert not terms.reads_second_head or (head.second is not None and terms.second_lse is not None)
+        assert terms.entropy is None or terms.entropy.shape == (M,)
     return M

@@ -22,8 +22,10 @@ VOCAB_CHUNK = 8192
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int, compute: torch.dtype,
-            softcap, inv_temperature: float) -> tuple[Tensor, Tensor | float]:
-    """(z, dz/du) of an fp32 hidden chunk against weight rows [v_lo, v_hi): (tokens, v_hi - v_lo) fp32."""
+            softcap, inv_temperature: float | Tensor) -> tuple[Tensor, Tensor | float]:
+    """(z, dz/du) of an fp32 hidden chunk against weight rows [v_lo, v_hi): (tokens, v_hi - v_lo) fp32.
+
+    ``inv_temperature``: a float, or a (tokens, 1) fp32 column (a temperature per token)."""
     u = h @ weight[v_lo:v_hi].to(compute).float().T
     if bias is not None:
         u += bias[v_lo:v_hi].float()
@@ -37,8 +39,8 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, v_lo: int, v_hi: int
 class _Chunk:
     """One token chunk's operands: the model's hidden rows and the second head's, in their compute dtypes."""
 
-    def __init__(self, hidden: Tensor, head: Head, idx):
-        self.head = head
+    def __init__(self, hidden: Tensor, head: Head, idx, inv_temperature: float | Tensor):
+        self.head, self.inv_temperature = head, inv_temperature
         self.h = hidden[idx].to(head.compute_dtype).float()
         second = head.second
         self.h2 = second.hidden[idx].to(second.compute_dtype).float() if second is not None else None
@@ -46,12 +48,19 @@ class _Chunk:
     def logits(self, v_lo: int, v_hi: int) -> tuple[Tensor, Tensor | float]:
         head = self.head
         return _logits(self.h, head.weight, head.bias, v_lo, v_hi, head.compute_dtype, head.softcap,
-                       head.inv_temperature)
+                       self.inv_temperature)
 
     def second_logits(self, v_lo: int, v_hi: int) -> Tensor:
         second: SecondHead = self.head.second
         return _logits(self.h2, second.weight, second.bias, v_lo, v_hi, second.compute_dtype, second.softcap,
-                       self.head.inv_temperature)[0]
+                       self.inv_temperature)[0]
+
+
+def _inv_temperature(head: Head, tokens: Tokens, t_lo: int, t_hi: int) -> float | Tensor:
+    """The 1 / temperature of computed tokens [t_lo, t_hi): the head's float, or their (tokens, 1) column."""
+    if tokens.inv_temperature is None:
+        return head.inv_temperature
+    return tokens.inv_temperature[t_lo:t_hi, None].float()
 
 
 def _relative(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,7 +124,7 @@ def lse_forward(hidden: Tensor, head: Head, tokens: Tokens, *, with_stats=False,
     two_heads = head.second is not None
     second_lse, reverse_kl, forward_kl = (torch.empty(M, **f32) if two_heads else None for _ in range(3))
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
-        chunk = _Chunk(hidden, head, idx)
+        chunk = _Chunk(hidden, head, idx, _inv_temperature(head, tokens, t_lo, t_hi))
         y = tokens.targets[t_lo:t_hi]
         parts, second_parts = [], []
         for v_lo in range(0, V, vocab_chunk):
@@ -161,9 +170,11 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden, d_weight, d_bias = fp32_gradients(hidden, head, needs)
     lse, a_all, b_all, c_all, e_all, f_all, lse2 = (t.float() if t is not None else None for t in terms[:7])
+    k_all = None if terms.entropy is None else terms.entropy.float()
     reads_second = terms.reads_second_head
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
-        chunk = _Chunk(hidden, head if reads_second else head._replace(second=None), idx)
+        chunk = _Chunk(hidden, head if reads_second else head._replace(second=None), idx,
+                       _inv_temperature(head, tokens, t_lo, t_hi))
         a, b, lse_c = a_all[t_lo:t_hi], b_all[t_lo:t_hi], lse[t_lo:t_hi, None]
         y = tokens.targets[t_lo:t_hi]
         dh = torch.zeros(t_hi - t_lo, D, **f32) if needs.hidden else None
@@ -187,6 +198,10 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
                     # log p - log q: each head relative to its own lse (no offset between the heads);
                     # a -inf logit has no probability: no gradient, whatever its gap
                     g += f_all[t_lo:t_hi, None] * torch.where(s > 0, s * (log_p - log_q), 0.0)
+            if k_all is not None:
+                log_p = z - lse_c
+                # the entropy's term; a -inf logit has no probability: 0, not 0 * -inf
+                g += k_all[t_lo:t_hi, None] * torch.where(log_p > float("-inf"), torch.exp(log_p) * log_p, 0.0)
             g *= slope
             if needs.hidden:
                 dh += g @ weight[v_lo:v_hi].to(head.compute_dtype).float()

@@ -20,7 +20,12 @@ A patch *not* set up this way never lets TRL's head train in its place: a
 after the trainer was built), or TRL's head running above the patch (patched
 before), raises :class:`dft_ops.PatchError` with the fix.
 
-TRL is imported only when a fused call is answered or ``patch_sft_trainer`` is called.
+TRL ``GRPOTrainer`` asks the same fused head for true per-token log-probs and entropies, both with
+their gradients (its policy loss, KL penalty and entropy bonus are elementwise on them):
+:func:`patch_grpo_trainer` answers those calls with :func:`dft_ops.token_logprobs` (no logits, in any
+chunk), for the policy and, with ``beta > 0``, the reference model.
+
+TRL is imported only when a fused call is answered or a ``patch_*_trainer`` is called.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class FusedLMHead(protocols.CallerProtocol):
                 "(fused_lm_head=True: SFTTrainer, GRPO, DPO, ...), which dft_ops.patch alone does not answer, so TRL's "
                 "loss would train instead of the dft-ops objective. For SFTTrainer, build the trainer, then call "
                 "dft_ops.patch_sft_trainer(trainer, objective=...) (in place of or after dft_ops.patch); for trainers "
-                "that need true log-probabilities (GRPO, DPO, ...), call dft_ops.unpatch(model) first.")
+                "that need true log-probabilities: GRPOTrainer, dft_ops.patch_grpo_trainer(trainer) (in place of "
+                "dft_ops.patch); others (DPO, ...), call dft_ops.unpatch(model) first.")
 
     def wraps_forward(self, causal_lm) -> bool:
         # trl.trainer.utils.add_fused_lm_head installs a bound function taking `fused_lm_head`; functools.wraps
@@ -69,6 +75,78 @@ class FusedLMHead(protocols.CallerProtocol):
 
 
 FUSED_LM_HEAD = protocols.register(FusedLMHead())
+
+
+class FusedLogProbs(FusedLMHead):
+    """TRL's fused-head protocol answered with true log-probs and entropies (``dft_ops.token_logprobs``),
+    each with its gradient: what ``GRPOTrainer`` reads (``log_probs``, ``entropy``, ``label_mask``).
+
+    One instance per patched trainer (its settings), held by the patch state; it is not registered: the
+    registered :data:`FUSED_LM_HEAD` refuses the keyword for every other patch.
+
+    Args:
+        fp32_head: the head's products in fp32 outside autocast (TRL's ``cast_lm_head_to_fp32``).
+    """
+
+    name = "TRL fused_lm_head (log-probs and entropies)"
+    logprobs = True
+
+    def __init__(self, fp32_head: bool = False):
+        self.fp32_head = bool(fp32_head)
+
+    def output(self, model_output, call):
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        logprob, entropy = call.logprobs
+        return FusedCausalLMOutput(loss=model_output.get("loss"), log_probs=logprob, entropy=entropy,
+                                   label_mask=call.mask, aux_loss=model_output.get("aux_loss"))
+
+
+_GRPO_OPTIONS = ("backend", "backward_mode", "workspace_mb", "precise")
+
+
+def patch_grpo_trainer(trainer, **options):
+    """Compute ``trainer``'s per-token log-probs and entropies with :func:`dft_ops.token_logprobs`.
+
+    Call after constructing the ``trl.GRPOTrainer`` (1.15+; its constructor installs TRL's fused head, whose
+    calls this answers in its place) and before ``trainer.train()``. The policy's calls (with their
+    gradients: the policy loss, the KL penalty's policy side, the entropy bonus) and, with ``beta > 0``, a
+    separate reference model's go through dft-ops' kernels: no logits are built, in any chunk. The
+    trainer's sampling temperature, the model's soft-cap and logit scale, ``cast_lm_head_to_fp32`` and the
+    completion mask (labels -100) are read from the trainer and the model. PEFT models with adapters
+    anywhere but on the head are served as they are (the reference of a PEFT policy is the same model with
+    its adapters disabled: the same patched forward).
+
+    Args:
+        trainer: a ``trl.GRPOTrainer``.
+        **options: how dft-ops runs: ``backend``, ``backward_mode`` ("auto", "gemm", "fused"),
+            ``workspace_mb``, ``precise``.
+
+    Returns:
+        ``trainer``.
+
+    Raises:
+        ImportError without TRL; TypeError for another trainer or option; :class:`dft_ops.PatchError`
+        as :func:`dft_ops.patch` (e.g. an adapter on the head).
+    """
+    try:
+        from trl import GRPOTrainer
+    except ImportError as exc:
+        raise ImportError("dft_ops.patch_grpo_trainer needs TRL: pip install 'dft-ops[trl]' (trl>=1.15)") from exc
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"trainer: expected a trl.GRPOTrainer, got {type(trainer).__name__}; SFTTrainer: "
+                        "dft_ops.patch_sft_trainer")
+    for name in options:
+        if name not in _GRPO_OPTIONS:
+            raise TypeError(f"{name}: not an option of patch_grpo_trainer (the per-token log-probs have no "
+                            f"objective or loss option); expected one of {_GRPO_OPTIONS}")
+    temperature = float(getattr(trainer, "temperature", 1.0))
+    protocol = FusedLogProbs(fp32_head=getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    models = [trainer.model] + ([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])
+    for model in models:
+        patching.patch(model, "ce", temperature=temperature, **options)
+        patching.patch_state(model).protocol = protocol
+    return trainer
 
 
 def patch_sft_trainer(trainer, objective="dft", **loss_options):

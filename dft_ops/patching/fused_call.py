@@ -23,6 +23,7 @@ forward would see a shard.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from ..callbacks import recorder_of
 from ..backends.protocol import SecondHead
 from ..distributed import like_linear_output, local
 from ..functional import linear_cross_entropy
+from ..token_logprobs import token_logprobs
 from .head import check_head, forward_slot, output_head, replaced_attribute, sharded_by_engine
 
 
@@ -54,6 +56,9 @@ class FusedCall:
                  position_ids, protocol, token_tensors: dict, reference=None):
         self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
         self.per_token = protocol is not None
+        # a protocol asking for true log-probs and entropies with their gradients (RL: TRL's GRPOTrainer)
+        self.logprobs_mode = bool(getattr(protocol, "logprobs", False))
+        self.logprobs = self.mask = None
         self.token_tensors = token_tensors
         self.reference = reference
         self.shift = shift_labels is None
@@ -83,6 +88,8 @@ class FusedCall:
             position_ids = None  # e.g. (1, T) broadcast or 3-D rope positions: rows are the sequences
         if position_ids is not None:
             position_ids = position_ids.to(hidden.device)
+        if self.logprobs_mode:
+            return self._token_logprobs(hidden, weight, bias, targets, position_ids, head_input)
         # a TokenStatsCallback attached to the model asks for the per-token stats of training steps
         recorder = recorder_of(self.causal_lm)
         if recorder is not None and not recorder.enabled:
@@ -108,6 +115,27 @@ class FusedCall:
         self.state.calls += 1
         # not a view of the loss (FSDP2 warns that in-place ops on a view drop its pre-backward hook); a DTensor
         # where nn.Linear would return one, for the output hooks of tensor-parallel styles
+        empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
+        return like_linear_output(empty, head_input, weight)
+
+    def _token_logprobs(self, hidden, weight, bias, targets, position_ids, head_input) -> Tensor:
+        """The head's forward for a protocol asking for log-probs and entropies (:func:`dft_ops.token_logprobs`):
+        ``self.logprobs`` for the protocol's output, ``self.loss = -logprob`` per token for the model's loss."""
+        opts, transform = self.state.options, self.state.transform
+        mode = opts.backward_mode if opts.backward_mode != "onepass" else "auto"
+        if mode == "auto" and sharded_by_engine(self.head, self.causal_lm):
+            mode = "gemm"
+        fp32 = getattr(self.protocol, "fp32_head", False)
+        if fp32:  # the trainer asks for the head's products in fp32 (TRL's cast_lm_head_to_fp32)
+            hidden = hidden.float()
+        with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+            self.logprobs = token_logprobs(
+                hidden, weight, targets, bias=bias, temperature=opts.temperature or 1.0, softcap=transform.softcap,
+                shift=self.shift, ignore_index=self.ignore_index, position_ids=position_ids, backend=opts.backend,
+                backward_mode=mode, workspace_mb=opts.workspace_mb, precise=opts.precise)
+        self.mask = (targets[..., 1:] if self.shift else targets) != self.ignore_index
+        self.loss = -self.logprobs.logprob
+        self.state.calls += 1
         empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
         return like_linear_output(empty, head_input, weight)
 
@@ -145,7 +173,7 @@ class FusedCall:
         # per-token values for the caller's protocol; the usual mean (over num_items_in_batch) as `loss`
         denominator = self.num_items_in_batch
         if denominator is None:
-            denominator = self.stats.mask.sum().clamp(min=1)
+            denominator = (self.mask if self.logprobs_mode else self.stats.mask).sum().clamp(min=1)
         return self.loss.sum() / torch.as_tensor(denominator, device=self.loss.device).to(torch.float32) + self.link
 
 

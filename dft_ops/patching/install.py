@@ -196,7 +196,10 @@ class _PatchedForward:
             state.active -= 1
 
     def _dispatch(self, model, state: PatchState, previous, args, kwargs):
-        protocol = next((p for p in protocols.registered() if p.claims(kwargs)), None)
+        # the patch's own protocol first: several may answer the same keyword (TRL's SFT and GRPO heads)
+        own = state.protocol
+        protocol = own if own is not None and own.claims(kwargs) else \
+            next((p for p in protocols.registered() if p.claims(kwargs)), None)
         if protocol is not None and protocol is not state.protocol:
             raise PatchError(protocol.refusal())
         # per-token inputs of the objective (e.g. PSFT's old_logprobs) come as forward keywords,
