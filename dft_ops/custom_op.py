@@ -359,10 +359,12 @@ def _shapes(static: _Static, has_bias: bool) -> _Shapes:
     stats = (True, *(with_stats,) * 4, with_stats and opts.z_loss > 0, with_stats and asft is not None)
     one_pass = static.plan.mode == "onepass"
     two_pass_backward = not one_pass and any(needs)
-    # GradTerms(lse, softmax, target, uniform, second, gap, second_lse, logprob), as loss_terms.token_loss sets them
-    present = (True, True, True, opts.label_smoothing > 0, asft is not None and asft.direction == "forward",
-               asft is not None and asft.direction == "reverse", asft is not None, True)
-    terms = tuple(two_pass_backward and p for p in present)
+    # the GradTerms fields loss_terms.token_loss sets for this call (by name: a field added to the contract for
+    # another API, such as token_logprobs' entropy, is absent here; _forward_impl checks the real terms against it)
+    present = dict(lse=True, softmax=True, target=True, uniform=opts.label_smoothing > 0,
+                   second=asft is not None and asft.direction == "forward",
+                   gap=asft is not None and asft.direction == "reverse", second_lse=asft is not None, logprob=True)
+    terms = tuple(two_pass_backward and present.get(name, False) for name in GradTerms._fields)
     grads = tuple(one_pass and n for n in (needs.hidden, needs.weight, needs.bias and has_bias))
     return _Shapes(opts.reduction == "none", stats, terms, grads)
 
@@ -420,8 +422,9 @@ def _forward_impl(hidden, weight, bias, labels, class_weight, position_ids, old_
     else:  # the eager path's Python float, as the float32 its division rounds it to
         outputs.append(torch.full((), 1.0 if divisor is None else divisor, dtype=torch.float32, device=hidden.device))
     layout = call.layout
+    if any(shapes.terms):  # a two-pass backward: exactly the terms the fake implementation promised
+        assert tuple(t is not None for t in token_loss.terms) == shapes.terms, (static.key, token_loss.terms._fields)
     for wanted_term, t in zip(shapes.terms, token_loss.terms):
-        assert not wanted_term or t is not None, static.key
         if not wanted_term:
             outputs.append(_placeholder(hidden))
         elif layout.rows is None:
