@@ -35,6 +35,8 @@ import sys
 
 import dft_ops
 
+from dft_ops.integrations import _wrapped_trainer  # absolute: ms-swift loads this file by its path
+
 __all__ = ["install", "uninstall", "is_installed", "main"]
 
 _LOG = logging.getLogger("dft_ops.integrations.ms_swift")
@@ -61,31 +63,17 @@ def install(**loss_options) -> None:
         ImportError when ms-swift is not installed; ValueError for options that
         :class:`dft_ops.LossOptions` refuses, or ``objective`` / ``reduction`` (set by the run).
     """
-    for name in ("objective", "reference", "reduction"):
-        if name in loss_options:
-            raise ValueError(f"{name}: set by the ms-swift run (enable_dft_loss), not by install()")
-    dft_ops.LossOptions(**loss_options)
-    cls = _trainer_class()
-    originals = cls.__dict__.get(_MARK)
-    if originals is None:
-        originals = {"__init__": cls.__init__, "compute_loss": cls.compute_loss}
-        setattr(cls, _MARK, originals)
-        cls.__init__ = _wrapped_init(originals["__init__"])
-        cls.compute_loss = _wrapped_compute_loss(originals["compute_loss"])
-    originals["loss_options"] = dict(loss_options)
+    _wrapped_trainer.check_install_options(loss_options, "the ms-swift run (enable_dft_loss)")
+    _wrapped_trainer.wrap(_trainer_class(), _MARK, _wrapped_init, _wrapped_compute_loss, loss_options)
 
 
 def uninstall() -> None:
     """Restore ms-swift's own loss path for trainers built from now on."""
-    cls = _trainer_class()
-    originals = cls.__dict__.get(_MARK)
-    if originals is not None:
-        cls.__init__, cls.compute_loss = originals["__init__"], originals["compute_loss"]
-        delattr(cls, _MARK)
+    _wrapped_trainer.unwrap(_trainer_class(), _MARK)
 
 
 def is_installed() -> bool:
-    return _MARK in _trainer_class().__dict__
+    return _wrapped_trainer.is_wrapped(_trainer_class(), _MARK)
 
 
 def _refusal(trainer) -> str | None:
