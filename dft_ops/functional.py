@@ -69,7 +69,10 @@ class TokenStats(NamedTuple):
         kl: float32, with an :class:`~dft_ops.objectives.ASFT` objective: each
             token's KL to the reference (KL(q || p) for direction "forward",
             KL(p || q) for "reverse"), unscaled (the loss holds ``kl_coef * kl``);
-            None for other objectives.
+            with :class:`~dft_ops.objectives.Distill`: each distilled token's
+            divergence to the teacher, unscaled (also at the tokens without a
+            label that ``distill_unlabeled`` computes; the other fields are 0
+            there, as at every ignored position); None for other objectives.
     """
 
     logprob: Tensor
@@ -126,6 +129,7 @@ def linear_cross_entropy(
     second_head: SecondHead | None = None,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    distill_mask: Tensor | None = None,
     options: LossOptions | None = None,
 ):
     """Loss of ``softmax(hidden @ weight.T + bias)`` against ``labels``, without materializing logits.
@@ -150,10 +154,14 @@ def linear_cross_entropy(
         second_head: a :class:`dft_ops.SecondHead` (hidden (..., D2) with
             hidden's leading shape, weight (V, D2), bias, softcap): the frozen
             head an objective with ``needs_second_head`` compares with (ASFT's
-            reference model). Never differentiated.
+            reference model, Distill's teacher). Never differentiated.
         old_logprobs / ref_logprobs: PSFT's / ImportanceWeighted's per-token
             inputs, float tensors of the loss positions' shape (labels, or
             ``labels[..., shift:]``).
+        distill_mask: with ``objectives.Distill(distill_unlabeled=True)``: a
+            bool (or integer) tensor of the loss positions' shape, nonzero
+            where a token without a label is distilled (e.g. the attention
+            mask: no padding); None: every such token.
         options: a :class:`dft_ops.LossOptions` holding the options; option
             keywords given explicitly override its fields.
 
@@ -183,7 +191,8 @@ def linear_cross_entropy(
                     label_smoothing=label_smoothing, z_loss=z_loss, temperature=temperature,
                     class_weight=class_weight, precise=precise, vocab_parallel=vocab_parallel,
                     backward_mode=backward_mode, workspace_mb=workspace_mb)
-    batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head)
+    batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head,
+                 distill_mask=distill_mask)
     door = _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords, options)
     call = door.call
     layout, opts = call.layout, call.options
@@ -192,9 +201,14 @@ def linear_cross_entropy(
     if not opts.return_stats:
         return loss
     to_positions = layout.to_loss_positions
+    if layout.has_unlabeled:  # rows distilled without a label: their label statistics are an ignored token's
+        def labeled(t):
+            return to_positions(t).masked_fill(~layout.mask, 0)
+    else:
+        labeled = to_positions
     stats = TokenStats(
-        to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
-        lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
+        labeled(out.logprob), labeled(out.entropy), labeled(out.is_top1), mask=layout.mask,
+        lse=labeled(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
         z_loss=None if out.z_loss is None else to_positions(out.z_loss),
         reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, call.divisor),
         kl=None if out.kl is None else to_positions(out.kl))
@@ -234,6 +248,8 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         num_items = _inputs.check_num_items(num_items_in_batch)
         loss_shape = (*labels.shape[:-1], max(labels.shape[-1] - opts.shift, 0))
         token_inputs = _check_token_inputs(opts.objective, batch, loss_shape, opts.shift, labels.device)
+        unlabeled = _inputs.check_distill_mask(batch["distill_mask"], opts.objective, loss_shape, opts.shift,
+                                               labels.device)
         second = batch["second_head"]
         if opts.objective.needs_second_head and second is None:
             raise ValueError(f"second_head: objective {type(opts.objective).__name__} compares with a frozen second "
@@ -241,7 +257,7 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
                              "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
         if second is not None and not opts.objective.needs_second_head:
             raise ValueError(f"second_head: objective {type(opts.objective).__name__} takes no second head "
-                             "(only objectives such as ASFT compare with one)")
+                             "(only objectives such as ASFT and Distill compare with one)")
         select_backend(opts, hidden.device)  # a backend this device cannot run is refused before any collective
         split = local.vocab_parallel
         grad = torch.is_grad_enabled()
@@ -267,7 +283,8 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
     backend = select_backend(opts, hidden.device, plan)
     if split is not None:
         backend = ShardedBackend(backend, split)
-    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
+    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids,
+                         unlabeled=unlabeled)
     to_read = {"num_items": num_items} if isinstance(num_items, Tensor) else {}
     class_weight = opts.class_weight
     weighted_mean = class_weight is not None and opts.reduction == "mean" and num_items is None
@@ -294,7 +311,8 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
     else:
         divisor = max(layout.n_computed, 1)
     divisor = {"none": None, "sum": 1.0}.get(opts.reduction, divisor)
-    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second)
+    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second,
+                opts.objective.mix_weight if isinstance(opts.objective, _objectives.Distill) else None)
     call = LossCall(layout, opts, head, backend, V,
                     token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
                     segments=layout.segments() if opts.objective.needs_segments else None,

@@ -265,6 +265,17 @@ class LossOptions:
             raise ValueError(f"backward_mode: 'onepass' weighs each token by its own statistics; "
                              f"{type(self.objective).__name__} needs whole sequences first; use backward_mode "
                              "'auto' or 'gemm'")
+        if (isinstance(self.objective, _objectives.Distill) and self.objective.alpha > 0
+                and self.temperature not in (None, 1.0)):
+            raise ValueError(f"temperature: {self.temperature} divides the whole head's logits, so with "
+                             f"Distill(alpha={self.objective.alpha}) the label term would be computed at it too, "
+                             "where Hinton's recipe (and Liger's distillation losses) compute it at T = 1. Use "
+                             "alpha=0 with a temperature (distillation only; add the label loss from a second call "
+                             "without one: docs/distillation.md), or no temperature")
+        if self.class_weight is not None and isinstance(self.objective, _objectives.Distill) and self.objective.distill_unlabeled:
+            raise ValueError("class_weight: Distill(distill_unlabeled=True) also computes tokens without a label, "
+                             "which have no class weight (a weighted mean would divide by label weights only); "
+                             "use distill_unlabeled=False with class weights")
         if self.vocab_parallel is not None and self.objective.needs_second_head:
             raise ValueError(f"vocab_parallel: {type(self.objective).__name__} is not supported with a "
                              "vocabulary-parallel head yet (the second head's log-sum-exp and KL sums would need "

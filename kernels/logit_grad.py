@@ -32,6 +32,7 @@ from .tile import grouped_tile, logit_grad_tile, round_to, second_terms, token_t
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr,
     h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
+    coef_g_ptr, mix_weight,
     g_ptr, g_lo_ptr,
     softcap, inv_softcap, inv_temperature, t_lo, t_count, v_lo, v_count, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
@@ -41,6 +42,7 @@ def _logit_grad_kernel(
     COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
 ):
@@ -52,16 +54,20 @@ def _logit_grad_kernel(
     col_mask = j < v_count
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         t_lo + i, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
-    lse2, coef_e, coef_f = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
-                                              HAS_Q, HAS_GAP)
+    lse2, coef_e, coef_f, coef_g = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                                                coef_g_ptr,
+                                                HAS_Q, HAS_GAP,
+                                                HAS_MIX)
     v0 = v_lo + pid_v * BLOCK_V
     g = logit_grad_tile(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, v_lo + j.to(tl.int64), col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
         h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
+        coef_g, mix_weight,
         softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
         HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
+        HAS_MIX,
         BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION,
     )
     # int64 row offsets: a large workspace passes 2**31 elements
@@ -129,12 +135,15 @@ def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tup
         lse2_ptr=terms.second_lse if second is not None else unused,
         coef_e_ptr=terms.second if terms.second is not None else unused,
         coef_f_ptr=terms.gap if terms.gap is not None else unused, **second_args,
+        coef_g_ptr=terms.mix_gap if terms.mix_gap is not None else unused,
+        mix_weight=float(head.mix_weight) if terms.mix_gap is not None else 0.5,
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
         HAS_UNIFORM=terms.uniform is not None, HAS_CLASS_WEIGHT=terms.uniform is not None and class_weight is not None,
         COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3",
         HAS_Q=terms.second is not None, HAS_GAP=terms.gap is not None, **second_constexprs,
+        HAS_MIX=terms.mix_gap is not None,
     )
     return args, constexprs
 

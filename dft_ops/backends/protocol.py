@@ -41,11 +41,15 @@ exactly. The second head gets no gradient.
 **The logit gradient** (the one formula every backward computes, written once
 here)::
 
-    G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)) * dz_tj/du_tj
+    G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)
+            + g_t s_tj (log s_tj - log m_tj)) * dz_tj/du_tj
 
-with :class:`GradTerms` ``(a, b, c, e, f)`` per token (the upstream gradient
-folded in; c, e, f None for 0), ``u_j = class_weight[j]`` (1 without class
-weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``. The backward
+with :class:`GradTerms` ``(a, b, c, e, f, g)`` per token (the upstream gradient
+folded in; c, e, f, g None for 0), ``u_j = class_weight[j]`` (1 without class
+weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``, and the mixture
+``m_tj = beta q_tj + (1 - beta) s_tj`` of both heads' distributions with
+``beta = head.mix_weight`` (the generalized Jensen-Shannon divergence's, read
+by the g term and by the forward's mixture KLs only). The backward
 accumulates ``d_hidden = G W``, ``d_weight = G^T H``, ``d_bias = sum_t G`` in
 fp32 and returns each in its input's dtype. Where the terms come from (the
 objective table, label smoothing, class weights, z-loss, the KL terms):
@@ -141,6 +145,9 @@ class Head(NamedTuple):
         compute_dtype: the dtype of the products (:func:`product_dtype`).
         class_weight: (V,) float class weights u (the rows of ``weight``), or None.
         second: a :class:`SecondHead` with ``compute_dtype`` set, or None.
+        mix_weight: beta in (0, 1), the second head's weight in the mixture ``m = beta q + (1 - beta) s``
+            of the generalized Jensen-Shannon divergence (a :class:`~dft_ops.objectives.Distill` call with
+            kind "jsd"), or None: the forward then also gives both heads' KLs to m, and the g term reads it.
     """
 
     weight: Tensor
@@ -150,6 +157,7 @@ class Head(NamedTuple):
     compute_dtype: torch.dtype
     class_weight: Tensor | None = None
     second: SecondHead | None = None
+    mix_weight: float | None = None
 
     @property
     def inv_softcap(self) -> float:
@@ -193,6 +201,9 @@ class ForwardStats(NamedTuple):
         forward_kl: KL(q || p) = lse - lse2 - E_q[z - r]; with a second head.
         target_logprob: log p of the target, computed without the cancellation of
             ``target_logit - lse`` (a backend that has the whole row gives it; None: the difference).
+        model_mix_kl: KL(p || m), m = beta q + (1 - beta) p the mixture of ``head.mix_weight``; with it only.
+        second_mix_kl: KL(q || m); with ``head.mix_weight`` only. (The generalized JSD is
+            ``beta second_mix_kl + (1 - beta) model_mix_kl``.)
     """
 
     lse: Tensor
@@ -205,6 +216,8 @@ class ForwardStats(NamedTuple):
     reverse_kl: Tensor | None = None
     forward_kl: Tensor | None = None
     target_logprob: Tensor | None = None
+    model_mix_kl: Tensor | None = None
+    second_mix_kl: Tensor | None = None
 
     @property
     def logprob(self) -> Tensor:
@@ -222,10 +235,11 @@ class GradTerms(NamedTuple):
         uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
         second: e_t, the factor of the second head's softmax q, or None for 0.
         gap: f_t, the factor of ``s (log s - log q)``, or None for 0.
-        second_lse: the second head's log-sum-exp (read by e and f), or None.
+        second_lse: the second head's log-sum-exp (read by e, f and g), or None.
         logprob: log p of the target, consistent with ``lse`` (the whole vocabulary's under vocabulary
             parallelism), or None: what a one-pass backend forms the label's entry from, ``a expm1(logprob) +
             (a - b)`` (two-pass backends form ``a s_y - b``).
+        mix_gap: g_t, the factor of ``s (log s - log m)`` (m the mixture of ``head.mix_weight``), or None for 0.
     """
 
     lse: Tensor
@@ -236,11 +250,12 @@ class GradTerms(NamedTuple):
     gap: Tensor | None = None
     second_lse: Tensor | None = None
     logprob: Tensor | None = None
+    mix_gap: Tensor | None = None
 
     @property
     def reads_second_head(self) -> bool:
-        """The backward rebuilds the second head's logits (an e or f term is present)."""
-        return self.second is not None or self.gap is not None
+        """The backward rebuilds the second head's logits (an e, f or g term is present)."""
+        return self.second is not None or self.gap is not None or self.mix_gap is not None
 
     def scaled(self, upstream: Tensor) -> "GradTerms":
         """The coefficients times a per-token upstream gradient (M,) (lse and second_lse unchanged)."""
@@ -353,4 +368,6 @@ def assert_inputs(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms |
     if terms is not None:
         assert terms.lse.shape == (M,) and terms.softmax.shape == (M,) and terms.target.shape == (M,)
         assert not terms.reads_second_head or (head.second is not None and terms.second_lse is not None)
+        assert terms.mix_gap is None or head.mix_weight is not None, "the g term reads the mixture weight"
+    assert head.mix_weight is None or (head.second is not None and 0.0 < head.mix_weight < 1.0), head.mix_weight
     return M
