@@ -144,7 +144,11 @@ def distillation_divergence(z: Tensor, r: Tensor, kind: str, beta: float | None 
     if kind in ("forward_kl", "reverse_kl"):
         return kl_divergence(z, r, "forward" if kind == "forward_kl" else "reverse")
     log_p, log_q = F.log_softmax(z, dim=-1), F.log_softmax(r, dim=-1)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), dim=0)
+    # a class neither head gives probability has log m = -inf: logsumexp's gradient there is NaN, so those
+    # classes go through it as 0 and come out -inf (no probability weighs them)
+    neither = (log_p == float("-inf")) & (log_q == float("-inf"))
+    parts = [torch.where(neither, 0.0, log_p + math.log(1 - beta)), torch.where(neither, 0.0, log_q + math.log(beta))]
+    log_m = torch.where(neither, float("-inf"), torch.logsumexp(torch.stack(parts), dim=0))
 
     def kl_to_mixture(log_x):
         x = log_x.exp()
