@@ -43,7 +43,8 @@ import triton.language as tl
 # absolute: see fused_backward.py
 from dft_ops.backends.protocol import ForwardStats, GradTerms, Head
 from .launch import Config, Launch, Tuner, bucket, torch_to_tl
-from .tile import INTERPRET, cap_and_temper, cap_and_temper_slope, class_weights, logs_over_mixture, round_to
+from .tile import (INTERPRET, cap_and_temper, cap_and_temper_slope, class_weights, log_over_mixture, logs_over_mixture,
+                   round_to)
 
 # expm1(x) = x + x^2/2! + ... + x^8/8! for |x| < _EXPM1_SMALL: the first term left out, x^9/9!,
 # is under 2^-30 of |x| there. Above, exp(x) - 1 loses at most ~2 bits (|expm1| >= 0.22).
@@ -359,8 +360,7 @@ def _grad_values(base, z, s, log_s, log_q, cw, c, e, f, softcap, inv_softcap, in
         g += f * tl.where(s > 0.0, s * (log_s - log_q), 0.0)
     if HAS_MIX:
         # log s - log m from the same two log-ratios
-        over_s, _ = logs_over_mixture(log_s - log_q, mix_weight)
-        g += mg * tl.where(s > 0.0, s * over_s, 0.0)
+        g += mg * tl.where(s > 0.0, s * log_over_mixture(log_s - log_q, mix_weight), 0.0)
     if HAS_SOFTCAP:
         g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return g

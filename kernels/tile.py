@@ -258,6 +258,18 @@ def logs_over_mixture(x, beta):
 
 
 @triton.jit
+def log_over_mixture(x, beta):
+    """``log a - log m``, ``m = (1 - beta) a + beta b``, from ``x = log a - log b`` (fp32 tile): the g
+    term's log-ratio of the model's distribution to the mixture, as
+    ``-log((1 - beta) + beta exp(min(-x, 80)))``. One exponential and one logarithm; the clamp keeps
+    exp finite, and changes the value only where ``a < e^-80 b``, i.e. where ``a`` itself, the term's
+    factor, is below e^-80 (x = +inf: -log(1 - beta); NaN x, no probability in either head: the caller
+    weighs it by a = 0). (Where both log-ratios are needed, :func:`logs_over_mixture`; both are
+    dft_ops.backends.partials'.)"""
+    return -tl.log((1.0 - beta) + beta * tl.exp(tl.minimum(-x, 80.0)))
+
+
+@triton.jit
 def logit_grad_tile(
     h_ptr, w_ptr, b_ptr, cw_ptr,
     h_rows, row_mask, cols, col_mask, y_local, lse, coef_a, coef_b, coef_c,
@@ -308,7 +320,7 @@ def logit_grad_tile(
         g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - lse2[:, None])), 0.0)
     if HAS_MIX:
         # log s - log m, m = mix_weight q + (1 - mix_weight) s, from the same two log-ratios
-        to_model, _ = logs_over_mixture((z - lse[:, None]) - (r - lse2[:, None]), mix_weight)
-        g += coef_g[:, None] * tl.where(s > 0.0, s * to_model, 0.0)
+        over_s = log_over_mixture((z - lse[:, None]) - (r - lse2[:, None]), mix_weight)
+        g += coef_g[:, None] * tl.where(s > 0.0, s * over_s, 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

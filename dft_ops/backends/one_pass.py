@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .partials import logs_over_mixture, mixture_kl_sums
+from .partials import log_over_mixture, mixture_kl_sums
 from .products import add_product, fp32_product
 from .protocol import (Backend, ForwardStats, Grads, GradTerms, Head, Needs, RowPasses, TermsOf, Tokens,
                        assert_inputs, fp32_gradients)
@@ -263,7 +263,7 @@ class TorchRowPasses:
                 g += terms.gap[:, None] * torch.where(s > 0, s * (log_s - log_q), 0.0)
             if terms.mix_gap is not None:
                 g += terms.mix_gap[:, None] * torch.where(
-                    s > 0, s * logs_over_mixture(log_s - log_q, head.mix_weight)[0], 0.0)
+                    s > 0, s * log_over_mixture(log_s - log_q, head.mix_weight), 0.0)
         if head.softcap is not None:
             g *= torch.cosh(u * (1.0 / head.softcap)).pow(-2) * head.inv_temperature
         elif head.temperature is not None:

@@ -62,6 +62,14 @@ def logs_over_mixture(x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     return torch.where(above, -log_share, x - log_share), torch.where(above, -x - log_share, -log_share)
 
 
+def log_over_mixture(x: Tensor, beta: float) -> Tensor:
+    """``log a - log m`` alone (the G term's factor, :func:`logs_over_mixture`'s first), as
+    ``-log((1 - beta) + beta exp(min(-x, 80)))``: one exponential and one logarithm; the clamp changes
+    the value only where ``a < e^-80 b``, where the term it multiplies, ``a (log a - log m)``, is below
+    1e-33 (the kernels' form: fewer live values than both branches)."""
+    return -torch.log((1.0 - beta) + beta * torch.exp(torch.clamp(-x, max=80.0)))
+
+
 def mixture_kl_sums(log_s: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """``(sum_j s (log s - log m), sum_j q (log q - log m))`` over the last dimension: KL(s || m) and
     KL(q || m), ``m = beta q + (1 - beta) s``, from both normalized log-distributions. A column without

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .partials import combine_kl, combine_partials, logs_over_mixture, mixture_kl_sums
+from .partials import combine_kl, combine_partials, log_over_mixture, mixture_kl_sums
 from .protocol import ForwardStats, Grads, GradTerms, Head, Needs, SecondHead, Tokens, assert_inputs, fp32_gradients
 
 TOKEN_CHUNK = 1024
@@ -206,7 +206,7 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
                 if g_all is not None:
                     # log p - log m, m = beta q + (1 - beta) p, from the heads' own log-ratio
                     g += g_all[t_lo:t_hi, None] * torch.where(
-                        s > 0, s * logs_over_mixture(log_p - log_q, head.mix_weight)[0], 0.0)
+                        s > 0, s * log_over_mixture(log_p - log_q, head.mix_weight), 0.0)
             g *= slope
             if needs.hidden:
                 dh += g @ weight[v_lo:v_hi].to(head.compute_dtype).float()
