@@ -124,36 +124,47 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                 rec = dict(provider=name, shape=head, hidden=h.shape[1], vocab=w.shape[0], tokens=n,
                            dtype=dtype_name(dtype), direction=direction, kl_coef=kl_coef, mode="forward+backward")
                 fn = LOSSES[name]
-                try:
-                    result = _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction)
-                    rec["check"] = (measure.compare(result, reference, dtype, "torch fp32") if reference is not None
-                                    else {"ok": None, "reason": ref_error})
-                    del result
-                    leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
-
-                    def step(_):
-                        fn(leaves[0], leaves[1], y, ref_h, ref_w, kl_coef, direction).backward()
-
-                    timing = meter.time(step, grad_to_none=leaves)
-                    for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
-                        leaf.grad = None
-                    memory = meter.memory(step)
-                    rec.update(status="ok", **timing.summary())
-                    if memory is not None:
-                        rec.update(peak_mb=memory.peak_bytes / MB)
-                except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
-                    rec.update(status="oom" if measure.is_oom(exc) else "error", reason=measure.brief(exc))
-                meter.cleanup()
-                if rec["status"] == "ok":
-                    log(f"  {head} N={n} {name:14s} {rec['ms_median']:9.2f} ms  peak "
-                        f"{rec.get('peak_mb', math.nan):9.1f} MB  check {_verdict(rec)}")
-                else:
-                    log(f"  {head} N={n} {name:14s} {rec['status']}: {rec['reason']}")
+                measure_provider(rec, lambda hh, ww: fn(hh, ww, y, ref_h, ref_w, kl_coef, direction), h, w,
+                                 reference, ref_error, meter, log=log, label=f"{head} N={n} {name:14s}")
                 records.append(rec)
                 emit(records)
             del inputs, h, w, ref_h, ref_w, reference
             meter.cleanup()
     return records
+
+
+def measure_provider(rec: dict, loss_of, h: Tensor, w: Tensor, reference: measure.Result | None, ref_error,
+                     meter, log=print, label: str = "", against: str = "torch fp32") -> dict:
+    """One provider's record: ``loss_of(h, w)`` checked against ``reference`` (or the reason there is none),
+    then timed forward+backward and its peak memory measured; an OOM or an error is a result, not a crash.
+    Updates and returns ``rec``."""
+    dtype = h.dtype
+    try:
+        result = measure.loss_and_grads(lambda hh, ww, _: loss_of(hh, ww), h, w, None)
+        rec["check"] = (measure.compare(result, reference, dtype, against) if reference is not None
+                        else {"ok": None, "reason": ref_error})
+        del result
+        leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
+
+        def step(_):
+            loss_of(leaves[0], leaves[1]).backward()
+
+        timing = meter.time(step, grad_to_none=leaves)
+        for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
+            leaf.grad = None
+        memory = meter.memory(step)
+        rec.update(status="ok", **timing.summary())
+        if memory is not None:
+            rec.update(peak_mb=memory.peak_bytes / MB)
+    except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
+        rec.update(status="oom" if measure.is_oom(exc) else "error", reason=measure.brief(exc))
+    meter.cleanup()
+    if rec["status"] == "ok":
+        log(f"  {label} {rec['ms_median']:9.2f} ms  peak {rec.get('peak_mb', math.nan):9.1f} MB  check "
+            f"{_verdict(rec)}")
+    else:
+        log(f"  {label} {rec['status']}: {rec['reason']}")
+    return rec
 
 
 def _verdict(rec: dict) -> str:
@@ -171,12 +182,17 @@ def _key(r: dict) -> tuple:
     return (r["shape"], r["tokens"], r["dtype"], r["direction"], r["provider"])
 
 
-def merge(path: Path, records: list[dict], run_info: dict) -> dict:
+def _order(r: dict) -> tuple:
+    return (r["shape"], r["dtype"], r["direction"], r["tokens"], PROVIDERS.index(r["provider"]))
+
+
+def merge(path: Path, records: list[dict], run_info: dict, key=_key, order=_order) -> dict:
+    """The results file at ``path`` with ``records`` merged in (a case measured again replaces its record,
+    ``key``; sorted by ``order``) and this run's description; written back, and returned."""
     data = json.loads(path.read_text()) if path.exists() else {"records": [], "runs": []}
-    by_key = {_key(r): r for r in data["records"]}
-    by_key.update({_key(r): r for r in records})
-    data["records"] = sorted(by_key.values(), key=lambda r: (r["shape"], r["dtype"], r["direction"], r["tokens"],
-                                                              PROVIDERS.index(r["provider"])))
+    by_key = {key(r): r for r in data["records"]}
+    by_key.update({key(r): r for r in records})
+    data["records"] = sorted(by_key.values(), key=order)
     data["runs"] = [r for r in data["runs"] if r.get("started") != run_info.get("started")] + [run_info]
     data["device"], data["device_kind"] = run_info["device"], run_info["device_kind"]
     path.parent.mkdir(parents=True, exist_ok=True)
