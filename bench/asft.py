@@ -274,6 +274,30 @@ def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[
     return [out / f"{stem}.md"] + ([png] if png is not None else [])
 
 
+def case_setup(args, argv, prog: str, gpu_tokens: list[int]):
+    """(meter, heads, tokens, dtype, run_info) from a case's ``--device``, ``--shapes``, ``--tokens`` and
+    ``--dtype`` (defaults: llama3-8b at ``gpu_tokens`` in bf16 on a GPU, the tiny head at 256, 1024 and
+    4096 tokens in fp32 on a CPU), ``run_info`` this run's description in the results file; None, said
+    on stderr, when ``--device cuda`` finds no CUDA device. A bad head name fails here, before anything runs."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return None
+    gpu = device.type == "cuda"
+    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
+    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
+    for head in heads:
+        parse_head(head)
+    tokens = args.tokens or (list(gpu_tokens) if gpu else [256, 1024, 4096])
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run_info = {"started": started, "argv": " ".join([prog, *(argv or sys.argv[1:])]),
+                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
+                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
+                "threads": torch.get_num_threads()}
+    return meter, heads, tokens, dtype, run_info
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.asft", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"))
@@ -286,24 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=SCRATCH_DIR)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
+    setup = case_setup(args, argv, "python -m bench.asft", gpu_tokens=[16 * 1024])
+    if setup is None:
         return 2
-    gpu = device.type == "cuda"
-    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
-    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
-    for head in heads:
-        parse_head(head)  # a bad name fails before anything runs
-    tokens = args.tokens or ([16 * 1024] if gpu else [256, 1024, 4096])
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meter, heads, tokens, dtype, run_info = setup
     print(f"ASFT benchmark on {meter.name()}: {heads} x {tokens} tokens, {dtype_name(dtype)}, {args.direction} KL, "
           f"kl_coef {args.kl_coef}", flush=True)
-    run_info = {"started": started, "argv": " ".join(["python -m bench.asft", *(argv or sys.argv[1:])]),
-                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
-                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
-                "threads": torch.get_num_threads()}
     stem = slug(meter.name()) + "-asft"
     # the JSON after every provider: a GPU window's call cut at its limit keeps what it measured
     records = run(heads, tokens, dtype, args.direction, args.kl_coef, meter, args.providers,

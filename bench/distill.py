@@ -31,7 +31,6 @@ Writes ``<device>-distill.json`` (merged across runs) and ``<device>-distill.md`
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 from pathlib import Path
@@ -41,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import measure
-from .asft import measure_provider, merge
+from .asft import case_setup, measure_provider, merge
 from .cases import DTYPES, Case, dtype_name, make_inputs, parse_head, parse_tokens
-from .environment import SCRATCH_DIR, git_commit, slug, versions
+from .environment import SCRATCH_DIR, slug
 
 PROVIDERS = ("dft-ops", "liger", "liger-chunked", "torch")
 TEACHER_WIDTH = 1.5  # the teacher's hidden size, in student hidden sizes
@@ -193,24 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--out", type=Path, default=SCRATCH_DIR)
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
+    setup = case_setup(args, argv, "python -m bench.distill", gpu_tokens=[4096, 16 * 1024])
+    if setup is None:
         return 2
-    gpu = device.type == "cuda"
-    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
-    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
-    for head in heads:
-        parse_head(head)  # a bad name fails before anything runs
-    tokens = args.tokens or ([4096, 16 * 1024] if gpu else [256, 1024, 4096])
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meter, heads, tokens, dtype, run_info = setup
     print(f"distillation benchmark on {meter.name()}: {heads} x {tokens} tokens, {dtype_name(dtype)}, "
           f"JSD beta {args.beta}, T {args.temperature}", flush=True)
-    run_info = {"started": started, "argv": " ".join(["python -m bench.distill", *(argv or sys.argv[1:])]),
-                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
-                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
-                "threads": torch.get_num_threads()}
     stem = slug(meter.name()) + "-distill"
     path = args.out / f"{stem}.json"
     records = run(heads, tokens, dtype, args.beta, args.temperature, meter, args.providers,
