@@ -388,7 +388,26 @@ class SequenceDFT(Objective):
         return torch.exp(seq_logp)[seg]
 
 
-class ASFT(Objective):
+class _OnBase(Objective):
+    """An objective whose label term is another row of the table, ``self.base`` (ASFT, Distill): its value,
+    weight and per-token inputs are the base's; what it adds to them (a KL, a divergence to a teacher) is
+    applied from the backend's statistics (loss_terms)."""
+
+    base: Objective
+
+    def value(self, t):
+        return self.base.value(t)
+
+    def weight(self, t):
+        return self.base.weight(t)
+
+    def with_token_tensors(self, **tensors):
+        clone = copy.copy(self)
+        clone.base = self.base.with_token_tensors(**tensors)
+        return clone
+
+
+class ASFT(_OnBase):
     """Anchored SFT: a base objective plus a KL term to a frozen reference model, per token.
 
     ``loss_t = base_t + kl_coef * KL_t`` with p = softmax(z) the model's and
@@ -460,23 +479,11 @@ class ASFT(Objective):
         """Whether this (deprecated) instance holds a batch's reference head (:meth:`with_reference`)."""
         return self._batch_second_head is not None
 
-    def value(self, t):
-        """The base row's value; the KL term is added from the backend's statistics (loss_terms)."""
-        return self.base.value(t)
-
-    def weight(self, t):
-        return self.base.weight(t)
-
-    def with_token_tensors(self, **tensors):
-        clone = copy.copy(self)
-        clone.base = self.base.with_token_tensors(**tensors)
-        return clone
-
     def _parameters(self):
         return ("kl_coef", "direction", "base")
 
 
-class Distill(Objective):
+class Distill(_OnBase):
     """Knowledge distillation to a frozen teacher head (the call's second head), mixed with a label objective.
 
     Per computed token, with ``p = softmax(z)`` the model's (the student's) and ``q = softmax(r)`` the
@@ -571,19 +578,6 @@ class Distill(Objective):
         """The distillation term's factor ``(1 - alpha) T^2`` (T^2 with ``t_squared`` only)."""
         t = 1.0 if temperature is None else float(temperature)
         return (1.0 - self.alpha) * (t * t if self.t_squared else 1.0)
-
-    def value(self, t):
-        """The base row's value; alpha and the distillation term are applied from the backend's statistics
-        (loss_terms)."""
-        return self.base.value(t)
-
-    def weight(self, t):
-        return self.base.weight(t)
-
-    def with_token_tensors(self, **tensors):
-        clone = copy.copy(self)
-        clone.base = self.base.with_token_tensors(**tensors)
-        return clone
 
     def _parameters(self):
         return ("kind", "beta", "alpha", "base", "t_squared", "distill_unlabeled")
