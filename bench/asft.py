@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import measure
+from . import case_plots, measure
 from .cases import DTYPES, Case, dtype_name, make_inputs, parse_head, parse_tokens
 from .environment import SCRATCH_DIR, git_commit, slug, versions
 
@@ -124,36 +124,47 @@ def run(heads, tokens, dtype, direction: str, kl_coef: float, meter, providers=P
                 rec = dict(provider=name, shape=head, hidden=h.shape[1], vocab=w.shape[0], tokens=n,
                            dtype=dtype_name(dtype), direction=direction, kl_coef=kl_coef, mode="forward+backward")
                 fn = LOSSES[name]
-                try:
-                    result = _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction)
-                    rec["check"] = (measure.compare(result, reference, dtype, "torch fp32") if reference is not None
-                                    else {"ok": None, "reason": ref_error})
-                    del result
-                    leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
-
-                    def step(_):
-                        fn(leaves[0], leaves[1], y, ref_h, ref_w, kl_coef, direction).backward()
-
-                    timing = meter.time(step, grad_to_none=leaves)
-                    for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
-                        leaf.grad = None
-                    memory = meter.memory(step)
-                    rec.update(status="ok", **timing.summary())
-                    if memory is not None:
-                        rec.update(peak_mb=memory.peak_bytes / MB)
-                except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
-                    rec.update(status="oom" if measure.is_oom(exc) else "error", reason=measure.brief(exc))
-                meter.cleanup()
-                if rec["status"] == "ok":
-                    log(f"  {head} N={n} {name:14s} {rec['ms_median']:9.2f} ms  peak "
-                        f"{rec.get('peak_mb', math.nan):9.1f} MB  check {_verdict(rec)}")
-                else:
-                    log(f"  {head} N={n} {name:14s} {rec['status']}: {rec['reason']}")
+                measure_provider(rec, lambda hh, ww: fn(hh, ww, y, ref_h, ref_w, kl_coef, direction), h, w,
+                                 reference, ref_error, meter, log=log, label=f"{head} N={n} {name:14s}")
                 records.append(rec)
                 emit(records)
             del inputs, h, w, ref_h, ref_w, reference
             meter.cleanup()
     return records
+
+
+def measure_provider(rec: dict, loss_of, h: Tensor, w: Tensor, reference: measure.Result | None, ref_error,
+                     meter, log=print, label: str = "", against: str = "torch fp32") -> dict:
+    """One provider's record: ``loss_of(h, w)`` checked against ``reference`` (or the reason there is none),
+    then timed forward+backward and its peak memory measured; an OOM or an error is a result, not a crash.
+    Updates and returns ``rec``."""
+    dtype = h.dtype
+    try:
+        result = measure.loss_and_grads(lambda hh, ww, _: loss_of(hh, ww), h, w, None)
+        rec["check"] = (measure.compare(result, reference, dtype, against) if reference is not None
+                        else {"ok": None, "reason": ref_error})
+        del result
+        leaves = [h.detach().requires_grad_(), w.detach().requires_grad_()]
+
+        def step(_):
+            loss_of(leaves[0], leaves[1]).backward()
+
+        timing = meter.time(step, grad_to_none=leaves)
+        for leaf in leaves:  # the step's gradient buffers count in its peak, as for a first step
+            leaf.grad = None
+        memory = meter.memory(step)
+        rec.update(status="ok", **timing.summary())
+        if memory is not None:
+            rec.update(peak_mb=memory.peak_bytes / MB)
+    except Exception as exc:  # an OOM (or a missing backend) is a result, not a crash
+        rec.update(status="oom" if measure.is_oom(exc) else "error", reason=measure.brief(exc))
+    meter.cleanup()
+    if rec["status"] == "ok":
+        log(f"  {label} {rec['ms_median']:9.2f} ms  peak {rec.get('peak_mb', math.nan):9.1f} MB  check "
+            f"{_verdict(rec)}")
+    else:
+        log(f"  {label} {rec['status']}: {rec['reason']}")
+    return rec
 
 
 def _verdict(rec: dict) -> str:
@@ -171,12 +182,17 @@ def _key(r: dict) -> tuple:
     return (r["shape"], r["tokens"], r["dtype"], r["direction"], r["provider"])
 
 
-def merge(path: Path, records: list[dict], run_info: dict) -> dict:
+def _order(r: dict) -> tuple:
+    return (r["shape"], r["dtype"], r["direction"], r["tokens"], PROVIDERS.index(r["provider"]))
+
+
+def merge(path: Path, records: list[dict], run_info: dict, key=_key, order=_order) -> dict:
+    """The results file at ``path`` with ``records`` merged in (a case measured again replaces its record,
+    ``key``; sorted by ``order``) and this run's description; written back, and returned."""
     data = json.loads(path.read_text()) if path.exists() else {"records": [], "runs": []}
-    by_key = {_key(r): r for r in data["records"]}
-    by_key.update({_key(r): r for r in records})
-    data["records"] = sorted(by_key.values(), key=lambda r: (r["shape"], r["dtype"], r["direction"], r["tokens"],
-                                                              PROVIDERS.index(r["provider"])))
+    by_key = {key(r): r for r in data["records"]}
+    by_key.update({key(r): r for r in records})
+    data["records"] = sorted(by_key.values(), key=order)
     data["runs"] = [r for r in data["runs"] if r.get("started") != run_info.get("started")] + [run_info]
     data["device"], data["device_kind"] = run_info["device"], run_info["device_kind"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,49 +229,36 @@ def markdown(data: dict, plot: Path | None) -> str:
 
 
 def plot(data: dict, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in data["records"] if r["status"] == "ok"]
-    if not ok:
-        return None
-    groups = sorted({(r["shape"], r["dtype"], r["direction"]) for r in ok})
-    fig, axes = plt.subplots(2, len(groups), figsize=(max(7.0, 5.0 * len(groups)), 7.5), squeeze=False)
-    for col, (shape, dtype, direction) in enumerate(groups):
-        for name in PROVIDERS:
-            rs = sorted((r for r in ok if (r["shape"], r["dtype"], r["direction"], r["provider"])
-                         == (shape, dtype, direction, name)), key=lambda r: r["tokens"])
-            if not rs:
-                continue
-            x = [r["tokens"] for r in rs]
-            axes[0][col].plot(x, [r["ms_median"] for r in rs], "o-", label=name)
-            if all("peak_mb" in r for r in rs):
-                axes[1][col].plot(x, [r["peak_mb"] for r in rs], "o-", label=name)
-        axes[0][col].set_title(f"{shape}, {dtype}, {direction} KL")
-        axes[0][col].set_ylabel("forward+backward ms")
-        axes[1][col].set_ylabel("peak memory over inputs, MB")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens")
-            ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
-    note = "\nCPU: dft-ops ran its PyTorch backend" if data.get("device_kind") == "cpu" else ""
-    fig.suptitle(f"ASFT (DFT + KL to a reference head) on {data['device']}{note}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype", "direction"), lambda g: f"{g[0]}, {g[1]}, {g[2]} KL", "ASFT (DFT + KL to a reference head)")
 
 
 def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[Path]:
     """``<stem>.md`` and (``plots``) ``<stem>-fwd-bwd.png`` from the merged results."""
-    png = out / f"{stem}-fwd-bwd.png"
-    png = plot(data, png) if plots else (png if png.exists() else None)
-    (out / f"{stem}.md").write_text(markdown(data, png))
-    return [out / f"{stem}.md"] + ([png] if png is not None else [])
+    return case_plots.write_reports(out, stem, data, markdown, plot, plots)
+
+
+def case_setup(args, argv, prog: str, gpu_tokens: list[int]):
+    """(meter, heads, tokens, dtype, run_info) from a case's ``--device``, ``--shapes``, ``--tokens`` and
+    ``--dtype`` (defaults: llama3-8b at ``gpu_tokens`` in bf16 on a GPU, the tiny head at 256, 1024 and
+    4096 tokens in fp32 on a CPU), ``run_info`` this run's description in the results file; None, said
+    on stderr, when ``--device cuda`` finds no CUDA device. A bad head name fails here, before anything runs."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here", file=sys.stderr)
+        return None
+    gpu = device.type == "cuda"
+    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
+    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
+    for head in heads:
+        parse_head(head)
+    tokens = args.tokens or (list(gpu_tokens) if gpu else [256, 1024, 4096])
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run_info = {"started": started, "argv": " ".join([prog, *(argv or sys.argv[1:])]),
+                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
+                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
+                "threads": torch.get_num_threads()}
+    return meter, heads, tokens, dtype, run_info
 
 
 def main(argv=None) -> int:
@@ -270,24 +273,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=SCRATCH_DIR)
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here", file=sys.stderr)
+    setup = case_setup(args, argv, "python -m bench.asft", gpu_tokens=[16 * 1024])
+    if setup is None:
         return 2
-    gpu = device.type == "cuda"
-    meter = measure.GpuMeter(device) if gpu else measure.CpuMeter(max_runs=5, rep_ms=500)
-    heads = args.shapes or (["llama3-8b"] if gpu else ["tiny"])
-    for head in heads:
-        parse_head(head)  # a bad name fails before anything runs
-    tokens = args.tokens or ([16 * 1024] if gpu else [256, 1024, 4096])
-    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meter, heads, tokens, dtype, run_info = setup
     print(f"ASFT benchmark on {meter.name()}: {heads} x {tokens} tokens, {dtype_name(dtype)}, {args.direction} KL, "
           f"kl_coef {args.kl_coef}", flush=True)
-    run_info = {"started": started, "argv": " ".join(["python -m bench.asft", *(argv or sys.argv[1:])]),
-                "device": meter.name(), "device_kind": meter.kind, "versions": versions(), "commit": git_commit(),
-                "time_metric": meter.time_metric, "memory_metric": meter.memory_metric,
-                "threads": torch.get_num_threads()}
     stem = slug(meter.name()) + "-asft"
     # the JSON after every provider: a GPU window's call cut at its limit keeps what it measured
     records = run(heads, tokens, dtype, args.direction, args.kl_coef, meter, args.providers,

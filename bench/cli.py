@@ -273,6 +273,12 @@ def _rebuild_reports(out: Path, plots: bool) -> int:
 
             print(f"rebuilt {', '.join(str(p) for p in asft.write_reports(out, path.stem, data, plots))}")
             continue
+        if path.stem.endswith("-distill"):  # the distillation case's own table (no plot)
+            from . import distill
+
+            path.with_suffix(".md").write_text(distill.markdown(data))
+            print(f"rebuilt {path.with_suffix('.md')}")
+            continue
         writer = report.write_workspace_plots if path.stem.endswith("-workspace") else report.write_plots
         pngs = writer(out, path.stem, data) if plots else sorted(out.glob(f"{path.stem}-*.png"))
         report.write_markdown(path.with_suffix(".md"), data, pngs)

@@ -16,6 +16,8 @@
 #   asft   the ASFT case (python -m bench.asft, 4k and 16k tokens, both KL directions)
 #   rl     the RL case (python -m bench.token_logprobs: per-token log-probs + entropies, Llama-3-8B and Qwen2.5-7B
 #          heads at 4k and 16k tokens, bf16; dft-ops vs materialized PyTorch)
+#   distill the distillation case (python -m bench.distill: generalized JSD to a teacher head, 4k and 16k tokens,
+#          dft-ops vs Liger's LigerFusedLinearJSD and chunked JSD loss vs materialized PyTorch)
 #   sweep  the "gemm" backward's workspace sweep (python -m bench --workspace-sweep)
 #   tests  the GPU tests not in the curated set (pytest -m "not gpu_smoke"), tuner on, for the time given
 # Every result file is written into OUT_DIR as soon as it exists (flat, at most 8 files), so a call cut at
@@ -39,8 +41,8 @@ cd "$(dirname "$0")/.."
 step=${1:-}
 [ "$step" = bench ] && step=call2  # the old name of the benchmark step (docs/backward.md)
 case "$step" in
-    call1|call2|asft|rl|sweep|tests) shift ;;
-    *) echo "usage: bash bench/gpu_run.sh call1|call2|asft|rl|sweep|tests [OUT_DIR]" >&2; exit 2 ;;
+    call1|call2|asft|rl|distill|sweep|tests) shift ;;
+    *) echo "usage: bash bench/gpu_run.sh call1|call2|asft|rl|distill|sweep|tests [OUT_DIR]" >&2; exit 2 ;;
 esac
 out=${1:-${OUT:-/tmp/dft-ops-gpu-out}}
 case "$step" in
@@ -171,6 +173,15 @@ rl() {
     say "RL case: per-token log-probs and entropies"
     # shellcheck disable=SC2086
     timeout --signal=INT "$(( $(left) - 20 ))" "$PY" -m bench.token_logprobs ${BENCH_RL_ARGS:-} --out "$out"
+}
+
+distill() {
+    install
+    need_gpu
+    say "distillation case, JSD beta 0.5"
+    # shellcheck disable=SC2086
+    timeout --signal=INT "$(( $(left) - 20 ))" \
+        "$PY" -m bench.distill ${BENCH_DISTILL_ARGS:---tokens 4k 16k} --out "$out"
 }
 
 sweep() {

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import measure
+from . import case_plots, measure
 from .cases import DTYPES, Case, dtype_name, make_inputs, parse_head, parse_tokens
 from .environment import SCRATCH_DIR, git_commit, slug, versions
 
@@ -258,54 +258,12 @@ def markdown(data: dict, plot: Path | None) -> str:
 
 
 def plot(data: dict, path: Path) -> Path | None:
-    """The time and memory plot, or None (no forward+backward record, or no matplotlib in this environment:
-    e.g. verl's venv, where the verl providers run)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in data["records"] if r["status"] == "ok" and r["mode"] == "forward+backward"]
-    if not ok:
-        return None
-    groups = sorted({(r["shape"], r["dtype"]) for r in ok})
-    fig, axes = plt.subplots(2, len(groups), figsize=(max(7.0, 5.0 * len(groups)), 7.5), squeeze=False)
-    for col, (shape, dtype) in enumerate(groups):
-        for name in PROVIDERS:
-            rs = sorted((r for r in ok if (r["shape"], r["dtype"], r["provider"]) == (shape, dtype, name)),
-                        key=lambda r: r["tokens"])
-            if not rs:
-                continue
-            x = [r["tokens"] for r in rs]
-            axes[0][col].plot(x, [r["ms_median"] for r in rs], "o-", label=name)
-            if all("peak_mb" in r for r in rs):
-                axes[1][col].plot(x, [r["peak_mb"] for r in rs], "o-", label=name)
-        axes[0][col].set_title(f"{shape}, {dtype}")
-        axes[0][col].set_ylabel("forward+backward ms")
-        axes[1][col].set_ylabel("peak memory over inputs, MB")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tokens")
-            ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
-    note = "\nCPU: dft-ops ran its PyTorch backend" if data.get("device_kind") == "cpu" else ""
-    fig.suptitle(f"Per-token log-probs + entropy, forward+backward, on {data['device']}{note}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype"), lambda g: f"{g[0]}, {g[1]}", "Per-token log-probs + entropy, forward+backward,")
 
 
 def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[Path]:
     """``<stem>.md`` and (``plots``) ``<stem>-fwd-bwd.png`` from the merged results."""
-    png = out / f"{stem}-fwd-bwd.png"
-    png = plot(data, png) if plots else (png if png.exists() else None)
-    (out / f"{stem}.md").write_text(markdown(data, png))
-    return [out / f"{stem}.md"] + ([png] if png is not None else [])
+    return case_plots.write_reports(out, stem, data, markdown, plot, plots)
 
 
 def main(argv=None) -> int:

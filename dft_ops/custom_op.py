@@ -36,8 +36,8 @@ What travels how:
 Inside the operators everything is the eager code (:func:`dft_ops.loss_call.build_call`,
 :func:`dft_ops.autograd.forward_pass` / :func:`~dft_ops.autograd.backward_pass`), so both paths
 compute the same numbers. Not through the operators (the Function runs, with the graph breaks its
-Python costs): vocabulary parallelism and DTensor inputs, and objectives that hold this batch's
-tensors the deprecated way.
+Python costs): vocabulary parallelism and DTensor inputs, objectives that hold this batch's
+tensors the deprecated way, and ``objectives.Distill``.
 
 Outside compilation the Function runs (no dispatcher overhead); :func:`forced` runs the operators
 eagerly (the tests compare the two).
@@ -60,7 +60,7 @@ from .backends.protocol import MB, GradTerms, Needs, SecondHead
 from .distributed import is_dtensor
 from .layout import TokenLayout
 from .loss_call import build_call
-from .objectives import ASFT, Objective
+from .objectives import ASFT, Distill, Objective
 from .options import LossOptions, _Unset, resolve_options
 
 NAMESPACE = "dft_ops"
@@ -135,6 +135,10 @@ def _file(static: _Static) -> str:
     return key
 
 
+_FUNCTION = ("run the autograd Function",)
+"""What :func:`_static` files for a call the operators do not serve (a constant the compiler can hold)."""
+
+
 def _static(options, *, device_type: str, fits: bool, compute: torch.dtype,
             second_compute, second_softcap, needs: tuple, has_class_weight: bool, has_second: bool,
             token_inputs: tuple, keywords: tuple):
@@ -161,6 +165,8 @@ _static._dynamo_marked_constant = True
 def _facts(options, *, device_type, fits, compute, second_compute, second_softcap, needs, has_class_weight,
            has_second, token_inputs, keywords) -> _Facts:
     opts = resolve_options(_rebuilt(options), **{name: _rebuilt(value) for name, value in keywords})
+    if isinstance(opts.objective, Distill):
+        return _FUNCTION  # its mixture terms and statistics are not among the operators' outputs yet
     _inputs.check_token_input_presence(opts.objective, set(token_inputs))
     _inputs.check_second_head_presence(opts.objective, has_second)
     device = torch.device(device_type)
@@ -273,7 +279,7 @@ def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: 
         class_weight = given.pop("class_weight")
     else:
         class_weight = options.class_weight if isinstance(options, LossOptions) else None
-    if given.get("vocab_parallel") is not None:
+    if given.get("vocab_parallel") is not None or batch.get("distill_mask") is not None:
         return UNSUPPORTED
     settings = tuple((name, _spec(value)) for name, value in given.items())
     options_spec = _spec(options)
@@ -303,6 +309,8 @@ def loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch: 
                     has_class_weight=class_weight is not None, has_second=second is not None,
                     token_inputs=tuple(name for name in _inputs.TOKEN_INPUTS if batch.get(name) is not None),
                     keywords=settings)
+    if facts == _FUNCTION:
+        return UNSUPPORTED
     if len(facts) == 2:  # an error (_Facts has more fields)
         kind, message = facts
         raise (TypeError if kind == "TypeError" else ValueError)(message)

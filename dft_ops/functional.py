@@ -68,7 +68,10 @@ class TokenStats(NamedTuple):
         kl: float32, with an :class:`~dft_ops.objectives.ASFT` objective: each
             token's KL to the reference (KL(q || p) for direction "forward",
             KL(p || q) for "reverse"), unscaled (the loss holds ``kl_coef * kl``);
-            None for other objectives.
+            with :class:`~dft_ops.objectives.Distill`: each distilled token's
+            divergence to the teacher, unscaled (also at the tokens without a
+            label that ``distill_unlabeled`` computes; the other fields are 0
+            there, as at every ignored position); None for other objectives.
     """
 
     logprob: Tensor
@@ -126,6 +129,7 @@ def linear_cross_entropy(
     second_head: SecondHead | None = None,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    distill_mask: Tensor | None = None,
     options: LossOptions | None = None,
 ):
     """Loss of ``softmax(hidden @ weight.T + bias)`` against ``labels``, without materializing logits.
@@ -150,10 +154,14 @@ def linear_cross_entropy(
         second_head: a :class:`dft_ops.SecondHead` (hidden (..., D2) with
             hidden's leading shape, weight (V, D2), bias, softcap): the frozen
             head an objective with ``needs_second_head`` compares with (ASFT's
-            reference model). Never differentiated.
+            reference model, Distill's teacher). Never differentiated.
         old_logprobs / ref_logprobs: PSFT's / ImportanceWeighted's per-token
             inputs, float tensors of the loss positions' shape (labels, or
             ``labels[..., shift:]``).
+        distill_mask: with ``objectives.Distill(distill_unlabeled=True)``: a
+            bool (or integer) tensor of the loss positions' shape, nonzero
+            where a token without a label is distilled (e.g. the attention
+            mask: no padding); None: every such token.
         options: a :class:`dft_ops.LossOptions` holding the options; option
             keywords given explicitly override its fields.
 
@@ -183,7 +191,8 @@ def linear_cross_entropy(
                     label_smoothing=label_smoothing, z_loss=z_loss, temperature=temperature,
                     class_weight=class_weight, precise=precise, vocab_parallel=vocab_parallel,
                     backward_mode=backward_mode, workspace_mb=workspace_mb, sync_free=sync_free)
-    batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head)
+    batch = dict(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, second_head=second_head,
+                 distill_mask=distill_mask)
     if _custom_op.wanted():
         # under torch.compile: the registered operator, which the compiler sees as one node
         done = _custom_op.loss(hidden, weight, labels, bias, position_ids, num_items_in_batch, batch, keywords,
@@ -203,9 +212,14 @@ def results(out: FunctionOutputs, layout: TokenLayout, *, return_stats: bool, di
     if not return_stats:
         return loss
     to_positions = layout.to_loss_positions
+    if layout.has_unlabeled:  # rows distilled without a label: their label statistics are an ignored token's
+        def labeled(t):
+            return to_positions(t).masked_fill(~layout.mask, 0)
+    else:
+        labeled = to_positions
     stats = TokenStats(
-        to_positions(out.logprob), to_positions(out.entropy), to_positions(out.is_top1), mask=layout.mask,
-        lse=to_positions(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
+        labeled(out.logprob), labeled(out.entropy), labeled(out.is_top1), mask=layout.mask,
+        lse=labeled(out.lse), predicted=to_positions(out.predicted).masked_fill(~layout.mask, -1),
         z_loss=None if out.z_loss is None else to_positions(out.z_loss),
         reduced_z_loss=None if out.z_loss is None else _reduce(out.z_loss, layout, divisor),
         kl=None if out.kl is None else to_positions(out.kl))
@@ -245,6 +259,8 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
         num_items = _inputs.check_num_items(num_items_in_batch)
         loss_shape = (*labels.shape[:-1], max(labels.shape[-1] - opts.shift, 0))
         token_inputs = _check_token_inputs(opts.objective, batch, loss_shape, opts.shift, labels.device)
+        unlabeled = _inputs.check_distill_mask(batch["distill_mask"], opts.objective, loss_shape, opts.shift,
+                                               labels.device)
         second = batch["second_head"]
         _inputs.check_second_head_presence(opts.objective, second is not None)
         select_backend(opts, hidden.device)  # a backend this device cannot run is refused before any collective
@@ -274,7 +290,7 @@ def _validated(hidden, weight, labels, bias, position_ids, num_items_in_batch, b
     if second is not None:
         second = _inputs.check_second_head(second, tuple(labels.shape), V, hidden)
     call = build_call(opts, plan, needs, weight, bias, labels, position_ids, num_items, token_inputs, second, compute,
-                      V, device=hidden.device, split=split)
+                      V, device=hidden.device, split=split, unlabeled=unlabeled)
     return _Door(hidden.reshape(-1, D), call)
 
 

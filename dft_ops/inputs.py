@@ -259,4 +259,28 @@ def check_second_head_presence(objective, given: bool) -> None:
                          "for this batch (dft_ops.patch(..., reference=...) does it per batch)")
     if given and not objective.needs_second_head:
         raise ValueError(f"second_head: objective {type(objective).__name__} takes no second head "
-                         "(only objectives such as ASFT compare with one)")
+                         "(only objectives such as ASFT and Distill compare with one)")
+
+
+def check_distill_mask(distill_mask, objective, loss_shape: tuple, shift: int, device: torch.device) -> Tensor | None:
+    """The loss positions without a label that a call computes anyway, as a bool tensor of the loss positions'
+    shape, or None: ``Distill(distill_unlabeled=True)``'s ``distill_mask`` (any nonzero entry: distilled), every
+    loss position when it gives none; refused for any other objective."""
+    from .objectives import Distill
+
+    distills_unlabeled = isinstance(objective, Distill) and objective.distill_unlabeled
+    if distill_mask is None:
+        return torch.ones(loss_shape, dtype=torch.bool, device=device) if distills_unlabeled else None
+    if not distills_unlabeled:
+        raise ValueError(f"distill_mask: says which tokens without a label are distilled, for "
+                         f"objectives.Distill(distill_unlabeled=True); objective {objective!r} computes only "
+                         "the tokens with a label")
+    _tensor("distill_mask", distill_mask)
+    if distill_mask.dtype.is_floating_point or distill_mask.dtype.is_complex:
+        raise TypeError(f"distill_mask: expected a bool (or integer) tensor, got {distill_mask.dtype}")
+    if tuple(distill_mask.shape) != tuple(loss_shape):
+        raise ValueError(f"distill_mask: shape {tuple(distill_mask.shape)}; expected the loss positions' shape "
+                         f"{tuple(loss_shape)}" + (f" (labels[..., {shift}:] with shift={shift})" if shift else ""))
+    if distill_mask.device != device:
+        raise ValueError(f"distill_mask: on {distill_mask.device} but the labels are on {device}")
+    return distill_mask != 0

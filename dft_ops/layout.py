@@ -34,6 +34,10 @@ class TokenLayout:
         ignore_index: an int64.
         position_ids: (..., S) integer tensor or None: packed documents start
             where it is 0 (sequence ids, :meth:`segments`).
+        unlabeled: (loss_shape) bool tensor or None: loss positions computed even
+            where their label is ignored (a distillation objective's tokens
+            without a label, ``Distill(distill_unlabeled=True)``); their rows
+            get the target -1 (no label, whatever ``ignore_index`` is).
 
     Attributes (no device synchronisation until :meth:`compact`):
         shape: labels' shape, the positions (hidden's leading shape).
@@ -43,8 +47,11 @@ class TokenLayout:
         targets: (N,) int64 contiguous, the label each position predicts
             (``ignore_index`` for the last ``shift`` positions of a row).
         valid: (N,) bool, ``targets != ignore_index``.
+        computed: (N,) bool, the positions to compute: ``valid``, or ``valid`` or ``unlabeled``.
         rows: (M,) int64 positions the kernels compute, or None (all N); set by :meth:`compact`.
         row_targets: (M,) int64 contiguous targets of the rows; set by :meth:`compact` (or :meth:`keep_all`).
+        row_labeled: (M,) bool, the rows with a label, when ``unlabeled`` was given (else None: all of
+            them); set by :meth:`compact`.
         row_mask: (M,) bool, the rows whose loss counts, or None (every row: after :meth:`compact`); set by
             :meth:`keep_all`, which computes every position and masks the ignored ones.
         row_poison: (M,) bool, the rows whose loss and gradients are NaN (a label outside [0, V) found without
@@ -52,7 +59,7 @@ class TokenLayout:
     """
 
     def __init__(self, labels: Tensor, *, shift: int = 0, ignore_index: int = -100,
-                 position_ids: Tensor | None = None):
+                 position_ids: Tensor | None = None, unlabeled: Tensor | None = None):
         assert labels.ndim >= (2 if shift else 1) and not labels.dtype.is_floating_point, labels.shape
         self.shift, self.ignore_index = int(shift), int(ignore_index)
         self.shape = tuple(labels.shape)
@@ -69,12 +76,21 @@ class TokenLayout:
         self.targets = targets.reshape(-1).contiguous()
         self.valid = self.targets != self.ignore_index
         self.mask = labels[..., self.shift:] != self.ignore_index
+        self.computed = self.valid
+        if unlabeled is not None:
+            assert tuple(unlabeled.shape) == self.loss_shape and unlabeled.dtype == torch.bool, unlabeled.shape
+            if self.shift:  # the last `shift` positions of a row predict nothing: never computed
+                pad = unlabeled.new_zeros((*self.shape[:-1], self.shape[-1] - self.loss_shape[-1]))
+                unlabeled = torch.cat([unlabeled, pad], dim=-1)
+            self.computed = self.valid | unlabeled.reshape(-1)
+        self.has_unlabeled = unlabeled is not None
         assert position_ids is None or tuple(position_ids.shape) == self.shape
         self.position_ids = None if position_ids is None else position_ids.contiguous()
         self.rows: Tensor | None = None
         self.row_targets: Tensor | None = None
         self.row_mask: Tensor | None = None
         self.row_poison: Tensor | None = None
+        self.row_labeled: Tensor | None = None
         self.n_computed: int | None = None
         self._kept_all = False
 
@@ -83,7 +99,7 @@ class TokenLayout:
     def compact(self, vocab_size: int, *read_along: Tensor) -> list[float]:
         """Checks the labels against the vocabulary and drops ignored positions from the work: one device sync.
 
-        Sets :attr:`rows`, :attr:`row_targets` and :attr:`n_computed`.
+        Sets :attr:`rows`, :attr:`row_targets`, :attr:`row_labeled` and :attr:`n_computed`.
 
         Args:
             vocab_size: V; a label that is not ``ignore_index`` must be in [0, V).
@@ -96,20 +112,24 @@ class TokenLayout:
         Raises:
             ValueError("labels: ...") for labels outside [0, V) that are not ignore_index.
         """
-        flat, valid = self.targets, self.valid
+        flat, valid, computed = self.targets, self.valid, self.computed
         bad = valid & ((flat < 0) | (flat >= vocab_size))
-        values = [bad.sum(), valid.sum(), *(t.to(flat.device) for t in read_along)]
+        values = [bad.sum(), computed.sum(), *(t.to(flat.device) for t in read_along)]
         read = torch.stack([v.to(torch.float64) for v in values]).tolist()
-        n_bad, n_valid = int(read[0]), int(read[1])
+        n_bad, n_computed = int(read[0]), int(read[1])
         if n_bad:
             raise ValueError(f"labels: {n_bad} value(s) outside [0, {vocab_size}) (vocabulary size from weight) that "
                              f"are not ignore_index={self.ignore_index}")
-        self.n_computed = n_valid
-        if n_valid == self.n_positions:
+        self.n_computed = n_computed
+        if self.has_unlabeled:
+            flat = torch.where(valid, flat, -1)  # a computed row without a label has none, even if ignore_index < V
+        if n_computed == self.n_positions:
             self.rows, self.row_targets = None, flat
         else:
-            self.rows = _positions_of_true(valid, n_valid)
+            self.rows = _positions_of_true(computed, n_computed)
             self.row_targets = flat[self.rows]
+        if self.has_unlabeled:
+            self.row_labeled = self.pick(valid)
         return read[2:]
 
     def keep_all(self, vocab_size: int) -> None:

@@ -21,6 +21,7 @@ from .backends.sharded import ShardedBackend
 from .distributed import VocabParallel
 from .inputs import num_items_divisor
 from .layout import TokenLayout
+from .objectives import Distill
 from .options import LossOptions
 
 
@@ -62,7 +63,7 @@ class LossCall:
 def build_call(opts: LossOptions, plan: Plan, needs: Needs, weight: Tensor, bias: Tensor | None, labels: Tensor,
                position_ids: Tensor | None, num_items: float | Tensor | None, token_inputs: dict[str, Tensor],
                second: SecondHead | None, compute: torch.dtype, V: int, *, device: torch.device,
-               split: VocabParallel | None = None) -> LossCall:
+               split: VocabParallel | None = None, unlabeled: Tensor | None = None) -> LossCall:
     """The :class:`LossCall` of arguments already checked at the door (every type, shape, device and option;
     ``second`` as :func:`~dft_ops.inputs.check_second_head` returns it), decided how to run (``plan``, ``needs``,
     ``compute``): the layout, the values read (or, with ``sync_free``, computed on the device) and the divisor.
@@ -72,13 +73,15 @@ def build_call(opts: LossOptions, plan: Plan, needs: Needs, weight: Tensor, bias
     backend = select_backend(opts, device, plan)
     if split is not None:
         backend = ShardedBackend(backend, split)
-    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids)
+    layout = TokenLayout(labels, shift=opts.shift, ignore_index=opts.ignore_index, position_ids=position_ids,
+                         unlabeled=unlabeled)
     class_weight = opts.class_weight
     if opts.sync_free:
         divisor = _device_divisor(layout, opts, num_items, V)
     else:
         divisor = _read_divisor(layout, opts, num_items, V)
-    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second)
+    head = Head(weight, bias, opts.softcap, opts.temperature, compute, class_weight, second,
+                opts.objective.mix_weight if isinstance(opts.objective, Distill) else None)
     return LossCall(layout, opts, head, backend, V,
                     token_inputs={name: layout.align(t) for name, t in token_inputs.items()},
                     segments=layout.segments() if opts.objective.needs_segments else None,

@@ -26,6 +26,12 @@ KL from the forward's second-head statistics, and its gradient ``kl_coef * (p - 
 (reverse KL: ``a -= k KL``, ``f = k``; ``= k p ((z - r) - E_p[z - r])`` without
 the offset between the heads that ``z - r`` would carry).
 
+A :class:`~dft_ops.objectives.Distill` row scales all of the above but the z-loss by
+``alpha`` (0 at a row without a label) and adds ``k D`` with ``k = (1 - alpha) T^2``:
+the forward and reverse KL as ASFT's, the generalized JSD ``D = beta KL(q || m) +
+(1 - beta) KL(p || m)`` with its gradient ``k (1 - beta) p (log p - log m - KL(p || m))``
+(``a -= k (1 - beta) KL(p || m)``, ``g = k (1 - beta)``).
+
 Every input arrives validated (the options by :class:`~dft_ops.LossOptions`,
 tensors at the door); this module only computes.
 """
@@ -39,7 +45,7 @@ from torch import Tensor
 
 from .backends.protocol import ForwardStats, GradTerms
 from .loss_call import LossCall
-from .objectives import ASFT, Objective, TokenBatch
+from .objectives import ASFT, Distill, Objective, TokenBatch
 
 
 class TokenLoss(NamedTuple):
@@ -52,7 +58,8 @@ class TokenLoss(NamedTuple):
         target_weight: ``class_weight[y]``, or None without class weights. A
             "mean" over tokens with class weights divides by their sum (PyTorch).
         terms: the backward's G terms for a unit upstream gradient.
-        kl: the KL to the second head (an ASFT row; ``kl_coef * kl`` is in ``value``), else None.
+        kl: the KL to the second head (an ASFT row; ``kl_coef * kl`` is in ``value``), the divergence to the
+            teacher (a Distill row, unscaled), else None.
     """
 
     value: Tensor
@@ -89,6 +96,9 @@ def token_loss(stats: ForwardStats, call: LossCall, part: slice = slice(None)) -
         logp = torch.where(keep, logp, 0.0)
     batch = TokenBatch(logp=logp, inputs=inputs, segments=call.segments, mask=keep)
     value, weight = (_per_token(objective, name, getattr(objective, name)(batch), logp) for name in ("value", "weight"))
+    distill = objective if isinstance(objective, Distill) else None
+    if distill is not None:  # the label objective weighs alpha, the options' terms with it
+        value, weight = distill.alpha * value, distill.alpha * weight
 
     target_weight = None
     label_factor = 1.0 - eps  # (1 - eps) * cw_y, a tensor with class weights
@@ -116,9 +126,44 @@ def token_loss(stats: ForwardStats, call: LossCall, part: slice = slice(None)) -
     if isinstance(objective, ASFT):
         kl, terms = _kl_term(stats, objective, terms)
         value = value + objective.kl_coef * kl
+    if distill is not None:
+        labeled = call.layout.row_labeled
+        if labeled is not None:  # rows distilled without a label: no label term (nor z-loss) of any size
+            labeled = labeled if whole else labeled[part]
+            value, z_value, logp = (None if t is None else torch.where(labeled, t, 0.0) for t in (value, z_value, logp))
+            terms = terms._replace(**{name: torch.where(labeled, getattr(terms, name), 0.0)
+                                      for name in ("softmax", "target", "uniform") if getattr(terms, name) is not None})
+        kl, terms, distill_value = _distill_term(stats, distill, call.options.temperature, terms)
+        value = value + distill_value
     if keep is not None:
         value, z_value, kl, terms = _masked(keep, poison, value, z_value, kl, terms)
     return TokenLoss(value=value, logp=logp, z_loss=z_value, target_weight=target_weight, terms=terms, kl=kl)
+
+
+def _distill_term(stats: ForwardStats, distill: Distill, temperature: float | None,
+                  terms: GradTerms) -> tuple[Tensor, GradTerms, Tensor]:
+    """(the divergence D, the terms with ``k D``'s logit gradient added, ``k D``), ``k = (1 - alpha) T^2``."""
+    assert stats.second_lse is not None, "a Distill call streams its teacher head in the forward"
+    divergence = distill.divergence
+    if divergence == "jsd":
+        assert stats.model_mix_kl is not None, "a JSD call's forward gives both heads' KLs to their mixture"
+        beta = distill.beta
+        kl = beta * stats.second_mix_kl + (1.0 - beta) * stats.model_mix_kl
+    else:
+        kl = stats.forward_kl if divergence == "forward_kl" else stats.reverse_kl
+    coef = distill.distill_coef(temperature)
+    if coef == 0.0:  # alpha = 1: the divergence is reported, the backward reads no second head
+        return kl, terms, torch.zeros_like(kl)
+    k = torch.full_like(kl, coef)
+    terms = terms._replace(second_lse=stats.second_lse)
+    if divergence == "forward_kl":
+        terms = terms._replace(softmax=terms.softmax + k, second=k)
+    elif divergence == "reverse_kl":
+        terms = terms._replace(softmax=terms.softmax - k * kl, gap=k)
+    else:
+        k_model = k * (1.0 - beta)
+        terms = terms._replace(softmax=terms.softmax - k_model * stats.model_mix_kl, mix_gap=k_model)
+    return kl, terms, k * kl
 
 
 def _masked(keep: Tensor, poison: Tensor, value: Tensor, z_value, kl, terms: GradTerms):
@@ -128,7 +173,8 @@ def _masked(keep: Tensor, poison: Tensor, value: Tensor, z_value, kl, terms: Gra
         return None if t is None else torch.where(keep, t, 0.0)
 
     nan = torch.full((), float("nan"), device=value.device)
-    coefficients = {name: zeroed(getattr(terms, name)) for name in ("softmax", "target", "uniform", "second", "gap")}
+    coefficients = {name: zeroed(getattr(terms, name))
+                    for name in ("softmax", "target", "uniform", "second", "gap", "mix_gap")}
     coefficients["softmax"] = torch.where(poison, nan, coefficients["softmax"])
     return (torch.where(poison, nan, zeroed(value)), zeroed(z_value), zeroed(kl), terms._replace(**coefficients))
 

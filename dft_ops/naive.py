@@ -11,6 +11,7 @@ tokens x vocabulary: for tests and small inputs only.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -38,7 +39,7 @@ def naive_loss(objective, old_logprobs=None, ref_logprobs=None) -> Callable[[Ten
     """
     from . import objectives as o
 
-    if isinstance(objective, o.ASFT):  # the base's part; the KL term is kl_divergence's
+    if isinstance(objective, (o.ASFT, o.Distill)):  # the base's part; the second head's term is added apart
         return naive_loss(objective.base, old_logprobs, ref_logprobs)
     if isinstance(objective, str):
         return lambda logp, valid, sequence: NAIVE_LOSSES[objective](logp)
@@ -131,6 +132,31 @@ def kl_divergence(z: Tensor, r: Tensor, direction: str) -> Tensor:
     return (prob * torch.where(prob > 0, first - second, 0.0)).sum(-1)
 
 
+def distillation_divergence(z: Tensor, r: Tensor, kind: str, beta: float | None = None) -> Tensor:
+    """(...) float64 divergence of Distill's ``kind`` between the student p = softmax(z) and the teacher
+    q = softmax(r), written out as TRL's GKD and Liger's generalized JSD write it.
+
+    "forward_kl": KL(q || p); "reverse_kl": KL(p || q); "jsd": beta KL(q || m) + (1 - beta) KL(p || m),
+    log m = logsumexp(log p + log(1 - beta), log q + log(beta)); beta 0 / 1 are the forward / reverse KL.
+    """
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if kind in ("forward_kl", "reverse_kl"):
+        return kl_divergence(z, r, "forward" if kind == "forward_kl" else "reverse")
+    log_p, log_q = F.log_softmax(z, dim=-1), F.log_softmax(r, dim=-1)
+    # a class neither head gives probability has log m = -inf: logsumexp's gradient there is NaN, so those
+    # classes go through it as 0 and come out -inf (no probability weighs them)
+    neither = (log_p == float("-inf")) & (log_q == float("-inf"))
+    parts = [torch.where(neither, 0.0, log_p + math.log(1 - beta)), torch.where(neither, 0.0, log_q + math.log(beta))]
+    log_m = torch.where(neither, float("-inf"), torch.logsumexp(torch.stack(parts), dim=0))
+
+    def kl_to_mixture(log_x):
+        x = log_x.exp()
+        return (x * torch.where(x > 0, log_x - log_m, 0.0)).sum(-1)
+
+    return beta * kl_to_mixture(log_q) + (1 - beta) * kl_to_mixture(log_p)
+
+
 def objective_weight(loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], logp: Tensor, valid: Tensor,
                      sequence: Tensor) -> Tensor:
     """(...) float64 detached ``w = -d loss / d logp`` of a reference loss, by autograd.
@@ -165,6 +191,7 @@ def linear_cross_entropy(
     second_head=None,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    distill_mask: Tensor | None = None,
 ):
     """The float64 oracle of :func:`dft_ops.linear_cross_entropy` (same arguments, float64 result).
 
@@ -182,9 +209,13 @@ def linear_cross_entropy(
     token (:func:`kl_divergence` of the materialized logits of both heads, the
     ``second_head``'s capped by its own soft-cap and divided by the same
     temperature, and detached), after all of the above; stats then add "kl".
+    A :class:`~dft_ops.objectives.Distill` objective scales the above but the z-loss by ``alpha`` and adds
+    ``(1 - alpha) T^2 D`` (:func:`distillation_divergence`; ``T^2`` with ``t_squared``) at every distilled
+    position: those with a label and, with ``distill_unlabeled``, the others where ``distill_mask`` (None:
+    everywhere) is True; "mean" divides by their count; stats "kl" is ``D`` there.
     Stats add "argmax" (first index of the max logit), "lse" and "z_loss".
     """
-    from .objectives import ASFT, Objective, batch_tensors
+    from .objectives import ASFT, Distill, Objective, batch_tensors
 
     if isinstance(objective, Objective):  # this batch's tensors held the deprecated way
         objective, held, held_second = batch_tensors(objective)
@@ -193,8 +224,9 @@ def linear_cross_entropy(
         second_head = held_second if held_second is not None else second_head
     z = logits(hidden, weight, bias, softcap, temperature)
     asft = objective if isinstance(objective, ASFT) else None
+    distill = objective if isinstance(objective, Distill) else None
     r = None
-    if asft is not None:
+    if asft is not None or distill is not None:
         r = logits(second_head.hidden, second_head.weight, second_head.bias, second_head.softcap,
                    temperature).detach()
     sequence = sequence_ids(labels.shape, position_ids, labels.device)
@@ -222,6 +254,8 @@ def linear_cross_entropy(
         smooth_nll = -(u * torch.where(u != 0, logp_all, 0.0)).sum(-1)
         w = objective_weight(loss_fn, logp, valid, sequence)
         per_token = per_token + (label_smoothing / V) * w * smooth_nll
+    if distill is not None:
+        per_token = distill.alpha * per_token
     z_loss_value = z_loss * lse**2
     if z_loss:
         per_token = per_token + z_loss_value
@@ -230,6 +264,14 @@ def linear_cross_entropy(
         kl = kl_divergence(z, r, asft.direction)
         per_token = per_token + asft.kl_coef * kl
     per_token = torch.where(valid, per_token, torch.zeros_like(logp))
+    distilled = valid
+    if distill is not None:
+        if distill.distill_unlabeled:
+            distilled = valid | (torch.ones_like(valid) if distill_mask is None else distill_mask.bool())
+        t = 1.0 if temperature is None else temperature
+        coef = (1 - distill.alpha) * (t * t if distill.t_squared else 1.0)
+        kl = torch.where(distilled, distillation_divergence(z, r, distill.kind, distill.beta), 0.0)
+        per_token = per_token + coef * kl
     if reduction == "none":
         loss = per_token
     elif reduction == "sum":
@@ -237,6 +279,8 @@ def linear_cross_entropy(
     else:
         if num_items_in_batch is not None:
             denom = torch.as_tensor(num_items_in_batch, dtype=torch.float64).clamp(min=1)
+        elif distill is not None and class_weight is None:
+            denom = distilled.sum().double().clamp(min=1)
         elif class_weight is not None:
             denom = torch.where(valid, u_y, 0.0).sum()
             denom = torch.where(denom == 0, 1.0, denom)  # all ignored: loss 0, not NaN
@@ -259,7 +303,7 @@ def linear_cross_entropy(
             "z_loss": torch.where(valid, z_loss_value, 0.0),
         }
         if kl is not None:
-            stats["kl"] = torch.where(valid, kl, 0.0)
+            stats["kl"] = torch.where(distilled, kl, 0.0)
     return loss, stats
 
 

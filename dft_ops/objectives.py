@@ -15,9 +15,10 @@ backward only needs ``upstream_grad * weight`` per token.
 Rows: :class:`CE`, :class:`DFT`, :class:`Power` (the ``-p^a`` family),
 :class:`Chord`, :class:`Focal`, :class:`Threshold`, :class:`PSFT`,
 :class:`ImportanceWeighted` and :class:`SequenceDFT`; :class:`ASFT` adds a KL
-term to a frozen reference model to any of them (the one objective whose
-gradient has a term besides ``weight * (softmax - onehot)``: the backends
-compute it from the reference head, see its docstring). Adding an objective is
+term to a frozen reference model to any of them, and :class:`Distill` mixes
+one with a divergence to a frozen teacher (the objectives whose gradient has
+a term besides ``weight * (softmax - onehot)``: the backends compute it from
+the second head, see their docstrings). Adding an objective is
 one class below (name, value, weight, parameter checks) plus its tests; the
 float64 reference it is tested against lives in :mod:`dft_ops.naive`.
 """
@@ -144,7 +145,7 @@ def batch_tensors(objective: Objective) -> tuple[Objective, dict[str, Tensor], o
     """(the objective without tensors, its per-token inputs, its second head) of an objective that holds
     this batch's tensors the deprecated way; ``(objective, {}, None)`` for one that holds none."""
     inputs, second = objective._batch_inputs, objective._batch_second_head
-    base = getattr(objective, "base", None) if isinstance(objective, ASFT) else None
+    base = getattr(objective, "base", None) if isinstance(objective, (ASFT, Distill)) else None
     clean_base, base_inputs, _ = batch_tensors(base) if base is not None else (None, {}, None)
     if not inputs and second is None and not base_inputs:
         return objective, {}, None
@@ -399,7 +400,26 @@ class SequenceDFT(Objective):
         return torch.exp(seq_logp)[seg]
 
 
-class ASFT(Objective):
+class _OnBase(Objective):
+    """An objective whose label term is another row of the table, ``self.base`` (ASFT, Distill): its value,
+    weight and per-token inputs are the base's; what it adds to them (a KL, a divergence to a teacher) is
+    applied from the backend's statistics (loss_terms)."""
+
+    base: Objective
+
+    def value(self, t):
+        return self.base.value(t)
+
+    def weight(self, t):
+        return self.base.weight(t)
+
+    def with_token_tensors(self, **tensors):
+        clone = copy.copy(self)
+        clone.base = self.base.with_token_tensors(**tensors)
+        return clone
+
+
+class ASFT(_OnBase):
     """Anchored SFT: a base objective plus a KL term to a frozen reference model, per token.
 
     ``loss_t = base_t + kl_coef * KL_t`` with p = softmax(z) the model's and
@@ -437,8 +457,9 @@ class ASFT(Objective):
         if direction not in self.DIRECTIONS:
             raise ValueError(f"direction: expected one of {self.DIRECTIONS}, got {direction!r}")
         self.direction = direction
-        if isinstance(base, ASFT) or base == "asft":
-            raise ValueError("base: an ASFT cannot be the base of an ASFT; pass the base row (e.g. 'dft')")
+        if isinstance(base, Objective) and base.needs_second_head or base in ("asft", "distill"):
+            raise ValueError("base: an objective with a second head (ASFT, Distill) cannot be the base of an ASFT; "
+                             "pass the base row (e.g. 'dft')")
         try:
             self.base = resolve(base)
         except (TypeError, ValueError) as err:
@@ -470,20 +491,108 @@ class ASFT(Objective):
         """Whether this (deprecated) instance holds a batch's reference head (:meth:`with_reference`)."""
         return self._batch_second_head is not None
 
-    def value(self, t):
-        """The base row's value; the KL term is added from the backend's statistics (loss_terms)."""
-        return self.base.value(t)
-
-    def weight(self, t):
-        return self.base.weight(t)
-
-    def with_token_tensors(self, **tensors):
-        clone = copy.copy(self)
-        clone.base = self.base.with_token_tensors(**tensors)
-        return clone
-
     def _parameters(self):
         return ("kl_coef", "direction", "base")
+
+
+class Distill(_OnBase):
+    """Knowledge distillation to a frozen teacher head (the call's second head), mixed with a label objective.
+
+    Per computed token, with ``p = softmax(z)`` the model's (the student's) and ``q = softmax(r)`` the
+    teacher's distribution over the vocabulary (each soft-capped by its own cap, both divided by the call's
+    ``temperature`` T; T = 1 without one)::
+
+        loss_t = alpha * label_t + (1 - alpha) * T^2 * D_t        (T^2 only with ``t_squared``)
+
+    ``label_t``: the base row ("ce" by default) with every option of the call (label smoothing, class
+    weights; the z-loss is added unscaled). ``D_t`` by ``kind``:
+
+    - "forward_kl": ``KL(q || p)``, the teacher's distribution as the target (Hinton et al.'s KD);
+      logit gradient ``p - q``;
+    - "reverse_kl": ``KL(p || q)`` (MiniLLM); logit gradient ``p ((z - r) - E_p[z - r])``;
+    - "jsd": the generalized Jensen-Shannon divergence of Liger's ``LigerFusedLinearJSD(jsd_beta=beta)``
+      and TRL's GKD, ``beta KL(q || m) + (1 - beta) KL(p || m)`` with the mixture ``m = beta q +
+      (1 - beta) p``; logit gradient ``(1 - beta) p (log p - log m - KL(p || m))``. As in Liger and TRL,
+      ``beta = 0`` is the forward KL and ``beta = 1`` the reverse KL (the formula itself would be 0
+      there).
+
+    Which tokens: those with a label (the layout's computed tokens); with ``distill_unlabeled`` also the
+    loss positions whose label is ``ignore_index`` (prompt tokens; every position for pure distillation),
+    where only the distillation term is computed: ``(1 - alpha) T^2 D_t``. A call's ``distill_mask``
+    (bool, the loss positions' shape) then limits those to where it is True (``dft_ops.patch`` passes the
+    attention mask: no padding is distilled). A "mean" divides the sum by the number of distilled tokens
+    (or ``num_items_in_batch``). ``TokenStats.kl`` holds ``D_t`` unscaled.
+
+    The teacher's head comes with each call as its second head (its own hidden size D2, bias, soft-cap
+    and dtypes): ``linear_cross_entropy(..., objective=Distill(), second_head=dft_ops.SecondHead(
+    teacher_hidden, teacher_weight))``, or ``dft_ops.patch(model, objective=Distill(), reference=teacher)``
+    per batch. Neither model's logits are materialized; the teacher gets no gradient.
+
+    Args:
+        kind: "jsd", "forward_kl" or "reverse_kl".
+        beta: the teacher's weight in the mixture, in [0, 1] (kind "jsd" only; default 0.5, Liger's).
+        alpha: the label objective's weight in [0, 1] (1 - alpha: the distillation term's); default 0.5, the
+            0.5 / 0.5 of Liger's distillation losses. 0: distillation only.
+        base: the label objective: a name of the table ("ce", "dft", ...) or an Objective instance (not
+            one with a second head).
+        t_squared: multiply the distillation term by T^2 (Hinton et al.: its gradient then keeps its size as
+            T changes). Liger's and TRL's losses have no such factor: False matches them.
+        distill_unlabeled: also distill the loss positions without a label (see above).
+    """
+
+    name = "distill"
+    needs_second_head = True
+    KINDS: ClassVar[tuple[str, ...]] = ("jsd", "forward_kl", "reverse_kl")
+
+    def __init__(self, kind: str = "jsd", beta: float | None = None, alpha: float = 0.5, base: str | Objective = "ce",
+                 t_squared: bool = True, distill_unlabeled: bool = False):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind: expected one of {self.KINDS}, got {kind!r}")
+        self.kind = kind
+        if kind == "jsd":
+            self.beta = 0.5 if beta is None else _real("beta", beta, minimum=0.0, maximum=1.0)
+        elif beta is not None:
+            raise ValueError(f"beta: only kind='jsd' mixes the two distributions; kind={kind!r} takes no beta")
+        else:
+            self.beta = None
+        self.alpha = _real("alpha", alpha, minimum=0.0, maximum=1.0)
+        for flag, value in (("t_squared", t_squared), ("distill_unlabeled", distill_unlabeled)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
+        self.t_squared, self.distill_unlabeled = t_squared, distill_unlabeled
+        if isinstance(base, Objective) and base.needs_second_head or base in ("asft", "distill"):
+            raise ValueError("base: the label objective cannot compare with a second head itself (ASFT, Distill); "
+                             "pass a row of the table (e.g. 'ce' or 'dft')")
+        try:
+            self.base = resolve(base)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"base: {str(err).removeprefix('objective: ')}") from None
+        if distill_unlabeled and self.base.needs_segments:
+            raise ValueError(f"base: {type(self.base).__name__} weighs whole sequences of labeled tokens; "
+                             "distill_unlabeled would add tokens without a label to them. Use another base, or "
+                             "distill_unlabeled=False")
+        self.token_inputs = self.base.token_inputs
+        self.needs_segments = self.base.needs_segments
+
+    @property
+    def divergence(self) -> str:
+        """The divergence computed: "forward_kl", "reverse_kl" or "jsd" (kind "jsd" with beta 0 or 1 is a KL)."""
+        if self.kind == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return self.kind
+
+    @property
+    def mix_weight(self) -> float | None:
+        """beta of a proper generalized JSD (0 < beta < 1), the teacher's weight in the mixture; else None."""
+        return self.beta if self.divergence == "jsd" else None
+
+    def distill_coef(self, temperature: float | None) -> float:
+        """The distillation term's factor ``(1 - alpha) T^2`` (T^2 with ``t_squared`` only)."""
+        t = 1.0 if temperature is None else float(temperature)
+        return (1.0 - self.alpha) * (t * t if self.t_squared else 1.0)
+
+    def _parameters(self):
+        return ("kind", "beta", "alpha", "base", "t_squared", "distill_unlabeled")
 
 
 def _weighted_nll(w: Tensor, logp: Tensor) -> Tensor:
@@ -535,7 +644,7 @@ def _token_tensor(name: str, value) -> Tensor:
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (CE, DFT, Chord)}
 # objectives that need parameters, by name: for a helpful error on objective="power"
 _NEEDS_PARAMETERS: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Power, Focal, Threshold, PSFT, ImportanceWeighted, SequenceDFT, ASFT)
+    cls.name: cls for cls in (Power, Focal, Threshold, PSFT, ImportanceWeighted, SequenceDFT, ASFT, Distill)
 }
 
 

@@ -279,6 +279,21 @@ class LossOptions:
         if self.vocab_parallel is not None and self.sync_free:
             raise ValueError("sync_free: the vocabulary-parallel group check reads every rank's call on the host "
                              "(one synchronisation); use sync_free=False with vocab_parallel")
+        if self.sync_free and isinstance(self.objective, _objectives.Distill) and self.objective.distill_unlabeled:
+            raise ValueError("sync_free: Distill(distill_unlabeled=True) picks the rows to distill by compacting them "
+                             "(one synchronisation); use sync_free=False, or distill_unlabeled=False")
+        if (isinstance(self.objective, _objectives.Distill) and self.objective.alpha > 0
+                and self.temperature not in (None, 1.0)):
+            raise ValueError(f"temperature: {self.temperature} divides the whole head's logits, so with "
+                             f"Distill(alpha={self.objective.alpha}) the label term would be computed at it too, "
+                             "where Hinton's recipe (and Liger's distillation losses) compute it at T = 1. Use "
+                             "alpha=0 with a temperature (distillation only; add the label loss from a second call "
+                             "without one: docs/distillation.md), or no temperature")
+        if (self.class_weight is not None and isinstance(self.objective, _objectives.Distill)
+                and self.objective.distill_unlabeled):
+            raise ValueError("class_weight: Distill(distill_unlabeled=True) also computes tokens without a label, "
+                             "which have no class weight (a weighted mean would divide by label weights only); "
+                             "use distill_unlabeled=False with class weights")
         if self.vocab_parallel is not None and self.objective.needs_second_head:
             raise ValueError(f"vocab_parallel: {type(self.objective).__name__} is not supported with a "
                              "vocabulary-parallel head yet (the second head's log-sum-exp and KL sums would need "

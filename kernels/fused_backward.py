@@ -34,6 +34,7 @@ from .tile import (dot, entropy_term, grouped_tile, logit_grad_tile, second_term
 def _fused_backward_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr, filter_ptr,
     h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
+    coef_g_ptr, mix_weight,
     dh_ptr, dw_ptr, db_ptr, coef_k_ptr, inv_t_ptr,
     softcap, inv_softcap, inv_temperature, M, D, v_lo, v_hi,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dhn, stride_dwv,
@@ -44,6 +45,7 @@ def _fused_backward_kernel(
     GRAD_BIAS: tl.constexpr, PRECISE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DM: tl.constexpr,
     GROUP_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DM: tl.constexpr, EVEN_D2: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, TOKEN_TEMPERATURE: tl.constexpr,
@@ -53,8 +55,10 @@ def _fused_backward_kernel(
     row_mask = offs < M
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
-    lse2, coef_e, coef_f = second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
-                                              HAS_Q, HAS_GAP)
+    lse2, coef_e, coef_f, coef_g = second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                                                coef_g_ptr,
+                                                HAS_Q, HAS_GAP,
+                                                HAS_MIX)
     size = tl.abs(coef_a) + tl.abs(coef_b)
     if HAS_UNIFORM:
         size += tl.abs(coef_c)
@@ -62,6 +66,8 @@ def _fused_backward_kernel(
         size += tl.abs(coef_e)
     if HAS_GAP:
         size += tl.abs(coef_f)
+    if HAS_MIX:
+        size += tl.abs(coef_g)
     coef_k = entropy_term(offs, row_mask, coef_k_ptr, lse, HAS_ENTROPY)
     if HAS_ENTROPY:
         size += tl.abs(coef_k)
@@ -79,9 +85,11 @@ def _fused_backward_kernel(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, cols, col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_t, D, stride_hd, stride_wv, stride_wd,
         h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
+        coef_g, mix_weight,
         softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
         HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
+        HAS_MIX,
         BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION, coef_k=coef_k, HAS_ENTROPY=HAS_ENTROPY,
     )
     if HAS_FILTER:
@@ -249,7 +257,7 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
     Args:
         hidden, head, tokens, terms, needs: the contract's (:mod:`dft_ops.backends.protocol`).
         filter_eps: skip a tile when every |G| in it is below
-            ``filter_eps * max_t max(|a_t|, |b_t|, |e_t|, |f_t|) / temperature`` (None: exact).
+            ``filter_eps * max_t max(|a_t|, |b_t|, |e_t|, |f_t|, |g_t|) / temperature`` (None: exact).
             The uniform term is then added exactly outside the kernel (it is
             rank one); with a softcap it is not, and filtering is off (exact).
         precise: G goes into the products as two 16-bit parts (high + low) instead
@@ -280,7 +288,8 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
             filter_eps = None  # a capped uniform term is dense and not rank one: nothing to skip exactly
         threshold = uniform = None
         if filter_eps is not None:
-            size = torch.stack([t.abs().max() for t in (terms.softmax, terms.target, terms.second, terms.gap)
+            size = torch.stack([t.abs().max() for t in (terms.softmax, terms.target, terms.second, terms.gap,
+                                                        terms.mix_gap)
                                 if t is not None]).max()
             threshold = (size * (filter_eps * head.inv_temperature)).reshape(1)
             # the kernel's skip test would drop the small, dense c_t u_j entries of every tile:
@@ -294,7 +303,8 @@ def fused_backward(hidden, head: Head, tokens: Tokens, terms: GradTerms, needs: 
                head.softcap is not None, head.temperature is not None, terms.uniform is not None,
                head.class_weight is not None, needs.hidden, needs.weight, need_bias, filter_eps is not None, precise,
                terms.second is not None, terms.gap is not None, terms.entropy is not None,
-               tokens.inv_temperature is not None, *second_head_key(head.second if terms.reads_second_head else None))
+               tokens.inv_temperature is not None, *second_head_key(head.second if terms.reads_second_head else None),
+               terms.mix_gap is not None)
         config = None
         for v_lo in range(0, V, chunk):
             v_hi = min(v_lo + chunk, V)

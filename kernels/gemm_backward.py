@@ -237,7 +237,8 @@ class _Sweep:
                    head.compute_dtype, head.bias is not None, head.softcap is not None, head.temperature is not None,
                    terms.uniform is not None, head.class_weight is not None, self.rows is not None,
                    self.plan.parts, terms.second is not None, terms.gap is not None, terms.entropy is not None,
-                   self.tokens.inv_temperature is not None, *second_head_key(head.second if terms.reads_second_head else None))
+                   self.tokens.inv_temperature is not None, *second_head_key(head.second if terms.reads_second_head else None),
+                   terms.mix_gap is not None)
             self.config = logit_grad.TUNER.pick(launch, key)
         launch.run(self.config)
         return views

@@ -33,6 +33,7 @@ from .tile import (entropy_term, grouped_tile, logit_grad_tile, round_to, second
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, cw_ptr,
     h2_ptr, w2_ptr, b2_ptr, lse2_ptr, coef_e_ptr, coef_f_ptr,
+    coef_g_ptr, mix_weight,
     g_ptr, g_lo_ptr, coef_k_ptr, inv_t_ptr,
     softcap, inv_softcap, inv_temperature, t_lo, t_count, v_lo, v_count, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_gn,
@@ -42,6 +43,7 @@ def _logit_grad_kernel(
     COMPUTE_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, TOKEN_TEMPERATURE: tl.constexpr,
@@ -54,8 +56,10 @@ def _logit_grad_kernel(
     col_mask = j < v_count
     rows, y, lse, coef_a, coef_b, coef_c = token_terms(
         t_lo + i, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef_b_ptr, coef_c_ptr, HAS_ROWS, HAS_UNIFORM)
-    lse2, coef_e, coef_f = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
-                                              HAS_Q, HAS_GAP)
+    lse2, coef_e, coef_f, coef_g = second_terms(t_lo + i, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
+                                                coef_g_ptr,
+                                                HAS_Q, HAS_GAP,
+                                                HAS_MIX)
     coef_k = entropy_term(t_lo + i, row_mask, coef_k_ptr, lse, HAS_ENTROPY)
     inv_t = token_inv_temperature(inv_t_ptr, t_lo + i, row_mask, inv_temperature, TOKEN_TEMPERATURE)
     v0 = v_lo + pid_v * BLOCK_V
@@ -63,9 +67,11 @@ def _logit_grad_kernel(
         h_ptr, w_ptr, b_ptr, cw_ptr, rows * stride_hn, row_mask, v_lo + j.to(tl.int64), col_mask, y - v0, lse,
         coef_a, coef_b, coef_c, softcap, inv_softcap, inv_t, D, stride_hd, stride_wv, stride_wd,
         h2_ptr, w2_ptr, b2_ptr, rows * stride_h2n, lse2, coef_e, coef_f,
+        coef_g, mix_weight,
         softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
         HAS_BIAS, HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, COMPUTE_DTYPE,
         HAS_Q, HAS_GAP, HAS_BIAS2, HAS_SOFTCAP2, COMPUTE_DTYPE2,
+        HAS_MIX,
         BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, EVEN_D2, FP32_PRECISION, coef_k=coef_k, HAS_ENTROPY=HAS_ENTROPY,
     )
     # int64 row offsets: a large workspace passes 2**31 elements
@@ -135,6 +141,8 @@ def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tup
         coef_f_ptr=terms.gap if terms.gap is not None else unused, **second_args,
         coef_k_ptr=terms.entropy if terms.entropy is not None else unused,
         inv_t_ptr=inv_t if inv_t is not None else unused,
+        coef_g_ptr=terms.mix_gap if terms.mix_gap is not None else unused,
+        mix_weight=float(head.mix_weight) if terms.mix_gap is not None else 0.5,
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=head.softcap is not None, HAS_ROWS=rows is not None,
@@ -142,6 +150,7 @@ def gradient_inputs(hidden, head: Head, tokens: Tokens, terms: GradTerms) -> tup
         COMPUTE_DTYPE=torch_to_tl(head.compute_dtype), FP32_PRECISION="tf32x3",
         HAS_Q=terms.second is not None, HAS_GAP=terms.gap is not None, **second_constexprs,
         HAS_ENTROPY=terms.entropy is not None, TOKEN_TEMPERATURE=inv_t is not None,
+        HAS_MIX=terms.mix_gap is not None,
     )
     return args, constexprs
 

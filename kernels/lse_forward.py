@@ -12,7 +12,9 @@ With a second head (ASFT's reference model) each program also builds its tile r
 (kernels/second_head.py) and keeps its online (max, sum-exp) and the two sums of
 the gap ``(z - max) - (r - max_r)`` weighted by exp(z - max) and exp(r - max_r),
 moved as either maximum grows: the KL's terms in the same pass, still without
-logits, and free of any constant offset between the heads.
+logits, and free of any constant offset between the heads. With a mixture weight
+(Distill's generalized JSD) a second pass, :mod:`~dft_ops.kernels.mixture`, sums
+both heads' KLs to their mixture once both log-sum-exps are known.
 
 Splitting the vocabulary keeps the GPU busy when there are few token tiles
 (short sequences) and keeps the working set of weight tiles small enough for
@@ -314,12 +316,13 @@ def lse_forward(hidden, head: Head, tokens: Tokens, *, with_stats=False, smoothi
     """
     M = assert_inputs(hidden, head, tokens)
     two_heads = head.second is not None
+    mixing = head.mix_weight is not None
     if M == 0:
         def empty(on, dtype=torch.float32):
             return torch.zeros(0, dtype=dtype, device=hidden.device) if on else None
         return ForwardStats(empty(True), empty(True), empty(with_stats), empty(with_stats),
                             empty(with_stats, torch.int64), empty(smoothing), empty(two_heads), empty(two_heads),
-                            empty(two_heads))
+                            empty(two_heads), model_mix_kl=empty(mixing), second_mix_kl=empty(mixing))
     hidden, head, tokens, _ = kernel_operands(hidden, head, tokens, class_weight=smoothing, second=two_heads)
     launch, out, splits_for = forward_launch(hidden, head, tokens, with_stats=with_stats, smoothing=smoothing,
                                              splits=splits)
@@ -337,8 +340,14 @@ def lse_forward(hidden, head: Head, tokens: Tokens, *, with_stats=False, smoothi
         second_lse = combine_partials(*second_parts)[0]
         reverse_kl, forward_kl = combine_kl(part_max, part_sumexp, *second_parts, out["part_gap"][:S],
                                             out["part_gap2"][:S])
+    model_mix_kl = second_mix_kl = None
+    if mixing:  # the generalized JSD's KLs to the mixture need both lse first: a second pass
+        from .mixture import mixture_kls
+
+        model_mix_kl, second_mix_kl = mixture_kls(hidden, head, tokens, lse, second_lse, splits=splits)
     return ForwardStats(
         lse=lse, target_logit=out["target_logit"], entropy=entropy, max_logit=max_logit if with_stats else None,
         argmax=argmax, smooth_sum=out["part_smooth"][:S].sum(dim=0) if smoothing else None,
         second_lse=second_lse, reverse_kl=reverse_kl, forward_kl=forward_kl,
+        model_mix_kl=model_mix_kl, second_mix_kl=second_mix_kl,
     )

@@ -43,7 +43,8 @@ import triton.language as tl
 # absolute: see fused_backward.py
 from dft_ops.backends.protocol import ForwardStats, GradTerms, Head
 from .launch import Config, Launch, Tuner, bucket, torch_to_tl
-from .tile import INTERPRET, cap_and_temper, cap_and_temper_slope, class_weights, round_to
+from .tile import (INTERPRET, cap_and_temper, cap_and_temper_slope, class_weights, log_over_mixture, logs_over_mixture,
+                   round_to)
 
 # expm1(x) = x + x^2/2! + ... + x^8/8! for |x| < _EXPM1_SMALL: the first term left out, x^9/9!,
 # is under 2^-30 of |x| there. Above, exp(x) - 1 loses at most ~2 bits (|expm1| >= 0.22).
@@ -184,12 +185,38 @@ def _stats_tile(
 
 
 @triton.jit
+def _mix_tile(
+    u, r, v0, V, lse, r_lse, to_model, to_second,
+    softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap, mix_weight,
+    HAS_SOFTCAP: tl.constexpr, SECOND_HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Add columns [v0, v0 + BLOCK_V)'s terms of KL(s || m) and KL(q || m), m = mix_weight q +
+    (1 - mix_weight) s, to the running sums (both lse known: absolute sums, nothing to rescale)."""
+    log_s = cap_and_temper(u, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP) - lse[:, None]
+    log_q = cap_and_temper(r, r_softcap, r_inv_softcap, inv_temperature, SECOND_HAS_SOFTCAP) - r_lse[:, None]
+    if MASKED:
+        inside = (v0 + tl.arange(0, BLOCK_V) < V)[None, :]
+        log_s = tl.where(inside, log_s, float("-inf"))
+        log_q = tl.where(inside, log_q, float("-inf"))
+    s = _exp(log_s)
+    q = _exp(log_q)
+    over_s, over_q = logs_over_mixture(log_s - log_q, mix_weight)
+    # a column without probability under the weighting head adds 0, whatever its ratio (+-inf, NaN)
+    to_model += tl.sum(tl.where(s > 0.0, s * over_s, 0.0), axis=1)
+    to_second += tl.sum(tl.where(q > 0.0, q * over_q, 0.0), axis=1)
+    return to_model, to_second
+
+
+@triton.jit
 def _row_stats_kernel(
     u_ptr, r_ptr, targets_ptr, cw_ptr,
     lse_ptr, zy_ptr, logp_ptr, ent_ptr, max_ptr, arg_ptr, smooth_ptr, r_lse_ptr, rkl_ptr, fkl_ptr,
+    mkl_ptr, mkl_r_ptr,
     C, V, ld, ld_r, softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap,
+    mix_weight,
     HAS_SOFTCAP: tl.constexpr, WITH_STATS: tl.constexpr, SMOOTHING: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, HAS_SECOND: tl.constexpr, SECOND_HAS_SOFTCAP: tl.constexpr,
+    MIX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,15 +310,45 @@ def _row_stats_kernel(
         fkl = log_ratio - gap_r / tl.where(both, sumexp_r, 1.0)
         tl.store(rkl_ptr + out, tl.where(both, rkl, tl.where(has_mass, float("inf"), 0.0)), mask=row_mask)
         tl.store(fkl_ptr + out, tl.where(both, fkl, tl.where(r_mass, float("inf"), 0.0)), mask=row_mask)
+    if MIX:
+        # The generalized JSD's KLs to the mixture need both heads' lse, known only now: a second read
+        # of the program's rows (prefetched as in the first). A row of -inf logits: shifted by 0.
+        lse_z = _finite(m + log_sumexp)
+        lse_r = _finite(m_r + tl.log(sumexp_r))
+        to_model, to_second = zero, zero
+        u_next = tl.load(u_ptr + u_rows + local, mask=local < v_full)
+        r_next = tl.load(r_ptr + r_rows + local, mask=local < v_full)
+        for v0 in range(0, v_full, BLOCK_V):
+            u = u_next
+            r = r_next
+            ahead = tl.multiple_of(tl.minimum(v0 + BLOCK_V, v_full - BLOCK_V), BLOCK_V)
+            u_next = tl.load(u_ptr + u_rows + ahead + local)
+            r_next = tl.load(r_ptr + r_rows + ahead + local)
+            to_model, to_second = _mix_tile(
+                u, r, v0, V, lse_z, lse_r, to_model, to_second,
+                softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap, mix_weight,
+                HAS_SOFTCAP, SECOND_HAS_SOFTCAP, False, BLOCK_V,
+            )
+        u = tl.load(u_ptr + u_rows + v_full + local, mask=tail, other=0.0)
+        r = tl.load(r_ptr + r_rows + v_full + local, mask=tail, other=0.0)
+        to_model, to_second = _mix_tile(
+            u, r, v_full, V, lse_z, lse_r, to_model, to_second,
+            softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap, mix_weight,
+            HAS_SOFTCAP, SECOND_HAS_SOFTCAP, True, BLOCK_V,
+        )
+        tl.store(mkl_ptr + out, to_model, mask=row_mask)
+        tl.store(mkl_r_ptr + out, to_second, mask=row_mask)
 
 
 @triton.jit
 def _grad_values(base, z, s, log_s, log_q, cw, c, e, f, softcap, inv_softcap, inv_temperature,
-                 HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr):
-    """G from its parts: ``(base - c u_j - e q + f s (log s - log q)) dz/du``, base = a s (or the
-    label's entry). Tiles (BLOCK_N, BLOCK_V) and the labels' (BLOCK_N,) entries alike; c, e, f
-    broadcast against them. Without a soft-cap dz/du is the constant 1 / temperature, already
-    folded into the coefficients (one multiply per entry fewer)."""
+                 HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr,
+                 mg, mix_weight, HAS_MIX: tl.constexpr):
+    """G from its parts: ``(base - c u_j - e q + f s (log s - log q) + mg s (log s - log m)) dz/du``,
+    base = a s (or the label's entry), m = mix_weight q + (1 - mix_weight) s. Tiles (BLOCK_N, BLOCK_V)
+    and the labels' (BLOCK_N,) entries alike; c, e, f, mg broadcast against them. Without a soft-cap
+    dz/du is the constant 1 / temperature, already folded into the coefficients (one multiply per
+    entry fewer)."""
     g = base
     if HAS_UNIFORM:
         g -= c * cw
@@ -301,6 +358,9 @@ def _grad_values(base, z, s, log_s, log_q, cw, c, e, f, softcap, inv_softcap, in
         # log s - log q, each head relative to its own lse; a logit without probability gets no
         # gradient whatever its gap (0 * inf)
         g += f * tl.where(s > 0.0, s * (log_s - log_q), 0.0)
+    if HAS_MIX:
+        # log s - log m from the same two log-ratios
+        g += mg * tl.where(s > 0.0, s * log_over_mixture(log_s - log_q, mix_weight), 0.0)
     if HAS_SOFTCAP:
         g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return g
@@ -310,9 +370,11 @@ def _grad_values(base, z, s, log_s, log_q, cw, c, e, f, softcap, inv_softcap, in
 def _grad_tile(
     u, r, g_ptr, cw_ptr, g_rows, row_mask, v0, V,
     lse, a, c, r_lse, e, f,
+    mg, mix_weight,
     softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, SECOND_HAS_SOFTCAP: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     OUT_DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Store G of the raw logits u (and r) of columns [v0, v0 + BLOCK_V) over those logits.
@@ -325,14 +387,15 @@ def _grad_tile(
     log_s = z - lse[:, None]
     s = _exp(log_s)
     log_q = z
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         log_q = cap_and_temper(r, r_softcap, r_inv_softcap, inv_temperature, SECOND_HAS_SOFTCAP) - r_lse[:, None]
     cw = 0.0
     if HAS_UNIFORM:
         # a (1, BLOCK_V) row: the logits' layout (a 1-D load would go through shared memory)
         cw = class_weights(cw_ptr, cols, cols < V, HAS_CLASS_WEIGHT)
     g = _grad_values(a[:, None] * s, z, s, log_s, log_q, cw, c[:, None], e[:, None], f[:, None],
-                     softcap, inv_softcap, inv_temperature, HAS_SOFTCAP, HAS_UNIFORM, HAS_Q, HAS_GAP)
+                     softcap, inv_softcap, inv_temperature, HAS_SOFTCAP, HAS_UNIFORM, HAS_Q, HAS_GAP,
+                     mg[:, None], mix_weight, HAS_MIX)
     # Every thread's loads of this tile (and of all before it) are consumed above; the store
     # lands on bytes other threads loaded (the narrow store always, fp32 wherever the compiler
     # lays the store out unlike the load): none passes here before all have read.
@@ -347,9 +410,12 @@ def _grad_tile(
 @triton.jit
 def _logit_grad_kernel(
     u_ptr, r_ptr, g_ptr, targets_ptr, lse_ptr, logp_ptr, a_ptr, b_ptr, c_ptr, cw_ptr, r_lse_ptr, e_ptr, f_ptr,
+    mg_ptr,
     C, V, ld, ld_r, ld_g, softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap,
+    mix_weight,
     HAS_SOFTCAP: tl.constexpr, HAS_LOGP: tl.constexpr, HAS_UNIFORM: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, SECOND_HAS_SOFTCAP: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -369,18 +435,22 @@ def _logit_grad_kernel(
     b = tl.load(b_ptr + rows)
     zero = tl.zeros_like(a)
     c, r_lse, e, f = zero, zero, zero, zero
+    mg = zero
     if HAS_UNIFORM:
         c = tl.load(c_ptr + rows)
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         r_lse = _finite(tl.load(r_lse_ptr + rows))
     if HAS_Q:
         e = tl.load(e_ptr + rows)
     if HAS_GAP:
         f = tl.load(f_ptr + rows)
+    if HAS_MIX:
+        mg = tl.load(mg_ptr + rows)
     if not HAS_SOFTCAP:
         # dz/du = 1 / temperature for every entry: into the coefficients, once per row
         a, b, c, e, f = a * inv_temperature, b * inv_temperature, c * inv_temperature, e * inv_temperature, \
             f * inv_temperature
+        mg = mg * inv_temperature
 
     # The label's entry a s_y - b, as a expm1(log p) + (a - b): on a peaked row fp32 s_y - 1 keeps
     # only the bits of 1 - p above s_y's rounding, expm1 keeps them all, and a - b is exact where
@@ -396,14 +466,15 @@ def _logit_grad_kernel(
     else:
         log_s_y = z_y - lse
     log_q_y = z_y
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         log_q_y = cap_and_temper(tl.load(r_ptr + r_rows + y_col), r_softcap, r_inv_softcap, inv_temperature,
                                  SECOND_HAS_SOFTCAP) - r_lse
     cw_y = 0.0
     if HAS_UNIFORM:
         cw_y = class_weights(cw_ptr, y_col, has_label, HAS_CLASS_WEIGHT)
     g_y = _grad_values(a * expm1(log_s_y) + (a - b), z_y, _exp(log_s_y), log_s_y, log_q_y, cw_y, c, e, f,
-                       softcap, inv_softcap, inv_temperature, HAS_SOFTCAP, HAS_UNIFORM, HAS_Q, HAS_GAP)
+                       softcap, inv_softcap, inv_temperature, HAS_SOFTCAP, HAS_UNIFORM, HAS_Q, HAS_GAP,
+                       mg, mix_weight, HAS_MIX)
     # u_y lies in the row the sweep overwrites: every thread has read it before any stores
     tl.debug_barrier()
 
@@ -413,30 +484,34 @@ def _logit_grad_kernel(
     # covers fp32 entries below (k + 1) BLOCK_V, a prefetched tile lies at or above that
     u_next = tl.load(u_ptr + u_rows[:, None] + local, mask=local < v_full)
     r_next = u_next
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         r_next = tl.load(r_ptr + r_rows[:, None] + local, mask=local < v_full)
     for v0 in range(0, v_full, BLOCK_V):
         u = u_next
         r = r_next
         ahead = tl.multiple_of(tl.minimum(v0 + BLOCK_V, v_full - BLOCK_V), BLOCK_V)
         u_next = tl.load(u_ptr + u_rows[:, None] + ahead + local)
-        if HAS_Q or HAS_GAP:
+        if HAS_Q or HAS_GAP or HAS_MIX:
             r_next = tl.load(r_ptr + r_rows[:, None] + ahead + local)
         _grad_tile(
             u, r, g_ptr, cw_ptr, g_rows, row_mask, v0, V, lse, a, c, r_lse, e, f,
+            mg, mix_weight,
             softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap,
             HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, HAS_Q, HAS_GAP, SECOND_HAS_SOFTCAP,
+            HAS_MIX,
             OUT_DTYPE, False, BLOCK_V,
         )
     tail = v_full + local < V
     u = tl.load(u_ptr + u_rows[:, None] + v_full + local, mask=tail, other=0.0)
     r = u
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         r = tl.load(r_ptr + r_rows[:, None] + v_full + local, mask=tail, other=0.0)
     _grad_tile(
         u, r, g_ptr, cw_ptr, g_rows, row_mask, v_full, V, lse, a, c, r_lse, e, f,
+        mg, mix_weight,
         softcap, inv_softcap, inv_temperature, r_softcap, r_inv_softcap,
         HAS_SOFTCAP, HAS_UNIFORM, HAS_CLASS_WEIGHT, HAS_Q, HAS_GAP, SECOND_HAS_SOFTCAP,
+        HAS_MIX,
         OUT_DTYPE, True, BLOCK_V,
     )
     # the label's entry over the sweep's, by whichever thread: after every thread's store
@@ -493,6 +568,8 @@ class RowStats(NamedTuple):
         reverse_kl: KL(p || q), p = softmax(z), q = softmax of the second head; with
             second_logits only.
         forward_kl: KL(q || p); with second_logits only.
+        model_mix_kl: KL(p || m), m = mix_weight q + (1 - mix_weight) p; with mix_weight only.
+        second_mix_kl: KL(q || m); with mix_weight only.
     """
 
     lse: torch.Tensor
@@ -505,6 +582,8 @@ class RowStats(NamedTuple):
     second_lse: torch.Tensor | None = None
     reverse_kl: torch.Tensor | None = None
     forward_kl: torch.Tensor | None = None
+    model_mix_kl: torch.Tensor | None = None
+    second_mix_kl: torch.Tensor | None = None
 
 
 def _check_workspace(name: str, logits, like: torch.Tensor | None = None) -> None:
@@ -537,7 +616,7 @@ def _targets(targets, C: int, V: int, device) -> torch.Tensor:
 
 
 def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_stats=False, smoothing=False,
-                     class_weight=None, second_logits=None, second_softcap=None):
+                     class_weight=None, second_logits=None, second_softcap=None, mix_weight=None):
     """The launch of :func:`row_stats` and its output buffers (shapes asserted; C > 0)."""
     _check_workspace("logits", logits)
     C, V = logits.shape
@@ -552,6 +631,8 @@ def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_st
     r_cap, r_inv_cap, _ = _scales(second_softcap, None)
     f32 = dict(dtype=torch.float32, device=dev)
     second = second_logits is not None
+    mixing = mix_weight is not None
+    assert not mixing or (second and 0.0 < mix_weight < 1.0), "the mixture is of two heads, 0 < mix_weight < 1"
     out = RowStats(
         lse=torch.empty(C, **f32), target_logit=torch.empty(C, **f32), target_logprob=torch.empty(C, **f32),
         entropy=torch.empty(C, **f32) if with_stats else None,
@@ -561,6 +642,8 @@ def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_st
         second_lse=torch.empty(C, **f32) if second else None,
         reverse_kl=torch.empty(C, **f32) if second else None,
         forward_kl=torch.empty(C, **f32) if second else None,
+        model_mix_kl=torch.empty(C, **f32) if mixing else None,
+        second_mix_kl=torch.empty(C, **f32) if mixing else None,
     )
     unused = out.lse  # pointers a flag switches off: never read or written
 
@@ -574,13 +657,15 @@ def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_st
             lse_ptr=out.lse, zy_ptr=out.target_logit, logp_ptr=out.target_logprob, ent_ptr=ptr(out.entropy),
             max_ptr=ptr(out.max_logit), arg_ptr=ptr(out.argmax), smooth_ptr=ptr(out.smooth_sum),
             r_lse_ptr=ptr(out.second_lse), rkl_ptr=ptr(out.reverse_kl), fkl_ptr=ptr(out.forward_kl),
+            mkl_ptr=ptr(out.model_mix_kl), mkl_r_ptr=ptr(out.second_mix_kl),
             C=C, V=V, ld=logits.stride(0), ld_r=second_logits.stride(0) if second else 0,
             softcap=cap, inv_softcap=inv_cap, inv_temperature=inv_t, r_softcap=r_cap, r_inv_softcap=r_inv_cap,
+            mix_weight=float(mix_weight) if mixing else 0.5,
         ),
         constexprs=dict(
             HAS_SOFTCAP=softcap is not None, WITH_STATS=with_stats, SMOOTHING=smoothing,
             HAS_CLASS_WEIGHT=class_weight is not None, HAS_SECOND=second,
-            SECOND_HAS_SOFTCAP=second and second_softcap is not None,
+            SECOND_HAS_SOFTCAP=second and second_softcap is not None, MIX=mixing,
         ),
         grid=lambda c: (triton.cdiv(C, c.blocks["BLOCK_N"]),),
         family="two" if second else "one",
@@ -589,7 +674,7 @@ def row_stats_launch(logits, targets, *, softcap=None, temperature=None, with_st
 
 
 def row_stats(logits, targets, *, softcap=None, temperature=None, with_stats=False, smoothing=False,
-              class_weight=None, second_logits=None, second_softcap=None) -> RowStats:
+              class_weight=None, second_logits=None, second_softcap=None, mix_weight=None) -> RowStats:
     """Per-row statistics of a workspace of raw logits, reading it once.
 
     Args:
@@ -605,6 +690,9 @@ def row_stats(logits, targets, *, softcap=None, temperature=None, with_stats=Fal
             row stride, unit column stride: also second_lse and both KLs, free of any constant
             offset between the heads.
         second_softcap: the second head's own soft-cap (None: none).
+        mix_weight: beta in (0, 1) (with second_logits): also both heads' KLs to the mixture
+            ``m = beta q + (1 - beta) p`` (the generalized JSD's), from a second read of the rows once
+            both log-sum-exps are known.
 
     Returns:
         :class:`RowStats`, each field (C,).
@@ -619,10 +707,10 @@ def row_stats(logits, targets, *, softcap=None, temperature=None, with_stats=Fal
 
         return RowStats(empty(True), empty(True), empty(True), empty(with_stats), empty(with_stats),
                         empty(with_stats, torch.int64), empty(smoothing), empty(second), empty(second),
-                        empty(second))
+                        empty(second), empty(mix_weight is not None), empty(mix_weight is not None))
     launch, out = row_stats_launch(logits, targets, softcap=softcap, temperature=temperature,
                                    with_stats=with_stats, smoothing=smoothing, class_weight=class_weight,
-                                   second_logits=second_logits, second_softcap=second_softcap)
+                                   second_logits=second_logits, second_softcap=second_softcap, mix_weight=mix_weight)
     key = (logits.shape[1], bucket(C), *launch.constexprs.values())
     STATS_TUNER.run(launch, key)
     return out
@@ -635,7 +723,7 @@ def narrow_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def logit_grad_launch(logits, targets, lse, a, b, c=None, e=None, f=None, *, logp=None, softcap=None,
                       temperature=None, class_weight=None, second_logits=None, second_lse=None, second_softcap=None,
-                      out_dtype=torch.float32):
+                      out_dtype=torch.float32, mix_gap=None, mix_weight=None):
     """The launch of :func:`logit_grad_in_place` and the G view it fills (shapes asserted; C > 0)."""
     _check_workspace("logits", logits)
     C, V = logits.shape
@@ -645,9 +733,11 @@ def logit_grad_launch(logits, targets, lse, a, b, c=None, e=None, f=None, *, log
     lse, a, b = (_vector(n, t, C, dev) for n, t in (("lse", lse), ("a", a), ("b", b)))
     logp = _vector("logp", logp, C, dev) if logp is not None else None
     c, e, f = (_vector(n, t, C, dev) if t is not None else None for n, t in (("c", c), ("e", e), ("f", f)))
-    reads_second = e is not None or f is not None
+    mix_gap = _vector("mix_gap", mix_gap, C, dev) if mix_gap is not None else None
+    assert mix_gap is None or (mix_weight is not None and 0.0 < mix_weight < 1.0), "the g term needs 0 < beta < 1"
+    reads_second = e is not None or f is not None or mix_gap is not None
     if reads_second:
-        assert second_logits is not None and second_lse is not None, "the e and f terms read the second head"
+        assert second_logits is not None and second_lse is not None, "the e, f and g terms read the second head"
         _check_workspace("second_logits", second_logits, logits)
         second_lse = _vector("second_lse", second_lse, C, dev)
     else:
@@ -670,14 +760,17 @@ def logit_grad_launch(logits, targets, lse, a, b, c=None, e=None, f=None, *, log
             u_ptr=logits, r_ptr=ptr(second_logits), g_ptr=g, targets_ptr=targets, lse_ptr=lse, logp_ptr=ptr(logp),
             a_ptr=a, b_ptr=b,
             c_ptr=ptr(c), cw_ptr=ptr(class_weight), r_lse_ptr=ptr(second_lse), e_ptr=ptr(e), f_ptr=ptr(f),
+            mg_ptr=ptr(mix_gap),
             C=C, V=V, ld=logits.stride(0), ld_r=second_logits.stride(0) if reads_second else 0, ld_g=g.stride(0),
             softcap=cap, inv_softcap=inv_cap, inv_temperature=inv_t, r_softcap=r_cap, r_inv_softcap=r_inv_cap,
+            mix_weight=float(mix_weight) if mix_gap is not None else 0.5,
         ),
         constexprs=dict(
             HAS_SOFTCAP=softcap is not None, HAS_LOGP=logp is not None, HAS_UNIFORM=c is not None,
             HAS_CLASS_WEIGHT=class_weight is not None,
             HAS_Q=e is not None, HAS_GAP=f is not None,
             SECOND_HAS_SOFTCAP=reads_second and second_softcap is not None,
+            HAS_MIX=mix_gap is not None,
             OUT_DTYPE=torch_to_tl(out_dtype),
         ),
         grid=lambda cfg: (triton.cdiv(C, cfg.blocks["BLOCK_N"]),),
@@ -688,7 +781,7 @@ def logit_grad_launch(logits, targets, lse, a, b, c=None, e=None, f=None, *, log
 
 def logit_grad_in_place(logits, targets, lse, a, b, c=None, e=None, f=None, *, logp=None, softcap=None,
                         temperature=None, class_weight=None, second_logits=None, second_lse=None, second_softcap=None,
-                        out_dtype=torch.float32) -> torch.Tensor:
+                        out_dtype=torch.float32, mix_gap=None, mix_weight=None) -> torch.Tensor:
     """Overwrite a workspace of raw logits with their logit gradient G; returns G as a (C, V) view.
 
     G per row as the contract gives it (``dft_ops.backends.protocol``), with s = exp(z - lse),
@@ -736,6 +829,8 @@ def logit_grad_in_place(logits, targets, lse, a, b, c=None, e=None, f=None, *, l
         second_lse: (C,) its log-sum-exp (row_stats' second_lse).
         second_softcap: the second head's soft-cap.
         out_dtype: float32, bfloat16 or float16, the dtype of G.
+        mix_gap: (C,) factor g of s (log s - log m), m = mix_weight q + (1 - mix_weight) s, or None for 0.
+        mix_weight: beta in (0, 1), read with mix_gap.
 
     Returns:
         G, (C, V) of ``out_dtype``: ``logits`` itself for float32, else the narrow view
@@ -747,7 +842,8 @@ def logit_grad_in_place(logits, targets, lse, a, b, c=None, e=None, f=None, *, l
                                                                      device=logits.device)
     launch, g = logit_grad_launch(logits, targets, lse, a, b, c, e, f, logp=logp, softcap=softcap,
                                   temperature=temperature, class_weight=class_weight, second_logits=second_logits,
-                                  second_lse=second_lse, second_softcap=second_softcap, out_dtype=out_dtype)
+                                  second_lse=second_lse, second_softcap=second_softcap, out_dtype=out_dtype,
+                                  mix_gap=mix_gap, mix_weight=mix_weight)
     # never timed: a trial would overwrite the logits (each family has one configuration)
     GRAD_TUNER.run(launch, ())
     return g
@@ -761,9 +857,10 @@ class TritonRowPasses:
         two = second_logits is not None
         s = row_stats(logits, targets, softcap=head.softcap, temperature=head.temperature, with_stats=with_stats,
                       smoothing=smoothing, class_weight=head.class_weight if smoothing else None,
-                      second_logits=second_logits, second_softcap=head.second.softcap if two else None)
+                      second_logits=second_logits, second_softcap=head.second.softcap if two else None,
+                      mix_weight=head.mix_weight if two else None)
         return ForwardStats(s.lse, s.target_logit, s.entropy, s.max_logit, s.argmax, s.smooth_sum, s.second_lse,
-                            s.reverse_kl, s.forward_kl, s.target_logprob)
+                            s.reverse_kl, s.forward_kl, s.target_logprob, s.model_mix_kl, s.second_mix_kl)
 
     def logit_grad(self, logits, targets, head: Head, terms: GradTerms, *, second_logits, out_dtype):
         two = terms.reads_second_head
@@ -772,4 +869,5 @@ class TritonRowPasses:
             logp=terms.logprob, softcap=head.softcap, temperature=head.temperature,
             class_weight=head.class_weight if terms.uniform is not None else None,
             second_logits=second_logits if two else None, second_lse=terms.second_lse if two else None,
-            second_softcap=head.second.softcap if two else None, out_dtype=out_dtype)
+            second_softcap=head.second.softcap if two else None, out_dtype=out_dtype,
+            mix_gap=terms.mix_gap, mix_weight=head.mix_weight)

@@ -220,21 +220,53 @@ def token_terms(offs, row_mask, rows_ptr, targets_ptr, lse_ptr, coef_a_ptr, coef
 
 @triton.jit
 def second_terms(offs, row_mask, lse, lse2_ptr, coef_e_ptr, coef_f_ptr,
-                    HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr):
-    """(lse2, e, f) of computed tokens ``offs``: the second head's log-sum-exp (both terms read
-    it) and the coefficients of its softmax and of the gap term, each 0 when its term is off or
-    the token masked. ``lse``: the tokens' (BLOCK_N,) fp32 log-sum-exp (gives the shape)."""
+                 coef_g_ptr,
+                 HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr,
+                 HAS_MIX: tl.constexpr):
+    """(lse2, e, f, g) of computed tokens ``offs``: the second head's log-sum-exp (every term reads
+    it) and the coefficients of its softmax, of the gap term and of the mixture gap term, each 0
+    when its term is off or the token masked. ``lse``: the tokens' (BLOCK_N,) fp32 log-sum-exp (gives
+    the shape)."""
     zero = tl.zeros_like(lse)
     lse2 = zero
     coef_e = zero
     coef_f = zero
-    if HAS_Q or HAS_GAP:
+    coef_g = zero
+    if HAS_Q or HAS_GAP or HAS_MIX:
         lse2 = tl.load(lse2_ptr + offs, mask=row_mask, other=0.0)
     if HAS_Q:
         coef_e = tl.load(coef_e_ptr + offs, mask=row_mask, other=0.0)
     if HAS_GAP:
         coef_f = tl.load(coef_f_ptr + offs, mask=row_mask, other=0.0)
-    return lse2, coef_e, coef_f
+    if HAS_MIX:
+        coef_g = tl.load(coef_g_ptr + offs, mask=row_mask, other=0.0)
+    return lse2, coef_e, coef_f, coef_g
+
+
+@triton.jit
+def logs_over_mixture(x, beta):
+    """``(log a - log m, log b - log m)``, ``m = (1 - beta) a + beta b``, from ``x = log a - log b``
+    (fp32 tiles), for 0 < beta < 1: the generalized JSD's log-ratios of the model's (a) and the second
+    head's (b) distribution to their mixture, from the two heads' own log-ratio (no offset between the
+    heads enters). One exponential (of ``-|x|``) and one logarithm (of a number in [min(beta, 1 - beta),
+    1]) for both: nothing overflows; +-inf x gives -inf for the head without probability, which the
+    caller weighs by 0. The formulas: dft_ops.backends.partials.logs_over_mixture."""
+    e = tl.exp(-tl.abs(x))
+    above = x >= 0.0
+    log_share = tl.log(tl.where(above, (1.0 - beta) + beta * e, (1.0 - beta) * e + beta))
+    return tl.where(above, -log_share, x - log_share), tl.where(above, -x - log_share, -log_share)
+
+
+@triton.jit
+def log_over_mixture(x, beta):
+    """``log a - log m``, ``m = (1 - beta) a + beta b``, from ``x = log a - log b`` (fp32 tile): the g
+    term's log-ratio of the model's distribution to the mixture, as
+    ``-log((1 - beta) + beta exp(min(-x, 80)))``. One exponential and one logarithm; the clamp keeps
+    exp finite, and changes the value only where ``a < e^-80 b``, i.e. where ``a`` itself, the term's
+    factor, is below e^-80 (x = +inf: -log(1 - beta); NaN x, no probability in either head: the caller
+    weighs it by a = 0). (Where both log-ratios are needed, :func:`logs_over_mixture`; both are
+    dft_ops.backends.partials'.)"""
+    return -tl.log((1.0 - beta) + beta * tl.exp(tl.minimum(-x, 80.0)))
 
 
 @triton.jit
@@ -263,11 +295,13 @@ def logit_grad_tile(
     h_rows, row_mask, cols, col_mask, y_local, lse, coef_a, coef_b, coef_c,
     softcap, inv_softcap, inv_temperature, D, stride_hd, stride_wv, stride_wd,
     h2_ptr, w2_ptr, b2_ptr, h2_rows, lse2, coef_e, coef_f,
+    coef_g, mix_weight,
     softcap2, inv_softcap2, D2, stride_h2d, stride_w2v, stride_w2d,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_UNIFORM: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_GAP: tl.constexpr, HAS_BIAS2: tl.constexpr,
     HAS_SOFTCAP2: tl.constexpr, COMPUTE_DTYPE2: tl.constexpr,
+    HAS_MIX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_D2: tl.constexpr, FP32_PRECISION: tl.constexpr,
     coef_k=0.0, HAS_ENTROPY: tl.constexpr = False,
@@ -276,12 +310,12 @@ def logit_grad_tile(
 
     G, the contract's formula (dft_ops.backends.protocol),
     from logits rebuilt exactly as the forward built them; the second head's tile r
-    (q = exp(r - lse2)) only when HAS_Q or HAS_GAP. y_local: (BLOCK_N,)
-    int32 target minus the tile's first column. ``inv_temperature``: a scalar or a
-    (BLOCK_N, 1) column (:func:`token_inv_temperature`). ``coef_k`` (BLOCK_N,): the
-    entropy term's factor, read only when HAS_ENTROPY.
+    (q = exp(r - lse2)) only when HAS_Q, HAS_GAP or HAS_MIX (the mixture gap, ``mix_weight``
+    the second head's weight in m). y_local: (BLOCK_N,) int32 target minus the tile's first column.
+    ``inv_temperature``: a scalar or a (BLOCK_N, 1) column (:func:`token_inv_temperature`). ``coef_k``
+    (BLOCK_N,): the entropy term's factor, read only when HAS_ENTROPY.
     """
-    if HAS_Q or HAS_GAP:
+    if HAS_Q or HAS_GAP or HAS_MIX:
         # the second head's tile first: only it stays live through the model's product
         r = second_tile(
             h2_ptr, w2_ptr, b2_ptr, h2_rows, row_mask, cols, col_mask,
@@ -312,5 +346,9 @@ def logit_grad_tile(
         # log s - log q, each head relative to its own lse: no offset between the heads enters.
         # A logit without probability gets no gradient, whatever its gap (0 * inf)
         g += coef_f[:, None] * tl.where(s > 0.0, s * ((z - lse[:, None]) - (r - lse2[:, None])), 0.0)
+    if HAS_MIX:
+        # log s - log m, m = mix_weight q + (1 - mix_weight) s, from the same two log-ratios
+        over_s = log_over_mixture((z - lse[:, None]) - (r - lse2[:, None]), mix_weight)
+        g += coef_g[:, None] * tl.where(s > 0.0, s * over_s, 0.0)
     g = g * cap_and_temper_slope(z, softcap, inv_softcap, inv_temperature, HAS_SOFTCAP)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)

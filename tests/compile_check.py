@@ -37,6 +37,7 @@ from dft_ops.backends.protocol import GradTerms, Head, SecondHead, Tokens, produ
 fwd = importlib.import_module("dft_ops.kernels.lse_forward")
 bwd = importlib.import_module("dft_ops.kernels.fused_backward")
 lgrad = importlib.import_module("dft_ops.kernels.logit_grad")
+mix = importlib.import_module("dft_ops.kernels.mixture")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compile_cache  # noqa: E402  (tests/ is not a package)
@@ -80,23 +81,26 @@ def _second_head(spec: str, hidden_dtype, weight_dtype, compute_dtype, N: int, V
 
 def _launch(kernel: str, dtypes: str, D: int, features: bool, ref: str = ""):
     """The library's launch with every optional feature on (``features``) or off, and the second head
-    (``ref``: "stream" for the forward, "q" / "gap" for a backward's forward / reverse KL term)."""
+    (``ref``: "stream" for the forward, "q" / "gap" / "mix" for a backward's forward KL / reverse KL /
+    generalized JSD term, "mix" for the JSD's mixture pass)."""
     hidden_dtype, weight_dtype, compute_dtype = _dtypes(dtypes)
     hidden, weight, bias, targets, rows = _inputs(hidden_dtype, weight_dtype, D, features)
     V = weight.shape[0]
     second, term = _second_head(ref, hidden_dtype, weight_dtype, compute_dtype, hidden.shape[0], V)
     compute = product_dtype(hidden_dtype, weight_dtype, compute_dtype)
     head = Head(weight, bias, 30.0 if features else None, 0.7 if features else None, compute,
-                torch.rand(V) if features else None, second)
+                torch.rand(V) if features else None, second, 0.3 if term == "mix" else None)
     tokens = Tokens(targets, rows)
     if kernel == "lse_forward":
         launch, _, _ = fwd.forward_launch(hidden, head, tokens, with_stats=features, smoothing=features, splits=4)
         return launch
     M, N = targets.numel(), hidden.shape[0]
+    if kernel == "mixture":
+        return mix.mixture_launch(hidden, head, tokens, torch.randn(M), torch.randn(M), splits=4)[0]
     f32 = torch.float32
     terms = GradTerms(torch.randn(M), torch.randn(M), torch.randn(M), torch.rand(M) if features else None,
                       torch.randn(M) if term == "q" else None, torch.randn(M) if term == "gap" else None,
-                      torch.randn(M) if term else None)
+                      torch.randn(M) if term else None, mix_gap=torch.randn(M) if term == "mix" else None)
     if kernel == "logit_grad":
         # a workspace row longer than the split (the last split of a sweep), precise (two parts) with features
         g = torch.empty(2, 32, V + 64, dtype=compute)
@@ -133,7 +137,7 @@ def resource_usage(cubin: bytes) -> dict:
     return usage
 
 
-KERNELS = {"lse_forward": fwd, "fused_backward": bwd, "logit_grad": lgrad}
+KERNELS = {"lse_forward": fwd, "fused_backward": bwd, "logit_grad": lgrad, "mixture": mix}
 ARCHS = (80, 90)
 FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+second": ("bf16",), "fp32+second": ("fp32",)}
 # hidden+weight dtypes autocast produces (and fp32 inputs computed in autocast's bf16): fp32
@@ -142,7 +146,8 @@ FAMILY_DTYPES = {"16bit": ("bf16", "fp16"), "fp32": ("fp32",), "16bit+second": (
 MIXED_DTYPES = ("fp32+bf16", "bf16+fp32", "fp32+fp32>bf16")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block, bytes
 # the second-head variants of each kernel (see _launch)
-SECOND_HEAD_TERMS = {"lse_forward": ("stream",), "fused_backward": ("q", "gap"), "logit_grad": ("q", "gap")}
+SECOND_HEAD_TERMS = {"lse_forward": ("stream",), "fused_backward": ("q", "gap", "mix"),
+                     "logit_grad": ("q", "gap", "mix"), "mixture": ("mix",)}
 
 
 def check(job) -> dict:
@@ -172,9 +177,10 @@ def jobs(quick: bool):
     slower path, not held to the no-spill rule); real heads use multiples of 64.
     A configuration is built for the architectures it is offered on (``min_arch``):
     the no-spill rule holds per target.
-    The "+second" configurations (a second head: ASFT's reference model) are built with it, every
-    feature on and each KL term of a backward (the forward KL's q, the reverse
-    KL's gap), in their family's dtype; "16bit+second" also with the mixed dtypes
+    The "+second" configurations (a second head: ASFT's reference model, Distill's teacher) are built
+    with it, every feature on and each term of a backward (the forward KL's q, the reverse
+    KL's gap, the generalized JSD's mixture gap), in their family's dtype (the JSD's mixture pass,
+    kernels/mixture.py, has only such configurations); "16bit+second" also with the mixed dtypes
     (model and reference alike, and autocast's model with a bf16 reference);
     "fp32+second" also for a bf16 model and for bf16 hidden states with an fp32
     head, each with an fp32 reference (whose fp32 products take those
@@ -215,8 +221,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     parser.add_argument("--second-head-only", action="store_true", help="only the second-head (ASFT) variants")
+    parser.add_argument("--terms", nargs="+", help="only these second-head terms (e.g. mix)")
     args = parser.parse_args()
-    todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.second_head_only)]
+    todo = [job for job in jobs(args.quick) if job[0] in args.kernels and (job[-1] or not args.second_head_only)
+            and (args.terms is None or job[-1].partition(":")[0] in args.terms)]
     return compile_cache.run(__file__, check, todo, args.workers)
 
 

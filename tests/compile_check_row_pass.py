@@ -33,7 +33,7 @@ C, V, LD, LD_SECOND = 40, 1000, 1008, 1024
 # the features each job switches on, by name (see _launch); "second" / "q" / "gap": a second head
 STATS_SINGLE = ("softcap", "temperature", "with_stats", "smoothing", "smoothing+class_weight")
 GRAD_SINGLE = ("softcap", "temperature", "uniform", "uniform+class_weight")
-SECOND_TERMS = {"row_stats": ("second",), "logit_grad": ("q+gap", "q", "gap")}
+SECOND_TERMS = {"row_stats": ("second", "second+mix"), "logit_grad": ("q+gap", "q", "gap", "mix")}
 OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,14 +45,15 @@ def _launch(kernel: str, features: frozenset, out_dtype: str):
     common = dict(softcap=30.0 if on("softcap") else None, temperature=0.7 if on("temperature") else None,
                   class_weight=torch.rand(V) if on("class_weight") else None,
                   second_softcap=20.0 if on("second_softcap") else None)
+    mix_weight = 0.3 if on("mix") else None  # the generalized JSD's mixture (Distill)
     if kernel == "row_stats":
         return rp.row_stats_launch(u, targets, with_stats=on("with_stats"), smoothing=on("smoothing"),
-                                   second_logits=r if on("second") else None, **common)[0]
-    vec = [torch.randn(C) for _ in range(6)]
+                                   second_logits=r if on("second") else None, mix_weight=mix_weight, **common)[0]
+    vec = [torch.randn(C) for _ in range(7)]
     return rp.logit_grad_launch(
         u, targets, vec[0], vec[1], vec[2], vec[3] if on("uniform") else None, vec[4] if on("q") else None,
         vec[5] if on("gap") else None, second_logits=r, second_lse=torch.randn(C),
-        out_dtype=OUT_DTYPES[out_dtype], **common)[0]
+        out_dtype=OUT_DTYPES[out_dtype], mix_gap=vec[6] if on("mix") else None, mix_weight=mix_weight, **common)[0]
 
 
 def i32_products(ttir: str) -> list[str]:
@@ -123,8 +124,10 @@ def jobs():
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--features", nargs="+", help="only the jobs with one of these features (e.g. mix)")
     args = parser.parse_args()
-    return compile_cache.run(__file__, check, list(jobs()), args.workers)
+    todo = [job for job in jobs() if args.features is None or set(args.features) & job[3]]
+    return compile_cache.run(__file__, check, todo, args.workers)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 The whole suite on a GPU (1281 tests, >= 525 distinct kernel compiles, 326 tuner keys) takes 15-25
 minutes; a GPU window has 15 in all. These tests cover each kernel path once: the forward, the
 "gemm" backward (the logit-gradient kernel and the cuBLAS products, fp32 output accumulation), the
-fused backward, the one-pass head (row passes and cuBLAS), gradient filtering, the precise (two-part G) mode, bf16 / fp32 (tf32x3) / mixed
-dtypes with every optional feature, ASFT's reference-head variants of all three kernels, the
-public API with per-token upstream gradients and statistics, and the GPU-only checks: no host
-sync in either backward, the gemm backward's memory bound, int64 offsets past 2^31 elements,
-hardware arithmetic (tanh, soft-capping), run-to-run agreement of the fused atomics. (Every mode
-at a real head size against float64 runs just before, as python -m bench.smoke.)
+fused backward, the one-pass head (row passes and cuBLAS), gradient filtering, the precise (two-part G)
+mode, bf16 / fp32 (tf32x3) / mixed dtypes with every optional feature, ASFT's reference-head variants of
+all three kernels, Distill's JSD mixture terms, token_logprobs' entropy and per-token temperature
+terms, the public API with per-token upstream gradients and statistics, and the GPU-only checks: no
+host sync in either backward, the gemm backward's memory bound, int64 offsets past 2^31 elements,
+hardware arithmetic (tanh, soft-capping), run-to-run agreement of the fused atomics. (Every mode at a
+real head size against float64 runs just before, as python -m bench.smoke.)
 
 Listed by node id rather than marked in each file (tests/conftest.py adds the marker), so the
 set is one list to curate and the test files stay as they are; tests/test_gpu_plan.py fails when
@@ -80,6 +81,14 @@ GPU_SMOKE = (
     "tests/test_token_logprobs.py::test_every_option_against_float64[torch.float32-triton-fused]",
     "tests/test_token_logprobs.py::test_masked_vocabulary_entropy_is_finite[triton-gemm]",
     "tests/test_token_logprobs.py::test_all_tokens_ignored[triton-fused]",
+    # Distill: the JSD's mixture terms (the mixture pass, the g term of both backwards, the row passes'
+    # second read) and a teacher of another hidden size through a patched model
+    "tests/test_distill.py::test_kernels_match_torch_backend_across_splits",
+    "tests/test_distill.py::test_row_passes_with_a_mixture[caps1]",
+    "tests/test_distill.py::test_options_match_reference[triton-fused-jsd-bf16-none-temperature-D2-stats]",
+    "tests/test_distill.py::test_options_match_reference[triton-onepass-jsd-fp32-mean-shift-bias-softcaps-stats]",
+    "tests/test_distill.py::test_options_match_reference[triton-gemm-jsd-bf16-items-ignore5-unlabeled-mask-stats]",
+    "tests/test_patching_distill.py::test_teacher_on_the_triton_backend[auto]",
     # hardware-only checks written for the GPU (tests/test_gpu_hardware.py)
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[gemm]",
     "tests/test_gpu_hardware.py::test_hidden_rows_past_2_31_elements[fused]",

@@ -41,20 +41,21 @@ def test_every_configuration_was_compiled(results):
     import importlib
 
     expected = 0
-    for mod in ("lse_forward", "fused_backward", "logit_grad"):
+    for mod in ("lse_forward", "fused_backward", "logit_grad", "mixture"):
         configs = importlib.import_module(f"dft_ops.kernels.{mod}").CONFIGS
         # per architecture it is offered on: a 16-bit config x (bf16, fp16, three mixed dtypes with every
         # feature; bf16 and bf16 hidden + fp32 head with none; D=208), an fp32 config x (every feature, none, D=208)
-        # "+second" configs (the second head: ASFT's reference model), per KL term of the kernel (the forward:
-        # one): 16bit+second x (bf16, three mixed dtypes, bf16 hidden + fp32 head with a bf16 second head),
+        # "+second" configs (the second head: ASFT's reference model, Distill's teacher), per second-head term
+        # of the kernel (the forward and the JSD's mixture pass: one; a backward: q, gap, the JSD's mixture gap):
+        # 16bit+second x (bf16, three mixed dtypes, bf16 hidden + fp32 head with a bf16 second head),
         # fp32+second x (fp32; bf16 and bf16 hidden + fp32 head with an fp32 second head)
-        terms = 1 if mod == "lse_forward" else 2
+        terms = 1 if mod in ("lse_forward", "mixture") else 3
         for family, per_arch in (("16bit", 8), ("fp32", 3), ("16bit+second", 5 * terms), ("fp32+second", 3 * terms)):
-            expected += sum(per_arch * sum(arch >= c.min_arch for arch in (80, 90)) for c in configs[family])
+            expected += sum(per_arch * sum(arch >= c.min_arch for arch in (80, 90)) for c in configs.get(family, ()))
     assert len(results) == expected
     assert {r["triton"] for r in results} == {triton.__version__}  # the subprocess compiled with this Triton
-    assert {r["ref"] for r in results} >= {"", "stream", "q", "gap", "q:fp32", "gap:fp32"}
-    assert {r["kernel"] for r in results} == {"lse_forward", "fused_backward", "logit_grad"}
+    assert {r["ref"] for r in results} >= {"", "stream", "q", "gap", "mix", "q:fp32", "gap:fp32", "mix:fp32"}
+    assert {r["kernel"] for r in results} == {"lse_forward", "fused_backward", "logit_grad", "mixture"}
 
 
 def test_compiles_without_errors(results):

@@ -349,3 +349,16 @@ def test_what_the_operators_do_not_serve_runs_the_function():
     fn = _functional(objective=held)
     got = _step(torch.compile(fn, backend="aot_eager"), hidden, weight, None, labels)
     _assert_same(got, _step(fn, hidden, weight, None, labels))
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "reverse_kl"])
+def test_distill_runs_the_function_under_compile(divergence):
+    """Distill's mixture terms are not among the operators' outputs: the Function runs, with the eager results."""
+    hidden, weight, labels, _ = make_inputs((2, 9), 16, 37, torch.float32, "cpu")
+    torch.manual_seed(4)
+    teacher = dft_ops.SecondHead(torch.randn(2, 9, 24), torch.randn(37, 24) * 0.3)
+    fn = _functional(objective=o.Distill(divergence, alpha=0.3), shift=True, return_stats=True)
+    torch._dynamo.reset()
+    got = _step(torch.compile(fn, backend="aot_eager"), hidden, weight, None, labels, second_head=teacher)
+    _assert_same(got, _step(fn, hidden, weight, None, labels, second_head=teacher))
+    assert got[1].kl is not None

@@ -32,6 +32,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from .partials import log_over_mixture, mixture_kl_sums
 from .products import add_product, fp32_product
 from .protocol import (Backend, ForwardStats, Grads, GradTerms, Head, Needs, RowPasses, TermsOf, Tokens,
                        assert_inputs, fp32_gradients)
@@ -113,7 +114,8 @@ class OnePass:
             if any(needs):
                 sweep.add_gradients(terms, grad_rows, grads)
             parts.append(stats)
-        return concatenate(parts, M, hidden.device, with_stats, smoothing, head.second is not None), grads
+        return concatenate(parts, M, hidden.device, with_stats, smoothing, head.second is not None,
+                           head.mix_weight is not None), grads
 
 
 class _Sweep:
@@ -177,14 +179,15 @@ class _Sweep:
 
 
 def concatenate(parts: list[ForwardStats], M: int, device, with_stats: bool, smoothing: bool,
-                two_heads: bool) -> ForwardStats:
+                two_heads: bool, mixing: bool = False) -> ForwardStats:
     """The chunks' statistics as one (M,) ForwardStats (an empty one for M = 0)."""
     if parts:
         return ForwardStats(*(torch.cat(field) if field[0] is not None else None for field in zip(*parts)))
     empty = torch.zeros(0, dtype=torch.float32, device=device)
     return ForwardStats(empty, empty, *(empty if with_stats else None,) * 2,
                         torch.zeros(0, dtype=torch.int64, device=device) if with_stats else None,
-                        empty if smoothing else None, *(empty if two_heads else None,) * 3, empty)
+                        empty if smoothing else None, *(empty if two_heads else None,) * 3, empty,
+                        *(empty if mixing else None,) * 2)
 
 
 # ---------------------------------------------------------------------------------------------------- in PyTorch
@@ -235,7 +238,7 @@ class TorchRowPasses:
         if smoothing:
             u = head.class_weight.float() if head.class_weight is not None else torch.ones(V, device=z.device)
             smooth = (u * torch.where(u != 0, z, 0.0)).sum(dim=1)  # a zero weight times a -inf logit is 0
-        lse2 = reverse_kl = forward_kl = None
+        lse2 = reverse_kl = forward_kl = model_mix_kl = second_mix_kl = None
         if second_logits is not None:
             second = head.second
             r = _capped(second_logits, second.softcap, head.inv_temperature)
@@ -249,7 +252,11 @@ class TorchRowPasses:
             log_ratio = torch.log(sumexp / sumexp2)
             reverse_kl = (e * torch.where(e > 0, gap, 0.0)).sum(dim=1) / sumexp - log_ratio
             forward_kl = log_ratio - (e2 * torch.where(e2 > 0, gap, 0.0)).sum(dim=1) / sumexp2
-        return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth, lse2, reverse_kl, forward_kl, logp)
+            if head.mix_weight is not None:  # a second read of the rows, now that both log-sum-exps are known
+                model_mix_kl, second_mix_kl = mixture_kl_sums(z - _finite(lse)[:, None], r - _finite(lse2)[:, None],
+                                                              head.mix_weight)
+        return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth, lse2, reverse_kl, forward_kl, logp,
+                            model_mix_kl, second_mix_kl)
 
     def _exp_in_place(self, logits: Tensor, targets: Tensor, head: Head) -> ForwardStats:
         """The plain form's statistics pass: ``logits`` (raw u) become ``e = exp(z - m)`` in place."""
@@ -316,13 +323,15 @@ class TorchRowPasses:
             if terms.gap is not None:
                 # a logit without probability gets no gradient, whatever its gap (0 * inf)
                 g += terms.gap[:, None] * torch.where(s > 0, s * (log_s - log_q), 0.0)
+            if terms.mix_gap is not None:
+                g += terms.mix_gap[:, None] * torch.where(
+                    s > 0, s * log_over_mixture(log_s - log_q, head.mix_weight), 0.0)
         if head.softcap is not None:
             g *= torch.cosh(u * (1.0 / head.softcap)).pow(-2) * head.inv_temperature
         elif head.temperature is not None:
             g *= head.inv_temperature
         logits.copy_(g)
         return logits if out_dtype == torch.float32 else logits.to(out_dtype)
-
 
     @staticmethod
     def _scale_in_place(e: Tensor, shift: Tensor, targets: Tensor, head: Head, terms: GradTerms,
@@ -344,6 +353,11 @@ class TorchRowPasses:
             cw = head.class_weight.float() if head.class_weight is not None else torch.ones(V, device=e.device)
             e.sub_(terms.uniform[:, None] * inv_t * cw[None, :])
         return e if out_dtype == torch.float32 else e.to(out_dtype)
+
+
+def _finite(x: Tensor) -> Tensor:
+    """x with -inf taken as 0 (a row of -inf logits normalized by it has exponentials 0, not NaN)."""
+    return torch.where(x == float("-inf"), 0.0, x)
 
 
 def _capped(u: Tensor, softcap, inv_temperature: float) -> Tensor:

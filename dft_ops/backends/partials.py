@@ -43,6 +43,43 @@ def combine_kl(part_max: Tensor, part_sumexp: Tensor, part_max2: Tensor, part_su
     return gap_p - log_ratio, log_ratio - gap_q
 
 
+def logs_over_mixture(x: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``(log a - log m, log b - log m)`` with ``m = (1 - beta) a + beta b``, from ``x = log a - log b``,
+    elementwise, for 0 < beta < 1.
+
+    The generalized JSD's log-ratios of both distributions (a the model's, b the second head's) to their
+    mixture, from the two heads' own log-ratio (each head relative to its own log-sum-exp, so no offset
+    between the heads enters). With ``e = exp(-|x|)`` and ``L`` the log of a number in ``[min(beta,
+    1 - beta), 1]``: ``x >= 0``: ``(-L, -x - L)``, ``L = log((1 - beta) + beta e)``; ``x < 0``: ``(x - L,
+    -L)``, ``L = log((1 - beta) e + beta)``. One exponential and one logarithm for both, neither of which
+    overflows; ``x = +inf`` (b = 0) gives ``(-log(1 - beta), -inf)``, ``x = -inf`` (a = 0) ``(-inf,
+    -log beta)``: the caller weighs each by its own distribution and takes 0 where it is 0. The kernels
+    compute it the same way (:func:`dft_ops.kernels.tile.logs_over_mixture`).
+    """
+    e = torch.exp(-x.abs())
+    above = x >= 0
+    log_share = torch.log(torch.where(above, (1.0 - beta) + beta * e, (1.0 - beta) * e + beta))
+    return torch.where(above, -log_share, x - log_share), torch.where(above, -x - log_share, -log_share)
+
+
+def log_over_mixture(x: Tensor, beta: float) -> Tensor:
+    """``log a - log m`` alone (the G term's factor, :func:`logs_over_mixture`'s first), as
+    ``-log((1 - beta) + beta exp(min(-x, 80)))``: one exponential and one logarithm; the clamp changes
+    the value only where ``a < e^-80 b``, where the term it multiplies, ``a (log a - log m)``, is below
+    1e-33 (the kernels' form: fewer live values than both branches)."""
+    return -torch.log((1.0 - beta) + beta * torch.exp(torch.clamp(-x, max=80.0)))
+
+
+def mixture_kl_sums(log_s: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """``(sum_j s (log s - log m), sum_j q (log q - log m))`` over the last dimension: KL(s || m) and
+    KL(q || m), ``m = beta q + (1 - beta) s``, from both normalized log-distributions. A column without
+    probability under the weighting distribution adds 0 (whatever its ratio: +-inf, or NaN where the
+    other has none either)."""
+    s, q = torch.exp(log_s), torch.exp(log_q)
+    to_model, to_second = logs_over_mixture(log_s - log_q, beta)
+    return (torch.where(s > 0, s * to_model, 0.0).sum(dim=-1), torch.where(q > 0, q * to_second, 0.0).sum(dim=-1))
+
+
 def combine_partials(part_max: Tensor, part_sumexp: Tensor, part_ent: Tensor | None = None,
                      part_argmax: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Merge online-softmax partials of S vocabulary slices, each (S, M), into (lse, max, entropy, argmax).

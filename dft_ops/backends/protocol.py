@@ -42,11 +42,14 @@ exactly. The second head gets no gradient.
 here)::
 
     G_tj = (a_t s_tj - b_t 1[j == y_t] - c_t u_j - e_t q_tj + f_t s_tj (log s_tj - log q_tj)
-            + k_t s_tj log s_tj) * dz_tj/du_tj
+            + g_t s_tj (log s_tj - log m_tj) + k_t s_tj log s_tj) * dz_tj/du_tj
 
-with :class:`GradTerms` ``(a, b, c, e, f, k)`` per token (the upstream gradient
-folded in; c, e, f, k None for 0), ``u_j = class_weight[j]`` (1 without class
-weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``, ``log s = z - lse``.
+with :class:`GradTerms` ``(a, b, c, e, f, g, k)`` per token (the upstream gradient
+folded in; c, e, f, g, k None for 0), ``u_j = class_weight[j]`` (1 without class
+weights), ``dz/du = (1 - tanh^2(u / softcap)) / temperature``, ``log s = z - lse``,
+and the mixture ``m_tj = beta q_tj + (1 - beta) s_tj`` of both heads'
+distributions with ``beta = head.mix_weight`` (the generalized Jensen-Shannon
+divergence's, read by the g term and by the forward's mixture KLs only).
 The ``k`` term is the entropy's (``dH/dz = -s (log s + H)``: ``k = -g_H``,
 ``a -= g_H H`` for an upstream gradient ``g_H`` of the entropy, :mod:`dft_ops.token_logprobs`);
 it is the gap term without a second head (``log q = 0``).
@@ -150,6 +153,9 @@ class Head(NamedTuple):
         compute_dtype: the dtype of the products (:func:`product_dtype`).
         class_weight: (V,) float class weights u (the rows of ``weight``), or None.
         second: a :class:`SecondHead` with ``compute_dtype`` set, or None.
+        mix_weight: beta in (0, 1), the second head's weight in the mixture ``m = beta q + (1 - beta) s``
+            of the generalized Jensen-Shannon divergence (a :class:`~dft_ops.objectives.Distill` call with
+            kind "jsd"), or None: the forward then also gives both heads' KLs to m, and the g term reads it.
     """
 
     weight: Tensor
@@ -159,6 +165,7 @@ class Head(NamedTuple):
     compute_dtype: torch.dtype
     class_weight: Tensor | None = None
     second: SecondHead | None = None
+    mix_weight: float | None = None
 
     @property
     def inv_softcap(self) -> float:
@@ -207,6 +214,9 @@ class ForwardStats(NamedTuple):
         forward_kl: KL(q || p) = lse - lse2 - E_q[z - r]; with a second head.
         target_logprob: log p of the target, computed without the cancellation of
             ``target_logit - lse`` (a backend that has the whole row gives it; None: the difference).
+        model_mix_kl: KL(p || m), m = beta q + (1 - beta) p the mixture of ``head.mix_weight``; with it only.
+        second_mix_kl: KL(q || m); with ``head.mix_weight`` only. (The generalized JSD is
+            ``beta second_mix_kl + (1 - beta) model_mix_kl``.)
     """
 
     lse: Tensor
@@ -219,6 +229,8 @@ class ForwardStats(NamedTuple):
     reverse_kl: Tensor | None = None
     forward_kl: Tensor | None = None
     target_logprob: Tensor | None = None
+    model_mix_kl: Tensor | None = None
+    second_mix_kl: Tensor | None = None
 
     @property
     def logprob(self) -> Tensor:
@@ -236,10 +248,11 @@ class GradTerms(NamedTuple):
         uniform: c_t, the factor of the class weights u (label smoothing), or None for 0.
         second: e_t, the factor of the second head's softmax q, or None for 0.
         gap: f_t, the factor of ``s (log s - log q)``, or None for 0.
-        second_lse: the second head's log-sum-exp (read by e and f), or None.
+        second_lse: the second head's log-sum-exp (read by e, f and g), or None.
         logprob: log p of the target, consistent with ``lse`` (the whole vocabulary's under vocabulary
             parallelism), or None: what a one-pass backend forms the label's entry from, ``a expm1(logprob) +
             (a - b)`` (two-pass backends form ``a s_y - b``).
+        mix_gap: g_t, the factor of ``s (log s - log m)`` (m the mixture of ``head.mix_weight``), or None for 0.
         entropy: k_t, the factor of ``s log s`` (``log s = z - lse``; the entropy's gradient term, no second
             head read), or None for 0. Two-pass backends only.
     """
@@ -252,12 +265,13 @@ class GradTerms(NamedTuple):
     gap: Tensor | None = None
     second_lse: Tensor | None = None
     logprob: Tensor | None = None
+    mix_gap: Tensor | None = None
     entropy: Tensor | None = None
 
     @property
     def reads_second_head(self) -> bool:
-        """The backward rebuilds the second head's logits (an e or f term is present)."""
-        return self.second is not None or self.gap is not None
+        """The backward rebuilds the second head's logits (an e, f or g term is present)."""
+        return self.second is not None or self.gap is not None or self.mix_gap is not None
 
     def scaled(self, upstream: Tensor) -> "GradTerms":
         """The coefficients times a per-token upstream gradient (M,) (lse and second_lse unchanged)."""
@@ -373,4 +387,6 @@ def assert_inputs(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms |
         assert terms.lse.shape == (M,) and terms.softmax.shape == (M,) and terms.target.shape == (M,)
         assert not terms.reads_second_head or (head.second is not None and terms.second_lse is not None)
         assert terms.entropy is None or terms.entropy.shape == (M,)
+        assert terms.mix_gap is None or head.mix_weight is not None, "the g term reads the mixture weight"
+    assert head.mix_weight is None or (head.second is not None and 0.0 < head.mix_weight < 1.0), head.mix_weight
     return M

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .partials import combine_kl, combine_partials
+from .partials import combine_kl, combine_partials, log_over_mixture, mixture_kl_sums
 from .protocol import ForwardStats, Grads, GradTerms, Head, Needs, SecondHead, Tokens, assert_inputs, fp32_gradients
 
 TOKEN_CHUNK = 1024
@@ -108,7 +108,10 @@ def lse_forward(hidden: Tensor, head: Head, tokens: Tokens, *, with_stats=False,
     Each vocabulary chunk yields online-softmax partials (max, sum-exp,
     entropy term, argmax) that one :func:`combine_partials` merges, exactly as
     the Triton forward merges its vocabulary splits; with a second head, its
-    (max, sum-exp) and both heads' gap sums as well (:func:`combine_kl`).
+    (max, sum-exp) and both heads' gap sums as well (:func:`combine_kl`). With
+    a mixture weight (the generalized JSD), a second sweep over the token
+    chunk's vocabulary, once both log-sum-exps are known, sums both heads'
+    KLs to the mixture (:func:`mixture_kl_sums`: not an online reduction).
     Chunk sizes default to the module's TOKEN_CHUNK / VOCAB_CHUNK (read at call time).
     """
     M = assert_inputs(hidden, head, tokens)
@@ -123,6 +126,8 @@ def lse_forward(hidden: Tensor, head: Head, tokens: Tokens, *, with_stats=False,
     smooth_sum = torch.zeros(M, **f32) if smoothing else None
     two_heads = head.second is not None
     second_lse, reverse_kl, forward_kl = (torch.empty(M, **f32) if two_heads else None for _ in range(3))
+    mixing = head.mix_weight is not None
+    model_mix_kl, second_mix_kl = (torch.zeros(M, **f32) if mixing else None for _ in range(2))
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
         chunk = _Chunk(hidden, head, idx, _inv_temperature(head, tokens, t_lo, t_hi))
         y = tokens.targets[t_lo:t_hi]
@@ -153,7 +158,18 @@ def lse_forward(hidden: Tensor, head: Head, tokens: Tokens, *, with_stats=False,
             m_r, s_r, gap_z, gap_r = (torch.stack(p) for p in zip(*second_parts))
             second_lse[t_lo:t_hi] = combine_partials(m_r, s_r)[0]
             reverse_kl[t_lo:t_hi], forward_kl[t_lo:t_hi] = combine_kl(stacked[0], stacked[1], m_r, s_r, gap_z, gap_r)
-    return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth_sum, second_lse, reverse_kl, forward_kl)
+        if mixing:
+            # a row of -inf logits has lse -inf: shift by 0, so its exponentials are 0, not NaN
+            lse_z, lse_r = (torch.where(t == float("-inf"), 0.0, t)[:, None]
+                            for t in (lse[t_lo:t_hi], second_lse[t_lo:t_hi]))
+            for v_lo in range(0, V, vocab_chunk):
+                v_hi = min(v_lo + vocab_chunk, V)
+                sums = mixture_kl_sums(chunk.logits(v_lo, v_hi)[0] - lse_z, chunk.second_logits(v_lo, v_hi) - lse_r,
+                                       head.mix_weight)
+                model_mix_kl[t_lo:t_hi] += sums[0]
+                second_mix_kl[t_lo:t_hi] += sums[1]
+    return ForwardStats(lse, zy, entropy, max_logit, argmax, smooth_sum, second_lse, reverse_kl, forward_kl,
+                        model_mix_kl=model_mix_kl, second_mix_kl=second_mix_kl)
 
 
 def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, needs: Needs, *,
@@ -170,6 +186,7 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden, d_weight, d_bias = fp32_gradients(hidden, head, needs)
     lse, a_all, b_all, c_all, e_all, f_all, lse2 = (t.float() if t is not None else None for t in terms[:7])
+    g_all = terms.mix_gap.float() if terms.mix_gap is not None else None
     k_all = None if terms.entropy is None else terms.entropy.float()
     reads_second = terms.reads_second_head
     for t_lo, t_hi, idx in _chunks(M, tokens.rows, token_chunk):
@@ -192,12 +209,17 @@ def grad_backward(hidden: Tensor, head: Head, tokens: Tokens, terms: GradTerms, 
                 log_q = chunk.second_logits(v_lo, v_hi) - lse2[t_lo:t_hi, None]
                 if e_all is not None:
                     g -= e_all[t_lo:t_hi, None] * torch.exp(log_q)
-                if f_all is not None:
+                if f_all is not None or g_all is not None:
                     log_p = z - lse_c
                     s = torch.exp(log_p)
+                if f_all is not None:
                     # log p - log q: each head relative to its own lse (no offset between the heads);
                     # a -inf logit has no probability: no gradient, whatever its gap
                     g += f_all[t_lo:t_hi, None] * torch.where(s > 0, s * (log_p - log_q), 0.0)
+                if g_all is not None:
+                    # log p - log m, m = beta q + (1 - beta) p, from the heads' own log-ratio
+                    g += g_all[t_lo:t_hi, None] * torch.where(
+                        s > 0, s * log_over_mixture(log_p - log_q, head.mix_weight), 0.0)
             if k_all is not None:
                 log_p = z - lse_c
                 # the entropy's term; a -inf logit has no probability: 0, not 0 * -inf

@@ -10,7 +10,7 @@ One generic patch, no per-family code. Three parts:
   and reduce the head through module hooks (FSDP2, DeepSpeed ZeRO-3) do so as
   for any layer; no logits are built;
 - :mod:`.state` - the live patch of a model (:class:`PatchState`) and the causal LM it targets;
-- :mod:`.reference` - ASFT's reference model (a frozen causal LM, or a PEFT
+- :mod:`.reference` - ASFT's reference model or Distill's teacher (a frozen causal LM, or a PEFT
   model's adapters disabled): its final hidden states per call, no logits;
 - :mod:`.probe` - at patch time, measures what the forward does between head
   and loss (logit scale, soft-cap) with stand-in modules, bypassing every hook,

@@ -33,6 +33,7 @@ from ..callbacks import recorder_of
 from ..backends.protocol import SecondHead
 from ..distributed import like_linear_output, local
 from ..functional import linear_cross_entropy
+from ..objectives import Distill
 from ..token_logprobs import token_logprobs
 from .head import check_head, forward_slot, output_head, replaced_attribute, sharded_by_engine
 
@@ -50,11 +51,14 @@ class FusedCall:
         token_tensors: per-token inputs of the objective from the call's keywords (``old_logprobs=``, ...).
         reference: the reference model's pass of this call (:class:`~dft_ops.patching.reference.ReferencePass`),
             or None.
+        attention_mask: as the forward was called, or None: with ``Distill(distill_unlabeled=True)``, which
+            tokens without a label are distilled (a 2-D mask of the labels' shape; else every one).
     """
 
     def __init__(self, causal_lm: nn.Module, state, *, labels, shift_labels, num_items_in_batch, ignore_index,
-                 position_ids, protocol, token_tensors: dict, reference=None):
+                 position_ids, protocol, token_tensors: dict, reference=None, attention_mask=None):
         self.causal_lm, self.state, self.protocol = causal_lm, state, protocol
+        self.attention_mask = attention_mask
         self.per_token = protocol is not None
         # a protocol asking for true log-probs and entropies with their gradients (RL: TRL's GRPOTrainer)
         self.logprobs_mode = bool(getattr(protocol, "logprobs", False))
@@ -108,7 +112,8 @@ class FusedCall:
         # dtypes as nn.Linear would compute (the autocast dtype under autocast): linear_cross_entropy's rule
         out = linear_cross_entropy(hidden, weight, targets, bias=bias, options=options, position_ids=position_ids,
                                    num_items_in_batch=None if self.per_token else self.num_items_in_batch,
-                                   second_head=second_head, **self.token_tensors)
+                                   second_head=second_head, distill_mask=self._distill_mask(targets),
+                                   **self.token_tensors)
         self.loss, self.stats = out if isinstance(out, tuple) else (out, None)
         if recorder is not None:
             recorder.record(self.stats)
@@ -138,6 +143,19 @@ class FusedCall:
         self.state.calls += 1
         empty = self.loss.sum().reshape((1,) * hidden.ndim) * self.loss.new_zeros(*hidden.shape[:-1], 0)
         return like_linear_output(empty, head_input, weight)
+
+    def _distill_mask(self, targets: Tensor) -> Tensor | None:
+        """Which tokens without a label ``Distill(distill_unlabeled=True)`` distills: the loss positions whose own
+        token is not padding (the attention mask at the predicting position), or None (every one: no 2-D mask of
+        the labels' shape, e.g. packed rows with position_ids)."""
+        objective, mask = self.state.options.objective, self.attention_mask
+        if not (isinstance(objective, Distill) and objective.distill_unlabeled) or mask is None:
+            return None
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(targets.shape):
+            return None
+        # position t predicts labels[..., t + 1] with the causal shift: the loss positions are t < S - 1
+        mask = mask[..., : mask.shape[-1] - 1] if self.shift else mask
+        return mask.to(targets.device) != 0
 
     def _second_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> SecondHead:
         """This call's reference model as the loss's second head (the model's own head, detached, with adapters

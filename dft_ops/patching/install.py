@@ -41,14 +41,17 @@ def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> 
             a ``DistributedDataParallel`` / DeepSpeed engine wrapping either
             (its ``.module`` is patched).
         objective: "dft", "ce" or an instance from :mod:`dft_ops.objectives`.
-        reference: for ``objectives.ASFT`` only (required there): the frozen
-            reference model of the KL term. Either another causal LM with the
-            same vocabulary (any family or size; not modified, not made a
-            submodule; its soft-cap and logit scale are probed like the
+        reference: for the objectives with a second head only (required
+            there): ``objectives.ASFT``'s frozen reference model of the KL
+            term, ``objectives.Distill``'s teacher. Either another causal LM
+            with the same vocabulary (any family or size; not modified, not
+            made a submodule; its soft-cap and logit scale are probed like the
             model's), or ``"adapters_disabled"`` for a PEFT model: the same
             model with its adapters switched off (no second copy). Its forward
             runs on each training call's inputs under ``torch.no_grad()`` in
-            eval mode; no logits of either model are built.
+            eval mode; no logits of either model are built. With
+            ``Distill(distill_unlabeled=True)`` a call's 2-D attention mask
+            says which tokens without a label are distilled (no padding).
         **loss_options: every :class:`dft_ops.LossOptions` field but
             ``softcap`` and ``shift``, as in :func:`dft_ops.linear_cross_entropy`:
             ``ignore_index``, ``reduction`` ("mean" | "sum"), ``return_stats``
@@ -71,7 +74,7 @@ def patch(model: nn.Module, objective="dft", reference=None, **loss_options) -> 
         reference the loss cannot use (another vocabulary, a sharded or
         non-``nn.Linear`` head, no adapters to disable).
         TypeError / ValueError naming a bad option, or ``reference:`` for a
-        reference missing (ASFT), given to another objective, or the model itself.
+        reference missing (ASFT, Distill), given to another objective, or the model itself.
     """
     options = _validate_options(objective, loss_options)
     causal_lm = causal_lm_of(model)
@@ -149,7 +152,8 @@ def _validate_options(objective, loss_options: dict) -> LossOptions:
 
 
 def _validate_reference(objective, reference, causal_lm: nn.Module) -> Reference | None:
-    """The patch's reference: required by an objective that compares with a reference model (ASFT), refused otherwise."""
+    """The patch's reference: required by an objective that compares with a second head (ASFT's reference model,
+    Distill's teacher), refused otherwise."""
     wants_reference = objective.needs_second_head
     if getattr(objective, "has_reference", False):
         raise ValueError("objective: pass ASFT to patch without a reference head (no with_reference): the reference "
@@ -159,7 +163,8 @@ def _validate_reference(objective, reference, causal_lm: nn.Module) -> Reference
                          "dft_ops.patch(model, objective=..., reference=frozen_causal_lm), or "
                          "reference='adapters_disabled' for a PEFT model")
     if not wants_reference and reference is not None:
-        raise ValueError(f"reference: only ASFT compares with a reference model; objective {objective!r} takes none")
+        raise ValueError(f"reference: only ASFT and Distill compare with a reference (teacher) model; objective "
+                         f"{objective!r} takes none")
     return make_reference(reference, causal_lm)
 
 
@@ -230,7 +235,7 @@ class _PatchedForward:
         call = fused_call.FusedCall(
             model, state, labels=labels, shift_labels=shift_labels, num_items_in_batch=argument("num_items_in_batch"),
             ignore_index=argument("ignore_index"), position_ids=argument("position_ids"), protocol=protocol,
-            token_tensors=token_tensors, reference=reference)
+            token_tensors=token_tensors, reference=reference, attention_mask=argument("attention_mask"))
         return fused_call.run(model, previous, args, kwargs, labels, call)
 
 

@@ -1,6 +1,7 @@
-"""The reference model of a patched model trained with ASFT: its final hidden states and head, per call.
+"""The reference model of a patched model trained with ASFT (or the teacher of Distill): its final hidden states
+and head, per call.
 
-:func:`dft_ops.patch` takes ``reference=`` with objective ``ASFT``. Two kinds:
+:func:`dft_ops.patch` takes ``reference=`` with objective ``ASFT`` or ``Distill``. Two kinds:
 
 - :class:`FrozenReference`: another causal LM with the same vocabulary (any
   family, any hidden size). Its soft-cap and logit scale are measured by the
@@ -96,8 +97,8 @@ class FrozenReference(Reference):
         _check_unsharded(head.weight)
         V, _ = head_shape(head)
         if V != vocab_size:
-            raise PatchError(f"reference: its output head has {V} rows, the model's {vocab_size}; ASFT compares the "
-                             "two distributions token by token, so both must share the vocabulary")
+            raise PatchError(f"reference: its output head has {V} rows, the model's {vocab_size}; ASFT and Distill "
+                             "compare the two distributions token by token, so both must share the vocabulary")
         self.transform, self.transform_inputs = _probe(self.model), transform_inputs(self.model)
         params = inspect.signature(self.model.forward).parameters
         self._var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
