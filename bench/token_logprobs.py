@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import case_plots, measure
+from . import asft, case_plots, measure
 from .cases import DTYPES, Case, dtype_name, make_inputs, parse_head, parse_tokens
 from .environment import SCRATCH_DIR, git_commit, slug, versions
 
@@ -214,18 +213,13 @@ def _key(r: dict) -> tuple:
     return (r["shape"], r["tokens"], r["dtype"], r["mode"], r["provider"])
 
 
+def _order(r: dict) -> tuple:
+    return (r["shape"], r["dtype"], r["mode"], r["tokens"], PROVIDERS.index(r["provider"]))
+
+
 def merge(path: Path, records: list[dict], run_info: dict) -> dict:
     """The results file with ``records`` replacing those of the same case, and this run's information."""
-    data = json.loads(path.read_text()) if path.exists() else {"records": [], "runs": []}
-    by_key = {_key(r): r for r in data["records"]}
-    by_key.update({_key(r): r for r in records})
-    data["records"] = sorted(by_key.values(), key=lambda r: (r["shape"], r["dtype"], r["mode"], r["tokens"],
-                                                              PROVIDERS.index(r["provider"])))
-    data["runs"] = [r for r in data["runs"] if r.get("started") != run_info.get("started")] + [run_info]
-    data["device"], data["device_kind"] = run_info["device"], run_info["device_kind"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    return data
+    return asft.merge(path, records, run_info, key=_key, order=_order)
 
 
 def markdown(data: dict, plot: Path | None) -> str:
