@@ -200,3 +200,22 @@ def bucket(n: int) -> int:
 def round_down(n: int, multiple: int) -> int:
     """n rounded down to a multiple (at least one multiple)."""
     return max(multiple, n // multiple * multiple)
+
+
+MAX_SPLITS = 32  # partials per token: (splits, M) floats each
+
+
+def forward_splits(config: Config, n_tokens: int, vocab: int, sms: int) -> int:
+    """How many vocabulary slices the forward splits over (>= 1), for this configuration's tiles.
+
+    Each program streams vocab / splits rows, so a launch takes about
+    waves / splits time units, waves = ceil(token tiles x splits / SMs) (one
+    program per SM at these tile sizes): whole waves. The smallest count within
+    5% of the best (more slices only shave a partial last wave); each slice
+    keeps at least 8 tiles, and at most MAX_SPLITS slices.
+    """
+    token_tiles = triton.cdiv(n_tokens, config.blocks["BLOCK_N"])
+    most = max(1, min(MAX_SPLITS, triton.cdiv(vocab, config.blocks["BLOCK_V"]) // 8))
+    cost = {s: triton.cdiv(token_tiles * s, sms) / s for s in range(1, most + 1)}
+    best = min(cost.values())
+    return min(s for s, c in cost.items() if c <= 1.05 * best)

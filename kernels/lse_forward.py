@@ -31,7 +31,8 @@ import triton.language as tl
 # repository root is on sys.path (it probes for Hugging Face's kernels package)
 from dft_ops.backends.partials import combine_kl, combine_partials
 from dft_ops.backends.protocol import ForwardStats, Head, Tokens, assert_inputs
-from .launch import Config, Launch, Tuner, bucket, device_arch, interpreting, kernel_operands, sm_count, torch_to_tl
+from .launch import (MAX_SPLITS, Config, Launch, Tuner, bucket, device_arch, forward_splits, interpreting,  # noqa: F401
+                     kernel_operands, sm_count, torch_to_tl)
 from .second_head import second_even_d, second_head_inputs, second_head_key, tile_family
 from .tile import cap_and_temper, class_weights, logit_tile, second_tile, token_inv_temperature
 
@@ -203,25 +204,6 @@ CONFIGS = {
 # Small tiles under the interpreter: test shapes span several tiles each way.
 INTERPRET_CONFIG = Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}, num_warps=1, num_stages=1)
 TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
-
-
-MAX_SPLITS = 32  # partials per token: (splits, M) floats each
-
-
-def forward_splits(config: Config, n_tokens: int, vocab: int, sms: int) -> int:
-    """How many vocabulary slices the forward splits over (>= 1), for this configuration's tiles.
-
-    Each program streams vocab / splits rows, so a launch takes about
-    waves / splits time units, waves = ceil(token tiles x splits / SMs) (one
-    program per SM at these tile sizes): whole waves. The smallest count within
-    5% of the best (more slices only shave a partial last wave); each slice
-    keeps at least 8 tiles, and at most MAX_SPLITS slices.
-    """
-    token_tiles = triton.cdiv(n_tokens, config.blocks["BLOCK_N"])
-    most = max(1, min(MAX_SPLITS, triton.cdiv(vocab, config.blocks["BLOCK_V"]) // 8))
-    cost = {s: triton.cdiv(token_tiles * s, sms) / s for s in range(1, most + 1)}
-    best = min(cost.values())
-    return min(s for s, c in cost.items() if c <= 1.05 * best)
 
 
 def _tile_blocks(config: Config, D: int, heavy_epilogue: bool) -> dict:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 # absolute: see lse_forward.py
 from dft_ops.backends.protocol import Head, Tokens
-from .launch import Config, Launch, Tuner, bucket, device_arch, interpreting, sm_count, torch_to_tl
+from .launch import Config, Launch, Tuner, bucket, device_arch, forward_splits, interpreting, sm_count, torch_to_tl
 from .second_head import second_even_d, second_head_inputs, second_head_key, tile_family
 from .tile import cap_and_temper, logit_tile, logs_over_mixture, second_tile
 
@@ -116,8 +116,6 @@ TUNER = Tuner(CONFIGS, INTERPRET_CONFIG)
 def mixture_launch(hidden, head: Head, tokens: Tokens, lse, second_lse, *, splits=None):
     """The launch of :func:`mixture_kls` and its (splits, M) partial buffers; operands as
     :func:`~dft_ops.kernels.launch.kernel_operands` returns them (the second head kept)."""
-    from .lse_forward import forward_splits
-
     targets, rows = tokens.targets, tokens.rows
     M, D, V = targets.numel(), hidden.shape[1], head.weight.shape[0]
     weight, bias, second = head.weight, head.bias, head.second
