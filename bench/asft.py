@@ -161,15 +161,10 @@ def measure_provider(rec: dict, loss_of, h: Tensor, w: Tensor, reference: measur
     meter.cleanup()
     if rec["status"] == "ok":
         log(f"  {label} {rec['ms_median']:9.2f} ms  peak {rec.get('peak_mb', math.nan):9.1f} MB  check "
-            f"{_verdict(rec)}")
+            f"{case_plots.verdict(rec)}")
     else:
         log(f"  {label} {rec['status']}: {rec['reason']}")
     return rec
-
-
-def _verdict(rec: dict) -> str:
-    ok = (rec.get("check") or {}).get("ok")
-    return "unchecked" if ok is None else "ok" if ok else "MISMATCH"
 
 
 def _loss_and_grads(fn, h, w, y, ref_h, ref_w, kl_coef, direction) -> measure.Result:
@@ -209,27 +204,24 @@ def markdown(data: dict, plot: Path | None) -> str:
              "| head | tokens | dtype | KL | provider | ms median | peak MB | loss / d(hidden) / d(weight) rel err "
              "vs torch fp32 | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["records"]:
-        c = r.get("check") or {}
-        errs = " / ".join(f"{c[k]:.1e}" for k in ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err")
-                          if k in c) or "-"
-        if r["status"] == "ok":
-            ms, peak, status = f"{r['ms_median']:.2f}", f"{r.get('peak_mb', math.nan):.1f}", _verdict(r)
-        else:
-            ms, peak, status = "-", "-", f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
+        ms, peak, errs, status = case_plots.record_cells(r, ("loss_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err"))
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['direction']} | {r['provider']} | {ms} | "
                      f"{peak} | {errs} | {status} |")
     if data.get("device_kind") == "cpu":
-        lines += ["", "CPU run: dft-ops runs its PyTorch backend here (the Triton kernels need a GPU): its peak is "
-                      "a few (1024 tokens x 8192 vocabulary) fp32 blocks per head, as large as the whole logits up to "
-                      "1024 tokens; past that the materialized providers grow with tokens x vocabulary and it does "
-                      "not. Times are CPU times, not the GPU kernels'."]
+        lines += ["", "CPU run: dft-ops runs its PyTorch backend here (the Triton kernels need a GPU): its one-pass "
+                      "head holds one fp32 chunk of up to 512 tokens x the vocabulary per head and the head's fp32 "
+                      "gradients, as large as the whole logits up to 512 tokens; past that the materialized "
+                      "providers grow with tokens x vocabulary and it does not. Times are CPU times, not the GPU "
+                      "kernels'."]
     if plot is not None:
         lines += ["", f"![ASFT time and memory]({plot.name})"]
     return "\n".join(lines) + "\n"
 
 
 def plot(data: dict, path: Path) -> Path | None:
-    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype", "direction"), lambda g: f"{g[0]}, {g[1]}, {g[2]} KL", "ASFT (DFT + KL to a reference head)")
+    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype", "direction"),
+                                           lambda g: f"{g[0]}, {g[1]}, {g[2]} KL",
+                                           "ASFT (DFT + KL to a reference head)")
 
 
 def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[Path]:

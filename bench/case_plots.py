@@ -1,10 +1,28 @@
-"""The time-and-memory plot and the reports of the single-case benchmarks (bench.asft, bench.token_logprobs):
-one column per group of records, forward+backward time above, peak memory below, one line per provider."""
+"""What the single-case benchmarks (bench.asft, bench.token_logprobs) report alike: each record's verdict and
+table cells, the time-and-memory plot (one column per group of records, forward+backward time above, peak
+memory below, one line per provider) and the report files."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Sequence
+
+
+def verdict(rec: dict) -> str:
+    """A record's check against its reference: "ok", "MISMATCH", or "unchecked"."""
+    ok = (rec.get("check") or {}).get("ok")
+    return "unchecked" if ok is None else "ok" if ok else "MISMATCH"
+
+
+def record_cells(rec: dict, error_keys: Sequence[str]) -> tuple[str, str, str, str]:
+    """(ms median, peak MB, the check's errors at ``error_keys`` joined by " / ", status) of a record, as the
+    Markdown tables show them ("-" where not measured; a skipped or failed record's reason as its status)."""
+    check = rec.get("check") or {}
+    errs = " / ".join(f"{check[k]:.1e}" for k in error_keys if k in check) or "-"
+    if rec["status"] == "ok":
+        return f"{rec['ms_median']:.2f}", f"{rec.get('peak_mb', math.nan):.1f}", errs, verdict(rec)
+    return "-", "-", errs, f"{rec['status']}: {rec.get('reason', '')}".replace("|", "/")
 
 
 def plot_time_and_memory(data: dict, path: Path, providers: Sequence[str], group_keys: Sequence[str],

@@ -273,6 +273,12 @@ def _rebuild_reports(out: Path, plots: bool) -> int:
 
             print(f"rebuilt {', '.join(str(p) for p in asft.write_reports(out, path.stem, data, plots))}")
             continue
+        if path.stem.endswith("-token-logprobs"):  # the RL case's own table and plot
+            from . import token_logprobs
+
+            written = token_logprobs.write_reports(out, path.stem, data, plots)
+            print(f"rebuilt {', '.join(str(p) for p in written)}")
+            continue
         if path.stem.endswith("-distill"):  # the distillation case's own table (no plot)
             from . import distill
 

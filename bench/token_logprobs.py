@@ -174,7 +174,7 @@ def run(heads, tokens, dtype, modes, meter, providers=PROVIDERS, log=print, emit
                     meter.cleanup()
                     if rec["status"] == "ok":
                         log(f"  {head} N={n} {name:12s} {mode:17s} {rec['ms_median']:9.2f} ms  peak "
-                            f"{rec.get('peak_mb', math.nan):9.1f} MB  check {_verdict(rec)}")
+                            f"{rec.get('peak_mb', math.nan):9.1f} MB  check {case_plots.verdict(rec)}")
                     else:
                         log(f"  {head} N={n} {name:12s} {mode:17s} {rec['status']}: {rec['reason']}")
                     records.append(rec)
@@ -202,11 +202,6 @@ def _measure(meter, loss, h, w, y, mode: str) -> dict:
     return out
 
 
-def _verdict(rec: dict) -> str:
-    ok = (rec.get("check") or {}).get("ok")
-    return "unchecked" if ok is None else "ok" if ok else "MISMATCH"
-
-
 # --- results ------------------------------------------------------------------------------------------
 
 def _key(r: dict) -> tuple:
@@ -232,13 +227,7 @@ def markdown(data: dict, plot: Path | None) -> str:
              "| head | tokens | dtype | mode | provider | ms median | peak MB | logprob / entropy / d(hidden) / "
              "d(weight) rel err vs float64 | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in data["records"]:
-        c = r.get("check") or {}
-        errs = " / ".join(f"{c[k]:.1e}" for k in ("logprob_rel_err", "entropy_rel_err", "grad_hidden_rel_err",
-                                                   "grad_weight_rel_err") if k in c) or "-"
-        if r["status"] == "ok":
-            ms, peak, status = f"{r['ms_median']:.2f}", f"{r.get('peak_mb', math.nan):.1f}", _verdict(r)
-        else:
-            ms, peak, status = "-", "-", f"{r['status']}: {r.get('reason', '')}".replace("|", "/")
+        ms, peak, errs, status = case_plots.record_cells(r, ("logprob_rel_err", "entropy_rel_err", "grad_hidden_rel_err", "grad_weight_rel_err"))
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['mode']} | {r['provider']} | {ms} | "
                      f"{peak} | {errs} | {status} |")
     if data.get("device_kind") == "cpu":
@@ -252,7 +241,8 @@ def markdown(data: dict, plot: Path | None) -> str:
 
 
 def plot(data: dict, path: Path) -> Path | None:
-    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype"), lambda g: f"{g[0]}, {g[1]}", "Per-token log-probs + entropy, forward+backward,")
+    return case_plots.plot_time_and_memory(data, path, list(PROVIDERS), ("shape", "dtype"),
+                                           lambda g: f"{g[0]}, {g[1]}", "Per-token log-probs + entropy, forward+backward,")
 
 
 def write_reports(out: Path, stem: str, data: dict, plots: bool = True) -> list[Path]:
