@@ -307,3 +307,11 @@ def test_a_compiled_sync_free_loss_reads_nothing_either(monkeypatch):
     assert torch.allclose(got[0], want[0], rtol=1e-6)
     for a, r in zip(got[2], want[2]):
         assert rel_err(a, r) < 1e-6
+
+
+def test_sync_free_refuses_what_compacts_or_reads_on_the_host():
+    """Distill(distill_unlabeled=True) picks its rows by compacting them (a host read): refused with sync_free,
+    by name, as the vocabulary-parallel group check is; without distill_unlabeled it is accepted."""
+    with pytest.raises(ValueError, match="sync_free: Distill"):
+        dft_ops.LossOptions(objective=o.Distill("jsd", distill_unlabeled=True), sync_free=True)
+    dft_ops.LossOptions(objective=o.Distill("jsd"), sync_free=True)
